@@ -1,0 +1,133 @@
+"""The only reader and writer of checkpoints: atomic saves, safe loads, resume discovery.
+
+Usage::
+
+    save_checkpoint(state, out / "last.pth")     # tmp file, fsync, os.replace, fsync dir
+    state = load_checkpoint("runs/x/best.pth")    # CheckpointError names the file
+    path = find_resume(out, log=print)            # newest loadable checkpoint, or None
+
+Checkpoints hold only tensors and plain Python containers, so they load with
+``torch.load(weights_only=True)``: opening one never runs pickled code.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+CHECKPOINT_FORMAT = 1
+EPOCH_RE = re.compile(r"^epoch-(\d+)\.pth$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or is not ours; the message names the file."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """Call ``write(fileobj)`` on a temporary sibling, fsync it, then rename it over ``path``.
+
+    A kill at any instant leaves either the old file or the new one, whole.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
+    state = {"format": CHECKPOINT_FORMAT, **state}
+    atomic_write_bytes(path, lambda fh: torch.save(state, fh))
+
+
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make ``dst`` a second name of ``src`` (a hard link: no second write of hundreds of MB), atomically."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # file systems without hard links
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint of ours or a plain state_dict; CheckpointError names the file on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, not a torch file, unpickling refused ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint ({reason[:200]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(state).__name__}, not a dict)")
+    return state
+
+
+def is_training_checkpoint(state: dict) -> bool:
+    return isinstance(state.get("model"), dict) and "config" in state and "classes" in state
+
+
+def epoch_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """``epoch-NNN.pth`` files in ``out_dir``, newest (highest epoch) first."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := EPOCH_RE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def find_resume(out_dir: str | os.PathLike, log: Callable[[str], None] = print) -> tuple[Path, dict] | None:
+    """The newest loadable training checkpoint in ``out_dir`` and its state, or None if there is none.
+
+    ``last.pth`` first, then ``epoch-NNN.pth`` from the newest; unreadable ones are reported by name.
+    """
+    out = Path(out_dir)
+    candidates = [out / "last.pth"] + epoch_checkpoints(out)
+    for path in candidates:
+        if not path.exists():
+            continue
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as exc:
+            log(f"warning: {exc}; trying an older checkpoint")
+            continue
+        if not is_training_checkpoint(state):
+            log(f"warning: {path}: not a training checkpoint of alexnet-train; trying an older one")
+            continue
+        return path, state
+    return None
+
+
+def prune_epoch_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> None:
+    for path in epoch_checkpoints(out_dir)[keep_last:]:
+        path.unlink(missing_ok=True)

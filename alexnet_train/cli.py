@@ -1,0 +1,329 @@
+"""Command-line entry points: the only reader of argv and the only caller of sys.exit.
+
+Exit codes: 0 done; 1 runtime failure (one line naming the file or setting);
+2 bad usage or config (nothing written); 130 / 143 interrupted by SIGINT /
+SIGTERM after saving a resumable checkpoint (128 + signal number).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, NoReturn, Sequence
+
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+
+def _fail(prog: str, code: int, message: str) -> NoReturn:
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set optim.lr=0.02 (repeatable; values are YAML scalars)")
+
+
+def git_sha() -> str | None:
+    """The commit of the alexnet_train source tree (with -dirty), if it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty", "--abbrev=40"],
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+# --------------------------------------------------------------------------- alexnet-train
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="alexnet-train",
+        description="Train AlexNet on an ImageFolder tree (see README for configs and exit codes).",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="YAML config (e.g. configs/paper.yaml)")
+    _add_set(p)
+    p.add_argument("--out", metavar="DIR", help="output directory (default: the config's train.out_dir)")
+    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
+                   help="auto (default): continue from OUT's newest valid checkpoint if any; "
+                        "none: start fresh (refused if OUT already holds checkpoints); PATH: continue from that file")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def _check_resume_config(saved: dict, cfg, log: Callable[[str], None]) -> None:
+    """Refuse a resume whose model differs from the checkpoint's; report other changed keys."""
+    from .config import config_to_dict
+
+    new = config_to_dict(cfg)
+    for section, values in new.items():
+        old_values = saved.get(section, {})
+        for key, value in values.items():
+            old = old_values.get(key)
+            if old == value or section == "data" and key in ("train_dir", "val_dir") and old is not None:
+                continue
+            if section == "model":
+                raise _ConfigProblem(
+                    f"model.{key}: is {value!r} but the checkpoint was trained with {old!r}; "
+                    "use the checkpoint's model settings or another --out"
+                )
+            log(f"notice: {section}.{key} changed since the checkpoint: {old!r} -> {value!r}")
+
+
+class _ConfigProblem(Exception):
+    pass
+
+
+def train_main(argv: Sequence[str] | None = None) -> None:
+    prog = "alexnet-train"
+    args = train_parser().parse_args(argv)
+    from .config import ConfigError, dump_yaml, load_config, replace
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.out:
+            cfg = replace(cfg, "train", out_dir=args.out)
+    except ConfigError as exc:
+        _fail(prog, EXIT_CONFIG, str(exc))
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return
+
+    import torch
+
+    from . import checkpoint as ckpt
+    from .data import BadImageError, DataError, resolve_splits, with_demo_data
+    from .distributed import DistInfo
+    from .train import Interrupted, NonFiniteLoss, fit, versions
+
+    try:
+        dist = DistInfo.from_env()
+    except ValueError as exc:
+        _fail(prog, EXIT_CONFIG, str(exc))
+    if cfg.dist.mode == "ddp" and "WORLD_SIZE" not in os.environ:
+        _fail(prog, EXIT_CONFIG, "dist.mode: ddp needs torchrun (e.g. torchrun --nproc_per_node 2 "
+                                 "$(command -v alexnet-train) --config ...)")
+    if cfg.dist.mode != "ddp" and dist.distributed:
+        _fail(prog, EXIT_CONFIG, f"launched by torchrun with {dist.world_size} processes but dist.mode is "
+                                 f"{cfg.dist.mode!r}; set dist.mode=ddp")
+    log = _log if dist.is_main else (lambda _m: None)
+    out = Path(cfg.train.out_dir)
+
+    # Everything that can be wrong with the config or data is checked before OUT is touched.
+    try:
+        cfg = with_demo_data(cfg, log)
+        splits = resolve_splits(cfg.data)
+        if cfg.model.num_classes != len(splits.classes):
+            raise ConfigError(f"model.num_classes: is {cfg.model.num_classes} but {cfg.data.train_dir} "
+                              f"has {len(splits.classes)} class folders")
+        resume_state = None
+        if args.resume == "auto":
+            found = ckpt.find_resume(out, log=log)
+            if found is not None:
+                resume_path, resume_state = found
+        elif args.resume == "none":
+            existing = [p for p in [out / "last.pth", *ckpt.epoch_checkpoints(out)] if p.exists()]
+            if existing:
+                raise ConfigError(f"{existing[0]}: {out} already holds a run; pass --resume auto to continue it "
+                                  "or choose another --out")
+        else:
+            resume_path = Path(args.resume)
+            resume_state = ckpt.load_checkpoint(resume_path)
+            if not ckpt.is_training_checkpoint(resume_state):
+                raise ConfigError(f"{resume_path}: not a training checkpoint of alexnet-train")
+        if resume_state is not None:
+            _check_resume_config(resume_state["config"], cfg, log)
+            if list(resume_state["classes"]) != splits.classes:
+                raise ConfigError(f"{cfg.data.train_dir}: its classes differ from those of checkpoint {resume_path}")
+    except (ConfigError, DataError, _ConfigProblem) as exc:
+        _fail(prog, EXIT_CONFIG, str(exc))
+    except ckpt.CheckpointError as exc:
+        _fail(prog, EXIT_RUNTIME, str(exc))
+    except OSError as exc:
+        _fail(prog, EXIT_RUNTIME, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+
+    if cfg.dist.mode == "ddp":
+        import torch.distributed as tdist
+
+        backend = cfg.dist.backend
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(dist.local_rank)
+        tdist.init_process_group(backend)
+
+    from .tracking import Tracker
+
+    tracker = None
+    try:
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            header = "# resolved config of this run; alexnet-train --config this-file reproduces it\n"
+            header += "# " + ", ".join(f"{k} {v}" for k, v in versions().items())
+            header += f"\n# git {git_sha() or 'unknown'}\n"
+            (out / "config.yaml").write_text(header + dump_yaml(cfg))
+            _trim_metrics(out / "metrics.jsonl", resume_state["epoch"] if resume_state else 0)
+        tracker = Tracker(out, enabled=dist.is_main)
+        if resume_state is not None:
+            log(f"resuming from {resume_path} (epoch {resume_state['epoch'] + 1}, "
+                f"step {resume_state['step_in_epoch']} of that epoch)")
+        tracker.text("config", dump_yaml(cfg))
+        log(f"training {cfg.model.arch} on {len(splits.train)} images / {len(splits.classes)} classes, "
+            f"validating on {len(splits.val)}; output in {out}")
+        result = fit(cfg, splits, out, tracker, dist, resume_state)
+        if result.last is not None:
+            log(f"done: {result.epochs_run} epochs, final val top-1 {result.last.top1:.2f}% "
+                f"top-5 {result.last.top5:.2f}%, best top-1 {result.best_top1:.2f}%; "
+                f"checkpoints in {out}")
+        else:
+            log(f"done: nothing to do, {out} already holds {result.epochs_run} epochs")
+    except Interrupted as exc:
+        log(str(exc))
+        sys.exit(128 + exc.signum)
+    except (NonFiniteLoss, BadImageError, ckpt.CheckpointError) as exc:
+        _fail(prog, EXIT_RUNTIME, str(exc))
+    except OSError as exc:
+        _fail(prog, EXIT_RUNTIME, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+    finally:
+        if tracker is not None:
+            tracker.close()
+        if cfg.dist.mode == "ddp":
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+
+
+def _trim_metrics(path: Path, epochs_done: int) -> None:
+    """Keep only the rows of epochs the resumed checkpoint already holds (a crash may have left one more)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in rows if json.loads(line).get("epoch", 0) <= epochs_done]
+    if len(keep) != len(rows):
+        from .checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(path, lambda fh: fh.write("".join(line + "\n" for line in keep).encode()))
+
+
+# --------------------------------------------------------------------------- alexnet-eval
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alexnet-eval", description="Evaluate a checkpoint: top-1/top-5 accuracy.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pth written by alexnet-train")
+    p.add_argument("--data", metavar="DIR", help="validation folder (default: the checkpoint config's data.val_dir)")
+    p.add_argument("--labels", metavar="FILE", help="labels for a flat folder: lines 'filename wnid'")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="images per batch (default: config's)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="loader processes (default: config's)")
+    p.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--json", metavar="FILE", help='write {"center": {"top1", "top5", "loss", "images"}}')
+    return p
+
+
+def eval_main(argv: Sequence[str] | None = None) -> None:
+    prog = "alexnet-eval"
+    args = eval_parser().parse_args(argv)
+    for name in ("batch_size", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name == "batch_size" else 0):
+            _fail(prog, EXIT_CONFIG, f"--{name.replace('_', '-')}: must be >= {1 if name == 'batch_size' else 0}")
+
+    import torch
+
+    from . import checkpoint as ckpt
+    from .config import ConfigError, config_from_dict, replace
+    from .data import BadImageError, DataError
+    from .data.datasets import ImageDataset, check_dir, labelled_samples
+    from .data.loaders import EpochSampler, make_loader
+    from .data.transforms import BatchPreprocess, CenterPreset
+    from .evaluate import evaluate
+    from .model import build_model
+    from .tracking import Tracker
+
+    try:
+        state = ckpt.load_checkpoint(args.checkpoint)
+        if not ckpt.is_training_checkpoint(state):
+            raise ckpt.CheckpointError(f"{args.checkpoint}: not a checkpoint written by alexnet-train")
+        cfg = config_from_dict(state["config"])
+        classes = list(state["classes"])
+        data_dir = args.data or cfg.data.val_dir
+        check_dir(data_dir, "--data" if args.data else "data.val_dir (from the checkpoint; pass --data)")
+        labels = args.labels or (cfg.data.val_labels if not args.data else None)
+        if labels is not None and not os.path.isfile(labels):
+            raise DataError(f"--labels: file not found: {labels}")
+        samples = labelled_samples(data_dir, classes, labels)
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                              else ("cpu" if args.device == "auto" else args.device))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise DataError("--device: cuda requested but no CUDA device is available")
+    except (DataError, ConfigError) as exc:
+        _fail(prog, EXIT_CONFIG, str(exc))
+    except ckpt.CheckpointError as exc:
+        _fail(prog, EXIT_RUNTIME, str(exc))
+    except RuntimeError as exc:  # a bad --device string
+        _fail(prog, EXIT_CONFIG, f"--device: {exc}")
+
+    data_cfg = cfg.data
+    if args.batch_size is not None:
+        data_cfg = replace(cfg, "data", batch_size=args.batch_size).data
+    if args.workers is not None:
+        data_cfg = replace(cfg, "data", batch_size=data_cfg.batch_size, workers=args.workers).data
+    model = build_model(replace(cfg, "model", init="torch").model)
+    model.load_state_dict(state["model"])
+    model.to(device)
+    loader = make_loader(ImageDataset(samples, CenterPreset(data_cfg)), EpochSampler(len(samples), shuffle=False),
+                         data_cfg.batch_size, data_cfg.workers, device.type == "cuda")
+    tracker = Tracker(None, tensorboard=False)
+    try:
+        with tracker.progress(len(loader), "eval center", interval=50) as bar:
+            result = evaluate(model, loader, BatchPreprocess(data_cfg, device), device, progress=bar)
+    except BadImageError as exc:
+        _fail(prog, EXIT_RUNTIME, str(exc))
+    print(f"center crop ({data_cfg.resize_size} -> {data_cfg.crop_size}): top-1 {result.top1:.2f}%  "
+          f"top-5 {result.top5:.2f}%  loss {result.loss:.4f}  ({result.images} images, {data_dir})")
+    if args.json:
+        try:
+            from .checkpoint import atomic_write_bytes
+
+            payload = json.dumps({"center": result.as_dict()}, indent=2) + "\n"
+            atomic_write_bytes(args.json, lambda fh: fh.write(payload.encode()))
+        except OSError as exc:
+            _fail(prog, EXIT_RUNTIME, f"--json {args.json}: {exc.strerror or exc}")
+
+
+# --------------------------------------------------------------------------- alexnet-summary
+
+
+def summary_main(argv: Sequence[str] | None = None) -> None:
+    prog = "alexnet-summary"
+    p = argparse.ArgumentParser(prog=prog, description="Per-layer output shapes, parameters and MACs of the model.")
+    p.add_argument("--config", metavar="FILE", help="YAML config (default: the built-in defaults, arch paper)")
+    _add_set(p)
+    p.add_argument("--input-size", type=int, default=224, metavar="PX", help="square input size (default 224)")
+    args = p.parse_args(argv)
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.input_size < 63:
+            raise ConfigError(f"--input-size: AlexNet's strides need at least 63 px, got {args.input_size}")
+    except ConfigError as exc:
+        _fail(prog, EXIT_CONFIG, str(exc))
+    from .model import build_model, format_summary, layer_summary
+
+    m = cfg.model
+    model = build_model(m)
+    title = (f"AlexNet arch={m.arch} groups={m.groups} num_classes={m.num_classes} "
+             f"input 3x{args.input_size}x{args.input_size}")
+    print(format_summary(layer_summary(model, args.input_size), title))

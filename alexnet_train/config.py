@@ -1,0 +1,485 @@
+"""Typed, frozen configuration loaded from YAML with ``--set`` overrides.
+
+Usage::
+
+    cfg = load_config("configs/paper.yaml", ["optim.lr=0.02", "model.groups=1"])
+    cfg.optim.lr          # 0.02
+    print(dump_yaml(cfg))  # the resolved config
+
+Every section is a frozen dataclass.  Unknown sections or keys, values of the
+wrong type and inconsistent combinations raise :class:`ConfigError` with a
+one-line message that names the key (and the file or ``--set`` it came from).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+# ImageNet's mean pixel and per-channel std on the 0-255 scale (RGB), and the
+# eigen-decomposition of its RGB covariance used by the paper's PCA colour
+# augmentation, with pixels on the 0-1 scale (the values fb.resnet.torch and
+# most reimplementations use).  Eigenvalues descending; eigenvectors are the
+# columns of the 3x3 matrix (rows are R, G, B).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+
+
+class ConfigError(ValueError):
+    """A bad config: the CLI prints it on one line and exits with status 2."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_dir: Optional[str] = None
+    val_dir: Optional[str] = None
+    # A flat validation folder's labels file (lines "filename wnid").
+    val_labels: Optional[str] = None
+    # Generate (once) and use the synthetic demo ImageFolder instead of train_dir/val_dir.
+    demo: bool = False
+    demo_cache: Optional[str] = None
+    batch_size: int = 128
+    workers: int = 4
+    resize_size: int = 256
+    crop_size: int = 224
+    # paper: shorter side to resize_size, (optionally) centre square, random crop_size crop;
+    # torchvision: RandomResizedCrop(crop_size) as in torchvision's reference recipe.
+    augment: Literal["paper", "torchvision"] = "paper"
+    center_square: bool = False
+    hflip: bool = True
+    # Std of the paper's PCA colour noise (alpha ~ N(0, pca_std)); 0 turns it off.
+    pca_std: float = 0.1
+    # paper: subtract the mean pixel (0-255 scale); torchvision: (x - mean) / std.
+    normalize: Literal["paper", "torchvision"] = "paper"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    eigval: tuple[float, ...] = IMAGENET_EIGVAL
+    eigvec: tuple[tuple[float, ...], ...] = IMAGENET_EIGVEC
+    on_bad_image: Literal["error", "skip"] = "error"
+    max_bad_fraction: float = 0.001
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "resize_size", "crop_size")
+        if self.workers < 0:
+            raise ConfigError(f"data.workers: must be >= 0, got {self.workers}")
+        if self.crop_size > self.resize_size and self.augment == "paper":
+            raise ConfigError(
+                f"data.crop_size: {self.crop_size} is larger than data.resize_size {self.resize_size}"
+            )
+        if self.crop_size < 63:
+            raise ConfigError(
+                f"data.crop_size: AlexNet's strides need at least 63 px, got {self.crop_size}"
+            )
+        for key in ("mean", "std", "eigval"):
+            if len(getattr(self, key)) != 3:
+                raise ConfigError(f"data.{key}: expected 3 values (R, G, B), got {getattr(self, key)!r}")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"data.std: values must be > 0, got {self.std!r}")
+        if len(self.eigvec) != 3 or any(len(row) != 3 for row in self.eigvec):
+            raise ConfigError("data.eigvec: expected a 3x3 matrix (eigenvectors as columns)")
+        if self.pca_std < 0:
+            raise ConfigError(f"data.pca_std: must be >= 0, got {self.pca_std}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_fraction: must be within [0, 1], got {self.max_bad_fraction}")
+
+
+PAPER_CONV = (96, 256, 384, 384, 256)
+PAPER_FC = (4096, 4096)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Literal["paper", "torchvision", "custom"] = "paper"
+    num_classes: int = 1000
+    # 2 = the paper's two-GPU towers: conv2, conv4 and conv5 see only their own half.
+    groups: int = 1
+    # paper: N(0, 0.01), bias 1 in conv2/4/5 and FC6/7; caffe: bvlc_alexnet's
+    # (N(0, 0.01) convs, N(0, 0.005) FC6/7, bias 0.1); torch: PyTorch's defaults.
+    init: Literal["paper", "caffe", "torch"] = "paper"
+    dropout: float = 0.5
+    # arch=custom only: five conv widths, two FC widths, LRN after conv1/conv2.
+    conv_widths: Optional[tuple[int, ...]] = None
+    fc_widths: Optional[tuple[int, ...]] = None
+    lrn: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_classes", "groups")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: must be within [0, 1), got {self.dropout}")
+        if self.arch != "custom":
+            for key in ("conv_widths", "fc_widths", "lrn"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"model.{key}: only applies to model.arch=custom (arch is {self.arch!r})")
+        if self.arch == "torchvision" and self.groups != 1:
+            raise ConfigError("model.groups: torchvision's AlexNet has no grouped convolutions; use 1")
+        if self.conv_widths is not None and (len(self.conv_widths) != 5 or min(self.conv_widths) < 1):
+            raise ConfigError(f"model.conv_widths: expected 5 positive ints, got {list(self.conv_widths)}")
+        if self.fc_widths is not None and (len(self.fc_widths) != 2 or min(self.fc_widths) < 1):
+            raise ConfigError(f"model.fc_widths: expected 2 positive ints, got {list(self.fc_widths)}")
+        if self.groups > 1:
+            conv = self.widths()[0]
+            # Grouped layers are conv2 (input conv1), conv4 (input conv3), conv5 (input conv4).
+            for name, width in (("conv1", conv[0]), ("conv2", conv[1]), ("conv3", conv[2]),
+                                ("conv4", conv[3]), ("conv5", conv[4])):
+                if width % self.groups:
+                    raise ConfigError(
+                        f"model.groups: {self.groups} does not divide the {width} filters of {name}"
+                    )
+
+    def widths(self) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+        """(conv widths, FC widths, LRN) this config describes."""
+        if self.arch == "torchvision":
+            return (64, 192, 384, 256, 256), PAPER_FC, False
+        if self.arch == "paper":
+            return PAPER_CONV, PAPER_FC, True
+        return (
+            tuple(self.conv_widths or PAPER_CONV),
+            tuple(self.fc_widths or PAPER_FC),
+            True if self.lrn is None else self.lrn,
+        )
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    # The paper decays every weight; False exempts biases (and LRN has none).
+    decay_biases: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"optim.momentum: must be within [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("optim.nesterov: needs optim.momentum > 0")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: Literal["plateau", "step", "cosine"] = "plateau"
+    # plateau: epochs without improvement of val top-1 error before lr *= factor.
+    patience: int = 5
+    factor: float = 0.1
+    max_reductions: int = 3
+    # plateau: an improvement must beat the best error by more than this (percentage points).
+    threshold: float = 0.0
+    # plateau: after max_reductions and one more plateau, end the run (the paper's stopping rule).
+    stop_after_last_plateau: bool = True
+    # step: lr *= factor every step_size epochs.
+    step_size: int = 30
+    # cosine: anneal from lr to min_lr over the epochs after warmup.
+    min_lr: float = 0.0
+    warmup_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "patience", "step_size")
+        if not 0.0 < self.factor < 1.0:
+            raise ConfigError(f"schedule.factor: must be within (0, 1), got {self.factor}")
+        for key in ("max_reductions", "warmup_epochs"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"schedule.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.threshold < 0 or self.min_lr < 0:
+            raise ConfigError("schedule.threshold and schedule.min_lr must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 90
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    out_dir: str = "runs/paper"
+    # How many epoch-NNN.pth checkpoints to keep besides last.pth and best.pth (0: none).
+    keep_last: int = 2
+    # Steps between log lines / TensorBoard scalars.
+    log_interval: int = 50
+    # torch.set_num_threads on CPU; 0 leaves torch's default.
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "log_interval")
+        for key in ("keep_last", "threads", "seed"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
+        if not self.out_dir:
+            raise ConfigError("train.out_dir: must not be empty")
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    mode: Literal["none", "dp", "ddp"] = "none"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def _positive(obj: Any, *keys: str) -> None:
+    section = _section_name(obj)
+    for key in keys:
+        value = getattr(obj, key)
+        if value <= 0:
+            raise ConfigError(f"{section}.{key}: must be > 0, got {value}")
+
+
+def _section_name(obj: Any) -> str:
+    for name, cls in SECTIONS.items():
+        if isinstance(obj, cls):
+            return name
+    return type(obj).__name__
+
+
+# --------------------------------------------------------------------------- type checking
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp) and isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (inner, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            return float(value)
+        # YAML 1.1 reads "5e-4" (no dot) as a string; accept it as the number it means.
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise bad from None
+            if math.isfinite(number):
+                return number
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        # Paths like 2012 or numbers as names are still strings to the user.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise bad
+
+
+def _build_section(name: str, raw: Any, where: str) -> Any:
+    cls = SECTIONS[name]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: section '{name}' must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise ConfigError(
+                f"{where}: unknown key '{name}.{key}' (valid keys in {name}: {', '.join(valid)})"
+            )
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: invalid YAML{at}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The file's mapping with its ``include:`` files merged underneath it."""
+    raw = _read_yaml(path)
+    includes = raw.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: 'include' must be a file name or a list of file names")
+    merged: dict = {}
+    for inc in includes:
+        inc_path = (path.parent / inc) if not os.path.isabs(inc) else Path(inc)
+        if inc_path.resolve() in seen:
+            raise ConfigError(f"{path}: include cycle through {inc_path}")
+        merged = _merge(merged, _load_raw(inc_path, seen + (path.resolve(),)))
+    return _merge(merged, raw)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=0.1"`` -> (["optim", "lr"], 0.1); the value is a YAML scalar (or flow list)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. optim.lr=0.02")
+    key, _, value_text = text.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text}: KEY must be SECTION.NAME, e.g. optim.lr")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {text}: value is not valid YAML") from None
+    return parts, value
+
+
+def build_config(raw: dict, where: str = "config") -> Config:
+    unknown = [k for k in raw if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown section '{unknown[0]}' (valid sections: {', '.join(SECTIONS)})"
+        )
+    return Config(**{name: _build_section(name, raw.get(name), where) for name in SECTIONS})
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """The config from ``path`` (or the defaults) with ``--set`` overrides applied, validated."""
+    raw = _load_raw(Path(path)) if path is not None else {}
+    where = str(path) if path is not None else "config"
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        if section not in SECTIONS:
+            raise ConfigError(f"--set {text}: unknown section '{section}' (valid sections: {', '.join(SECTIONS)})")
+        sect = raw.get(section)
+        raw[section] = dict(sect) if isinstance(sect, dict) else {}
+        raw[section][key] = value
+        # Type-check each override on its own so the message names the --set at fault;
+        # cross-field checks run on the whole config below.
+        hints = typing.get_type_hints(SECTIONS[section])
+        if key not in hints:
+            raise ConfigError(
+                f"--set {text}: unknown key '{section}.{key}' (valid keys in {section}: {', '.join(hints)})"
+            )
+        try:
+            _coerce(f"{section}.{key}", value, hints[key])
+        except ConfigError as exc:
+            raise ConfigError(f"--set {text}: {exc}") from None
+    if overrides:
+        where = f"{where} with --set"
+    return build_config(raw, where)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Rebuild a Config saved by :func:`config_to_dict` (e.g. from a checkpoint)."""
+    return build_config(raw, "checkpoint config")
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style sections with short lists of numbers on one line."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(not isinstance(v, (list, dict)) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def dump_yaml(cfg: Config | dict) -> str:
+    data = cfg if isinstance(cfg, dict) else config_to_dict(cfg)
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+def replace(cfg: Config, section: str, **changes: Any) -> Config:
+    """A copy of ``cfg`` with fields of one section changed (the config stays frozen)."""
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})

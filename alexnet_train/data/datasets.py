@@ -1,0 +1,164 @@
+"""Datasets: ImageFolder trees and flat validation folders, scored against the train classes.
+
+Usage::
+
+    classes, train = scan_image_folder("/data/imagenet/train")
+    val = labelled_samples("/data/imagenet/val", classes)          # class subfolders
+    val = labelled_samples("/data/val_flat", classes, "val.txt")   # flat + "filename wnid"
+    ds = ImageDataset(train, TrainPreset(cfg.data))
+
+Class indices always follow the sorted class folders of the train set (or the
+checkpoint's class list), never the validation folder's own subfolders, so a
+val set holding only some classes still scores against the right ones.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+Sample = tuple[str, int]
+
+
+class DataError(ValueError):
+    """Bad data layout or labels; carries a one-line message naming the path."""
+
+
+class BadImageError(RuntimeError):
+    """An image file that cannot be decoded; the message names the file."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: unreadable image ({reason})")
+        self.path = path
+
+
+def is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _images_under(folder: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if is_image(f))
+    return found
+
+
+def _class_folders(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: data directory not found")
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def scan_image_folder(root: str) -> tuple[list[str], list[Sample]]:
+    """(sorted class names, samples) of a ``root/<class>/<image>`` tree."""
+    classes = _class_folders(root)
+    if not classes:
+        raise DataError(f"{root}: no class folders (expected ROOT/<class>/<image files>)")
+    samples: list[Sample] = []
+    for index, name in enumerate(classes):
+        files = _images_under(os.path.join(root, name))
+        if not files:
+            raise DataError(f"{os.path.join(root, name)}: class folder holds no image files")
+        samples.extend((f, index) for f in files)
+    return classes, samples
+
+
+def read_labels_file(path: str) -> dict[str, str]:
+    """``filename wnid`` lines -> {filename: wnid}."""
+    labels: dict[str, str] = {}
+    try:
+        with open(path) as fh:
+            for lineno, line in enumerate(fh, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != 2:
+                    raise DataError(f"{path}:{lineno}: expected 'filename wnid', got {line.strip()!r}")
+                labels[os.path.basename(parts[0])] = parts[1]
+    except FileNotFoundError:
+        raise DataError(f"{path}: labels file not found") from None
+    if not labels:
+        raise DataError(f"{path}: labels file is empty")
+    return labels
+
+
+def labelled_samples(root: str, classes: Sequence[str], labels_file: str | None = None) -> list[Sample]:
+    """Samples of an evaluation folder, indexed by ``classes``.
+
+    With class subfolders, each must be one of ``classes``.  Without any (a
+    flat folder, as ILSVRC ships val), ``labels_file`` gives each file's wnid.
+    """
+    index = {name: i for i, name in enumerate(classes)}
+    subfolders = _class_folders(root)
+    if labels_file is None:
+        if not subfolders:
+            raise DataError(
+                f"{root}: no class folders; a flat folder of images needs data.val_labels (or --labels)"
+            )
+        unknown = [c for c in subfolders if c not in index]
+        if unknown:
+            raise DataError(
+                f"{root}: class folder '{unknown[0]}' is not one of the {len(classes)} training classes"
+                + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            )
+        samples = [(f, index[c]) for c in subfolders for f in _images_under(os.path.join(root, c))]
+    else:
+        labels = read_labels_file(labels_file)
+        samples = []
+        for path in _images_under(root):
+            wnid = labels.get(os.path.basename(path))
+            if wnid is None:
+                raise DataError(f"{path}: no label for this file in {labels_file}")
+            if wnid not in index:
+                raise DataError(f"{labels_file}: label '{wnid}' of {os.path.basename(path)} is not a training class")
+            samples.append((path, index[wnid]))
+    if not samples:
+        raise DataError(f"{root}: no image files found")
+    return samples
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open any image PIL reads (CMYK, grayscale, palette, RGBA, EXIF-rotated) as RGB."""
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadImageError(path, str(exc) or type(exc).__name__) from None
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(path, class) samples -> (uint8 CHW tensor, class).
+
+    Indexed by ``(index, seed)`` pairs (from :class:`~alexnet_train.data.loaders.EpochSampler`)
+    the transform draws its randomness from ``random.Random(seed)``; a plain index uses seed 0.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, 0)
+        path, target = self.samples[index]
+        return self.transform(load_rgb(path), random.Random(seed)), target
+
+
+def check_dir(path: str | None, key: str) -> Path:
+    """The directory at ``path`` or a DataError naming the config ``key``."""
+    if not path:
+        raise DataError(f"{key}: not set")
+    p = Path(path)
+    if not p.is_dir():
+        raise DataError(f"{key}: directory not found: {path}")
+    return p

@@ -1,0 +1,124 @@
+"""Samplers and DataLoaders for training and evaluation.
+
+Usage::
+
+    splits = resolve_splits(cfg.data)                 # classes + samples, checked
+    loaders = build_loaders(cfg.data, splits, dist, seed=cfg.train.seed, pin_memory=True)
+    loaders.train.sampler.set_epoch(epoch)
+    for images_uint8, targets in loaders.train: ...
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..config import DataConfig
+from ..distributed import DistInfo
+from .datasets import DataError, ImageDataset, Sample, check_dir, labelled_samples, scan_image_folder
+from .transforms import CenterPreset, TrainPreset
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch: independent of rank, workers and position."""
+    return ((seed * 1_000_003 + epoch) << 32) + index
+
+
+class EpochSampler(Sampler):
+    """Yields ``(index, augmentation seed)`` for this rank's share of one epoch.
+
+    Shuffled order is a pure function of (seed, epoch).  Training shards drop
+    the tail so every rank gets the same number of samples; evaluation shards
+    (``shuffle=False``) are ``rank::world`` with no padding, so across ranks
+    every image is seen exactly once.  ``start`` skips that many of this
+    rank's samples (resuming inside an epoch).
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+            order = order[: self.n - self.n % self.world]
+        else:
+            order = list(range(self.n))
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.order()[self.start :]:
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+    def __len__(self) -> int:
+        return max(0, len(self.order()) - self.start)
+
+
+@dataclass(frozen=True)
+class Splits:
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+
+
+def resolve_splits(cfg: DataConfig, need_train: bool = True) -> Splits:
+    """Scan ``train_dir`` (for the class list) and ``val_dir``; DataError names the key or path at fault."""
+    check_dir(cfg.train_dir, "data.train_dir")
+    check_dir(cfg.val_dir, "data.val_dir")
+    if cfg.val_labels is not None and not os.path.isfile(cfg.val_labels):
+        raise DataError(f"data.val_labels: file not found: {cfg.val_labels}")
+    classes, train = scan_image_folder(cfg.train_dir)
+    val = labelled_samples(cfg.val_dir, classes, cfg.val_labels)
+    return Splits(classes, train, val)
+
+
+def _worker_init(_worker_id: int) -> None:
+    # PIL decodes on one thread; torch's intra-op pool in every worker only oversubscribes the cores.
+    torch.set_num_threads(1)
+
+
+def make_loader(
+    dataset: ImageDataset, sampler: EpochSampler, batch_size: int, workers: int, pin_memory: bool
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+
+
+def per_process_batch(cfg: DataConfig, dist: DistInfo) -> int:
+    if cfg.batch_size % dist.world_size:
+        raise DataError(
+            f"data.batch_size: {cfg.batch_size} (the global batch) is not divisible by the {dist.world_size} processes"
+        )
+    return cfg.batch_size // dist.world_size
+
+
+def build_loaders(cfg: DataConfig, splits: Splits, dist: DistInfo, seed: int, pin_memory: bool = False) -> Loaders:
+    batch = per_process_batch(cfg, dist)
+    train_sampler = EpochSampler(len(splits.train), seed, True, dist.rank, dist.world_size)
+    val_sampler = EpochSampler(len(splits.val), seed, False, dist.rank, dist.world_size)
+    return Loaders(
+        train=make_loader(ImageDataset(splits.train, TrainPreset(cfg)), train_sampler, batch, cfg.workers, pin_memory),
+        val=make_loader(ImageDataset(splits.val, CenterPreset(cfg)), val_sampler, batch, cfg.workers, pin_memory),
+    )

@@ -1,0 +1,145 @@
+"""Everything the operator sees: log lines, progress, metrics.jsonl and TensorBoard.
+
+Usage::
+
+    tracker = Tracker(out_dir, enabled=dist.is_main)
+    tracker.log("epoch 1 ...")
+    with tracker.progress(total=len(loader), desc="epoch 1") as bar:
+        bar.update(1, loss=2.3)
+    tracker.scalar("train/loss", 2.3, step)
+    tracker.epoch_metrics({"epoch": 1, ...})     # one JSON line in OUT/metrics.jsonl
+    tracker.close()
+
+On a TTY progress is a tqdm bar; otherwise (cron, batch jobs, pipes) it is a
+plain line every ``log_interval`` steps.  Only this module writes TensorBoard.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+class Progress:
+    """A tqdm bar on a TTY, else a log line every ``interval`` updates (and at the end)."""
+
+    def __init__(self, total: int, desc: str, interval: int, enabled: bool, stream: TextIO, initial: int = 0) -> None:
+        self.total, self.desc, self.interval, self.enabled, self.stream = total, desc, interval, enabled, stream
+        self.count = initial
+        self.postfix: dict[str, Any] = {}
+        self.started = time.monotonic()
+        self.bar = None
+        if enabled and stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, file=stream, dynamic_ncols=True, leave=False)
+
+    def set(self, **postfix: Any) -> None:
+        """Values shown with the bar / the next log line."""
+        self.postfix = postfix
+        if self.bar is not None:
+            self.bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
+
+    def update(self, n: int = 1) -> None:
+        self.count += n
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.count % self.interval == 0 or self.count == self.total:
+            fields = " ".join(f"{k}={_fmt(v)}" for k, v in self.postfix.items())
+            elapsed = time.monotonic() - self.started
+            print(f"{self.desc} {self.count}/{self.total} {fields} ({elapsed:.0f}s)".replace("  ", " "),
+                  file=self.stream, flush=True)
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Tracker:
+    def __init__(self, out_dir: str | Path | None, enabled: bool = True, tensorboard: bool = True,
+                 stream: TextIO | None = None) -> None:
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.writer = None
+        if enabled and tensorboard and self.out_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.out_dir / "tb"))
+
+    def log(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            tqdm.write(message, file=self.stream)
+        else:
+            print(message, file=self.stream, flush=True)
+
+    def progress(self, total: int, desc: str, interval: int = 50, initial: int = 0) -> Progress:
+        return Progress(total, desc, interval, self.enabled, self.stream, initial)
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None and math.isfinite(value):
+            self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.writer is not None:
+            # TensorBoard renders text as markdown; indenting keeps YAML as a code block.
+            self.writer.add_text(tag, "    " + text.replace("\n", "\n    "), step)
+
+    def filters(self, tag: str, weight: torch.Tensor, step: int) -> None:
+        """conv1's filters as an image grid (the paper's Figure 3)."""
+        if self.writer is None:
+            return
+        from torchvision.utils import make_grid
+
+        w = weight.detach().float().cpu()
+        if w.shape[1] != 3:
+            return
+        lo = w.amin(dim=(1, 2, 3), keepdim=True)
+        hi = w.amax(dim=(1, 2, 3), keepdim=True)
+        w = (w - lo) / (hi - lo).clamp_min(1e-12)
+        grid = make_grid(w, nrow=int(math.ceil(math.sqrt(w.shape[0]))), padding=1, pad_value=1.0)
+        self.writer.add_image(tag, grid, step)
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        if self.writer is None:
+            return
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        self.writer.add_hparams(flat, metrics, run_name="hparams")
+
+    def epoch_metrics(self, row: dict) -> None:
+        if not self.enabled or self.out_dir is None:
+            return
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.scalar(f"epoch/{key}", float(value), row["epoch"])
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

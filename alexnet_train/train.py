@@ -1,0 +1,472 @@
+"""The training loop and the pure learning-rate policy.
+
+Usage::
+
+    policy = LrPolicy(cfg.schedule, base_lr=0.01, epochs=90)
+    policy.lr                        # lr for the next epoch
+    policy.epoch_end(val_error=42.0) # -> ["lr 0.01 -> 0.001 (no improvement for 5 epochs)"]
+
+    result = fit(cfg, splits, out_dir, tracker, resume_state=None)
+
+``fit`` runs epochs of SGD and validation, writes checkpoints through
+:mod:`alexnet_train.checkpoint` and everything visible through
+:mod:`alexnet_train.tracking`.  A SIGINT/SIGTERM finishes the current step,
+saves a resumable checkpoint and raises :class:`Interrupted`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import Config, ScheduleConfig, config_to_dict
+from .data.loaders import Loaders, Splits, build_loaders
+from .data.transforms import BatchPreprocess
+from .distributed import DistInfo, unwrap
+from .evaluate import EvalResult, evaluate
+from .model import build_model
+from .tracking import Tracker
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a resumable checkpoint was saved first."""
+
+    def __init__(self, signum: int, path: Path | None) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; resumable checkpoint: {path}")
+        self.signum = signum
+        self.path = path
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN/inf; nothing was saved from the bad state."""
+
+
+class LrPolicy:
+    """Learning rate per epoch; pure (no optimizer), and its whole state is in ``state_dict``.
+
+    plateau: the paper's rule.  After each epoch, if validation top-1 error has
+    not improved on the best by more than ``threshold`` for ``patience``
+    epochs, lr *= ``factor``; once ``max_reductions`` reductions are spent, the
+    next plateau ends the run (``should_stop``).
+    step: lr *= ``factor`` every ``step_size`` epochs.  cosine: from lr to
+    ``min_lr`` over the epochs.  step and cosine ramp up linearly over
+    ``warmup_epochs`` first.
+    """
+
+    def __init__(self, cfg: ScheduleConfig, base_lr: float, epochs: int) -> None:
+        self.cfg = cfg
+        self.base_lr = base_lr
+        self.epochs = epochs
+        self.epoch = 0  # epochs completed
+        self.current = base_lr  # plateau's lr
+        self.best_error = math.inf
+        self.bad_epochs = 0
+        self.reductions = 0
+        self.should_stop = False
+
+    @property
+    def lr(self) -> float:
+        """The learning rate for epoch ``self.epoch`` (0-based)."""
+        cfg, e = self.cfg, self.epoch
+        if cfg.kind == "plateau":
+            return self.current
+        if cfg.warmup_epochs and e < cfg.warmup_epochs:
+            return self.base_lr * (e + 1) / cfg.warmup_epochs
+        if cfg.kind == "step":
+            return self.base_lr * cfg.factor ** (e // cfg.step_size)
+        span = max(1, self.epochs - cfg.warmup_epochs)
+        t = min(1.0, (e - cfg.warmup_epochs) / span)
+        return cfg.min_lr + (self.base_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    def epoch_end(self, val_error: float) -> list[str]:
+        """Record one finished epoch's validation top-1 error (percent); return what changed."""
+        events: list[str] = []
+        self.epoch += 1
+        if self.cfg.kind != "plateau":
+            return events
+        if val_error < self.best_error - self.cfg.threshold:
+            self.best_error = val_error
+            self.bad_epochs = 0
+            return events
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.cfg.patience:
+            self.bad_epochs = 0
+            if self.reductions < self.cfg.max_reductions:
+                old = self.current
+                self.current *= self.cfg.factor
+                self.reductions += 1
+                events.append(
+                    f"lr {old:.4g} -> {self.current:.4g} (val error not improved for {self.cfg.patience} epochs; "
+                    f"reduction {self.reductions}/{self.cfg.max_reductions})"
+                )
+            elif self.cfg.stop_after_last_plateau:
+                self.should_stop = True
+                events.append(f"stop: val error plateaued after {self.reductions} lr reductions")
+        return events
+
+    def state_dict(self) -> dict:
+        return {
+            "kind": self.cfg.kind,
+            "epoch": self.epoch,
+            "current": self.current,
+            "best_error": self.best_error,
+            "bad_epochs": self.bad_epochs,
+            "reductions": self.reductions,
+            "should_stop": self.should_stop,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.cfg.kind:
+            raise ValueError(f"lr policy in checkpoint is {state.get('kind')!r}, config says {self.cfg.kind!r}")
+        for key in ("epoch", "current", "best_error", "bad_epochs", "reductions", "should_stop"):
+            setattr(self, key, state[key])
+
+
+def resolve_device(kind: str) -> torch.device:
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device: cuda requested but no CUDA device is available")
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(kind)
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool) -> list[dict]:
+    if decay_biases:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    decay = [p for n, p in model.named_parameters() if not n.endswith(".bias")]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_tuples(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def versions() -> dict:
+    import PIL
+    import torchvision
+
+    from . import __version__
+
+    return {
+        "alexnet_train": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pillow": PIL.__version__,
+        "python": ".".join(map(str, __import__("sys").version_info[:3])),
+    }
+
+
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    """Seed of the device-side colour noise of one training step (a pure function, for exact resume)."""
+    return (((seed * 1_000_003) + epoch) * 1_000_003 + step) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass
+class FitResult:
+    epochs_run: int
+    best_top1: float
+    last: EvalResult | None
+    stopped_early: bool
+
+
+class _StopFlag:
+    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one aborts."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.signum: int | None = None
+        self.log = log
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.log(f"{signal.Signals(signum).name} received: saving a resumable checkpoint after this step "
+                 "(send it again to abort at once)")
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, splits: Splits, out_dir: Path, tracker: Tracker,
+                 dist: DistInfo | None = None, resume_state: dict | None = None) -> None:
+        self.cfg, self.splits, self.out_dir, self.tracker = cfg, splits, out_dir, tracker
+        self.dist = dist or DistInfo()
+        self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cpu" and cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        seed = cfg.train.seed
+        random.seed(seed + self.dist.rank)
+        np.random.seed((seed + self.dist.rank) % 2**32)
+        torch.manual_seed(seed + self.dist.rank)
+
+        self.model = build_model(cfg.model).to(self.device)
+        self.net = self._wrap(self.model)
+        self.optimizer = torch.optim.SGD(
+            param_groups(self.model, cfg.optim.weight_decay, cfg.optim.decay_biases),
+            lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+        )
+        self.policy = LrPolicy(cfg.schedule, cfg.optim.lr, cfg.train.epochs)
+        self.loaders: Loaders = build_loaders(cfg.data, splits, self.dist, seed, pin_memory=self.device.type == "cuda")
+        self.preprocess = BatchPreprocess(cfg.data, self.device)
+        self.epoch = 0  # next epoch to run (0-based)
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.best_top1 = -1.0
+        self.best_epoch = 0
+        self.accum = {"loss_sum": 0.0, "images": 0, "seconds": 0.0, "data_seconds": 0.0}
+        self.last_eval: EvalResult | None = None
+        if resume_state is not None:
+            self._restore(resume_state)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        mode = self.cfg.dist.mode
+        if mode == "dp":
+            if self.device.type != "cuda" or torch.cuda.device_count() < 2:
+                self.tracker.log("notice: dist.mode=dp needs 2+ CUDA devices; training on one device")
+                return model
+            return nn.DataParallel(model)
+        if mode == "ddp" and self.dist.distributed:
+            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return model
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.policy.load_state_dict(state["policy"])
+        # The config may change the base lr on resume; a plateau's reduced lr is kept.
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.best_top1 = state["best_top1"]
+        self.best_epoch = state["best_epoch"]
+        self.accum = dict(state["accum"])
+        set_rng_state(state["rng"])
+
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "policy": self.policy.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "accum": dict(self.accum),
+            "rng": rng_state(),
+            "config": config_to_dict(self.cfg),
+            "classes": list(self.splits.classes),
+            "versions": versions(),
+            "val": self.last_eval.as_dict() if self.last_eval else None,
+        }
+
+    def save(self, names: tuple[str, ...] = ()) -> Path | None:
+        """Write last.pth atomically and hard-link it as each of ``names`` (rank 0 only)."""
+        if not self.dist.is_main:
+            return None
+        last = self.out_dir / "last.pth"
+        ckpt.save_checkpoint(self.state(), last)
+        for name in names:
+            ckpt.link_or_copy(last, self.out_dir / name)
+        ckpt.prune_epoch_checkpoints(self.out_dir, self.cfg.train.keep_last)
+        return last
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_epoch(self, stop: _StopFlag) -> None:
+        cfg = self.cfg
+        loader = self.loaders.train
+        loader.sampler.set_epoch(self.epoch, start=self.step_in_epoch * loader.batch_size)
+        total = self.step_in_epoch + len(loader)
+        self.net.train()
+        lr = self.policy.lr
+        self._set_lr(lr)
+        interval = cfg.train.log_interval
+        window_loss = torch.zeros((), device=self.device)
+        window_images = 0
+        window_start = time.perf_counter()
+        window_data = 0.0
+        with self.tracker.progress(total, f"epoch {self.epoch + 1}/{cfg.train.epochs} train", interval,
+                                   initial=self.step_in_epoch) as bar:
+            fetch_start = time.perf_counter()
+            for images, targets in loader:
+                data_time = time.perf_counter() - fetch_start
+                images = images.to(self.device, non_blocking=True)
+                targets = targets.to(self.device, non_blocking=True)
+                gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.epoch, self.step_in_epoch))
+                logits = self.net(self.preprocess(images, train=True, generator=gen))
+                loss = F.cross_entropy(logits, targets)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+
+                window_loss += loss.detach() * targets.shape[0]
+                window_images += targets.shape[0]
+                window_data += data_time
+                self.step_in_epoch += 1
+                self.global_step += 1
+                if self.step_in_epoch % interval == 0 or self.step_in_epoch == total or stop.signum is not None:
+                    loss_sum = float(window_loss)  # the one host sync per interval
+                    if not math.isfinite(loss_sum):
+                        raise NonFiniteLoss(
+                            f"training loss is {loss_sum} at epoch {self.epoch + 1}, step {self.step_in_epoch} "
+                            f"(global step {self.global_step}), lr {lr:.4g}; stopped without saving, "
+                            f"the last good checkpoint is kept in {self.out_dir}"
+                        )
+                    elapsed = time.perf_counter() - window_start
+                    self.accum["loss_sum"] += loss_sum
+                    self.accum["images"] += window_images
+                    self.accum["seconds"] += elapsed
+                    self.accum["data_seconds"] += window_data
+                    ips = window_images * self.dist.world_size / max(elapsed, 1e-9)
+                    wait = window_data / max(elapsed, 1e-9)
+                    self.tracker.scalar("train/loss", loss_sum / window_images, self.global_step)
+                    self.tracker.scalar("train/lr", lr, self.global_step)
+                    self.tracker.scalar("train/images_per_s", ips, self.global_step)
+                    self.tracker.scalar("train/data_wait_fraction", wait, self.global_step)
+                    bar.set(loss=loss_sum / window_images, lr=lr, img_s=ips, data_wait=wait)
+                    window_loss.zero_()
+                    window_images, window_data = 0, 0.0
+                    window_start = time.perf_counter()
+                bar.update(1)
+                if stop.signum is not None:
+                    raise Interrupted(stop.signum, self.save())
+                fetch_start = time.perf_counter()
+
+    def validate(self, stop: _StopFlag) -> EvalResult | None:
+        loader = self.loaders.val
+        with self.tracker.progress(len(loader), f"epoch {self.epoch + 1}/{self.cfg.train.epochs} val",
+                                   self.cfg.train.log_interval) as bar:
+            try:
+                return evaluate(self.net, _until(loader, stop), self.preprocess, self.device, progress=bar,
+                                all_reduce=self._all_reduce if self.dist.distributed else None)
+            except RuntimeError:
+                if stop.signum is not None:  # stopped before the first batch
+                    return None
+                raise
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(t)
+        return t
+
+    def run(self) -> FitResult:
+        cfg, tracker = self.cfg, self.tracker
+        stopped_early = self.policy.should_stop
+        with _StopFlag(tracker.log) as stop:
+            while self.epoch < cfg.train.epochs and not self.policy.should_stop:
+                lr = self.policy.lr
+                self.train_epoch(stop)
+                result = self.validate(stop)
+                if stop.signum is not None:
+                    # Validation abandoned: the epoch's training is saved, validation reruns on resume.
+                    raise Interrupted(stop.signum, self.save())
+                self.last_eval = result
+                acc = self.accum
+                train_loss = acc["loss_sum"] / max(1, acc["images"])
+                images_per_s = acc["images"] * self.dist.world_size / max(acc["seconds"], 1e-9)
+                data_wait = acc["data_seconds"] / max(acc["seconds"], 1e-9)
+                events = self.policy.epoch_end(100.0 - result.top1)
+                epoch = self.epoch + 1
+                improved = result.top1 > self.best_top1
+                if improved:
+                    self.best_top1, self.best_epoch = result.top1, epoch
+                row = {
+                    "epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": result.loss,
+                    "val_top1": result.top1, "val_top5": result.top5, "val_images": result.images,
+                    "bad_images": 0, "images_per_s": images_per_s, "data_wait": data_wait,
+                }
+                tracker.log(
+                    f"epoch {epoch}/{cfg.train.epochs}: lr {lr:.4g} train_loss {train_loss:.4f} "
+                    f"val_loss {result.loss:.4f} val_top1 {result.top1:.2f}% val_top5 {result.top5:.2f}% "
+                    f"({result.images} images) {images_per_s:.1f} img/s, data wait {100 * data_wait:.0f}%"
+                    + (" *best*" if improved else "")
+                )
+                for event in events:
+                    tracker.log(event)
+                    tracker.text("schedule/events", event, epoch)
+                tracker.epoch_metrics(row)
+                tracker.filters("conv1/filters", self.model.convs()[0].weight, epoch)
+                tracker.flush()
+                self.epoch += 1
+                self.step_in_epoch = 0
+                self.accum = {"loss_sum": 0.0, "images": 0, "seconds": 0.0, "data_seconds": 0.0}
+                names = [f"epoch-{epoch:03d}.pth"] if cfg.train.keep_last else []
+                if improved:
+                    names.append("best.pth")
+                self.save(tuple(names))
+                if stop.signum is not None:
+                    raise Interrupted(stop.signum, self.out_dir / "last.pth")
+            stopped_early = self.policy.should_stop
+        if self.last_eval is not None:
+            tracker.hparams(
+                {"arch": cfg.model.arch, "groups": cfg.model.groups, "init": cfg.model.init, "lr": cfg.optim.lr,
+                 "batch_size": cfg.data.batch_size, "weight_decay": cfg.optim.weight_decay,
+                 "schedule": cfg.schedule.kind, "epochs": self.epoch},
+                {"hparam/best_top1": self.best_top1, "hparam/val_top1": self.last_eval.top1,
+                 "hparam/val_top5": self.last_eval.top5},
+            )
+        return FitResult(self.epoch, self.best_top1, self.last_eval, stopped_early)
+
+
+def _until(loader, stop: _StopFlag):
+    """Iterate ``loader`` until a stop signal arrives."""
+    for batch in loader:
+        if stop.signum is not None:
+            return
+        yield batch
+
+
+def fit(cfg: Config, splits: Splits, out_dir: Path, tracker: Tracker, dist: DistInfo | None = None,
+        resume_state: dict | None = None) -> FitResult:
+    return Trainer(cfg, splits, out_dir, tracker, dist, resume_state).run()
