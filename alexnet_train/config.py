@@ -106,8 +106,9 @@ class ModelConfig:
     # 2 = the paper's two-GPU towers: conv2, conv4 and conv5 see only their own half.
     groups: int = 1
     # paper: N(0, 0.01), bias 1 in conv2/4/5 and FC6/7; caffe: bvlc_alexnet's
-    # (N(0, 0.01) convs, N(0, 0.005) FC6/7, bias 0.1); torch: PyTorch's defaults.
-    init: Literal["paper", "caffe", "torch"] = "paper"
+    # (N(0, 0.01) convs, N(0, 0.005) FC6/7, bias 0.1); kaiming: He-normal for ReLUs;
+    # torch: PyTorch's defaults.
+    init: Literal["paper", "caffe", "kaiming", "torch"] = "paper"
     dropout: float = 0.5
     # arch=custom only: five conv widths, two FC widths, LRN after conv1/conv2.
     conv_widths: Optional[tuple[int, ...]] = None

@@ -96,9 +96,21 @@ def init_weights(model: AlexNet, scheme: str) -> None:
     caffe: bvlc_alexnet's scheme, which replaced the paper's bias 1 by 0.1
     because 1 often stalls learning: convs N(0, 0.01), FC6/FC7 N(0, 0.005),
     FC8 N(0, 0.01); biases 0.1 in conv2/4/5 and FC6/7, else 0.
-    torch: leave PyTorch's default (Kaiming-uniform) initialisation.
+    kaiming: He et al. (2015) normal init for ReLU nets, N(0, sqrt(2 / fan_in)),
+    biases 0, FC8 N(0, 0.01): keeps activations at unit scale through all
+    eight layers, so narrow or unnormalised-LRN variants do not stall.
+    torch: leave PyTorch's default (Kaiming-uniform, a=sqrt(5)) initialisation.
     """
     if scheme == "torch":
+        return
+    if scheme == "kaiming":
+        with torch.no_grad():
+            layers = model.convs() + model.fcs()
+            for layer in layers[:-1]:
+                nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+                layer.bias.zero_()
+            layers[-1].weight.normal_(0.0, 0.01)
+            layers[-1].bias.zero_()
         return
     if scheme not in ("paper", "caffe"):
         raise ValueError(f"unknown init scheme {scheme!r}")

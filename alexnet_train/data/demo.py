@@ -12,8 +12,8 @@ Usage::
     from torchvision.datasets import ImageFolder
 
     train_dir, val_dir = ensure_demo_dataset()          # generates on first call only
-    train_set = ImageFolder(train_dir)                  # 8 classes x 120 images
-    val_set = ImageFolder(val_dir)                      # 8 classes x 30 images
+    train_set = ImageFolder(train_dir)                  # 8 classes x 500 images
+    val_set = ImageFolder(val_dir)                      # 8 classes x 50 images
 
 The tree lives in ``<cache>/demo-v<DEMO_VERSION>/{train,val}/<class>/<class>_<NNNN>.JPEG``
 where ``<cache>`` is ``$ALEXNET_TRAIN_CACHE``, else ``$XDG_CACHE_HOME/alexnet-train``,
@@ -97,8 +97,8 @@ def demo_root(cache_dir: Optional[PathLike] = None) -> pathlib.Path:
 def ensure_demo_dataset(
     cache_dir: Optional[PathLike] = None,
     *,
-    train_per_class: int = 120,
-    val_per_class: int = 30,
+    train_per_class: int = 500,
+    val_per_class: int = 50,
     size: int = 96,
     seed: int = 0,
     log: LogFn = print,
