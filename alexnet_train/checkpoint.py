@@ -86,7 +86,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, not a torch file, unpickling refused ...
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        unsafe = [ln for ln in lines if "Unsupported global" in ln]
+        if unsafe:  # a pickle holding arbitrary objects: we refuse to execute it
+            reason = "holds objects a weights-only load refuses: " + unsafe[0].split("Unsupported global:")[-1].strip()
+        else:
+            reason = lines[0] if lines else type(exc).__name__
         raise CheckpointError(f"{path}: unreadable checkpoint ({reason[:200]})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(state).__name__}, not a dict)")

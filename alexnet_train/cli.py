@@ -28,8 +28,9 @@ def _log(message: str) -> None:
 
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optim.lr=0.02 (repeatable; values are YAML scalars)")
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. --set optim.lr=0.02 model.groups=1 (repeatable; "
+                             "values are YAML scalars)")
 
 
 def git_sha() -> str | None:
@@ -118,6 +119,8 @@ def train_main(argv: Sequence[str] | None = None) -> None:
                                  f"{cfg.dist.mode!r}; set dist.mode=ddp")
     log = _log if dist.is_main else (lambda _m: None)
     out = Path(cfg.train.out_dir)
+    for key in cfg.model.ignored_keys():
+        log(f"notice: {key} is ignored: it applies only to model.arch=custom (arch is {cfg.model.arch})")
 
     # Everything that can be wrong with the config or data is checked before OUT is touched.
     try:

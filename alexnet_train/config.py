@@ -47,7 +47,7 @@ class DataConfig:
     val_dir: Optional[str] = None
     # A flat validation folder's labels file (lines "filename wnid").
     val_labels: Optional[str] = None
-    # Generate (once) and use the synthetic demo ImageFolder instead of train_dir/val_dir.
+    # Where train_dir/val_dir are unset, generate (once) and use the synthetic demo ImageFolder.
     demo: bool = False
     demo_cache: Optional[str] = None
     batch_size: int = 128
@@ -110,7 +110,8 @@ class ModelConfig:
     # torch: PyTorch's defaults.
     init: Literal["paper", "caffe", "kaiming", "torch"] = "paper"
     dropout: float = 0.5
-    # arch=custom only: five conv widths, two FC widths, LRN after conv1/conv2.
+    # arch=custom only (ignored, with a notice, by paper/torchvision): five conv
+    # widths, two FC widths, LRN after conv1/conv2.
     conv_widths: Optional[tuple[int, ...]] = None
     fc_widths: Optional[tuple[int, ...]] = None
     lrn: Optional[bool] = None
@@ -119,10 +120,6 @@ class ModelConfig:
         _positive(self, "num_classes", "groups")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: must be within [0, 1), got {self.dropout}")
-        if self.arch != "custom":
-            for key in ("conv_widths", "fc_widths", "lrn"):
-                if getattr(self, key) is not None:
-                    raise ConfigError(f"model.{key}: only applies to model.arch=custom (arch is {self.arch!r})")
         if self.arch == "torchvision" and self.groups != 1:
             raise ConfigError("model.groups: torchvision's AlexNet has no grouped convolutions; use 1")
         if self.conv_widths is not None and (len(self.conv_widths) != 5 or min(self.conv_widths) < 1):
@@ -138,6 +135,12 @@ class ModelConfig:
                     raise ConfigError(
                         f"model.groups: {self.groups} does not divide the {width} filters of {name}"
                     )
+
+    def ignored_keys(self) -> list[str]:
+        """Keys set in this config that its arch does not use (custom-only settings)."""
+        if self.arch == "custom":
+            return []
+        return [f"model.{k}" for k in ("conv_widths", "fc_widths", "lrn") if getattr(self, k) is not None]
 
     def widths(self) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
         """(conv widths, FC widths, LRN) this config describes."""

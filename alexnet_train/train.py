@@ -184,9 +184,9 @@ def versions() -> dict:
 
     return {
         "alexnet_train": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "pillow": PIL.__version__,
+        "torch": str(torch.__version__),  # TorchVersion would not load with weights_only=True
+        "torchvision": str(torchvision.__version__),
+        "pillow": str(PIL.__version__),
         "python": ".".join(map(str, __import__("sys").version_info[:3])),
     }
 

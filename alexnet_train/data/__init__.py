@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..config import Config, ConfigError, replace
+from ..config import Config, replace
 from .datasets import BadImageError, DataError
 from .loaders import Splits, resolve_splits
 
@@ -11,12 +11,10 @@ __all__ = ["BadImageError", "DataError", "Splits", "resolve_splits", "with_demo_
 
 
 def with_demo_data(cfg: Config, log: Callable[[str], None] = print) -> Config:
-    """With ``data.demo: true``, generate the demo ImageFolder once and point train_dir/val_dir at it."""
-    if not cfg.data.demo:
+    """With ``data.demo: true``, fill an unset train_dir/val_dir with the demo ImageFolder (made once)."""
+    if not cfg.data.demo or (cfg.data.train_dir and cfg.data.val_dir):
         return cfg
-    if cfg.data.train_dir or cfg.data.val_dir:
-        raise ConfigError("data.demo: true generates its own data; leave data.train_dir and data.val_dir unset")
     from .demo import ensure_demo_dataset
 
     train_dir, val_dir = ensure_demo_dataset(cfg.data.demo_cache, log=log)
-    return replace(cfg, "data", train_dir=str(train_dir), val_dir=str(val_dir))
+    return replace(cfg, "data", train_dir=cfg.data.train_dir or str(train_dir), val_dir=cfg.data.val_dir or str(val_dir))
