@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny real ImageFolders of JPEG files and a tiny-model config."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# A narrow AlexNet that still has every layer of the paper's (LRN, groups, dropout),
+# small enough that a CLI run over a few dozen 64-px images takes seconds on a CPU.
+TINY_MODEL = [
+    "model.arch=custom",
+    "model.conv_widths=[8,16,16,16,16]",
+    "model.fc_widths=[32,32]",
+    "model.groups=2",
+    "model.init=kaiming",
+]
+TINY_DATA = [
+    "data.batch_size=8",
+    "data.workers=0",
+    "data.resize_size=72",
+    "data.crop_size=64",
+    "data.normalize=torchvision",
+]
+
+
+def write_image_folder(root: Path, classes: list[str], per_class: int, size: int = 72, seed: int = 0) -> Path:
+    """ROOT/<class>/<class>_<i>.JPEG: real JPEGs; each class has its own colour so a model can learn it."""
+    rng = np.random.default_rng(seed)
+    for ci, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        base = np.array([(ci * 97) % 256, (ci * 53 + 80) % 256, (ci * 151 + 30) % 256], dtype=np.float64)
+        for i in range(per_class):
+            w = size + int(rng.integers(0, 24))
+            noise = rng.normal(0, 20, size=(size, w, 3))
+            arr = np.clip(base + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(arr, "RGB").save(folder / f"{name}_{i:03d}.JPEG", quality=90)
+    return root
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """(train_dir, val_dir, classes): 3 classes, 8 train and 3 val JPEGs each."""
+    classes = ["n01440764", "n01443537", "n01484850"]
+    train = write_image_folder(tmp_path / "train", classes, 8, seed=1)
+    val = write_image_folder(tmp_path / "val", classes, 3, seed=2)
+    return train, val, classes
+
+
+def tiny_overrides(train: Path, val: Path, num_classes: int, epochs: int = 2) -> list[str]:
+    return TINY_MODEL + TINY_DATA + [
+        f"data.train_dir={train}",
+        f"data.val_dir={val}",
+        f"model.num_classes={num_classes}",
+        f"train.epochs={epochs}",
+        "train.device=cpu",
+        "train.log_interval=2",
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never write the demo cache into the user's home during tests."""
+    if "ALEXNET_TRAIN_CACHE" not in os.environ:
+        monkeypatch.setenv("ALEXNET_TRAIN_CACHE", str(tmp_path_factory.mktemp("cache")))

@@ -1,0 +1,92 @@
+"""Atomic checkpoint writes, safe loads, resume discovery and pruning."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet_train import checkpoint as ckpt
+
+
+def state(tag: int) -> dict:
+    return {"model": {"w": torch.full((4,), float(tag))}, "config": {"train": {}}, "classes": ["a", "b"], "tag": tag}
+
+
+def test_save_then_load_round_trips_with_weights_only(tmp_path: Path):
+    path = tmp_path / "last.pth"
+    ckpt.save_checkpoint(state(3), path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["tag"] == 3 and loaded["format"] == ckpt.CHECKPOINT_FORMAT
+    assert ckpt.is_training_checkpoint(ckpt.load_checkpoint(path))
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_a_failing_write_leaves_the_previous_checkpoint_whole(tmp_path: Path):
+    path = tmp_path / "last.pth"
+    ckpt.save_checkpoint(state(1), path)
+    before = path.read_bytes()
+
+    def explode(fh):
+        fh.write(b"partial bytes")
+        raise KeyboardInterrupt  # a kill in the middle of torch.save
+
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_write_bytes(path, explode)
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip at all", None])
+def test_unreadable_files_raise_naming_the_file(tmp_path: Path, content):
+    path = tmp_path / "bad.pth"
+    if content is None:  # a truncated real checkpoint
+        ckpt.save_checkpoint(state(1), path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ckpt.CheckpointError, match="bad.pth: unreadable checkpoint"):
+        ckpt.load_checkpoint(path)
+    with pytest.raises(ckpt.CheckpointError, match="missing.pth: checkpoint not found"):
+        ckpt.load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_pickled_objects_are_refused_not_executed(tmp_path: Path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "config": {}, "classes": [], "obj": Path("/etc")}, path)
+    with pytest.raises(ckpt.CheckpointError, match="evil.pth: .*weights-only"):
+        ckpt.load_checkpoint(path)
+
+
+def test_find_resume_falls_back_past_a_corrupt_last(tmp_path: Path):
+    ckpt.save_checkpoint(state(1), tmp_path / "epoch-001.pth")
+    ckpt.save_checkpoint(state(2), tmp_path / "epoch-002.pth")
+    (tmp_path / "last.pth").write_bytes(b"\x00" * 100)
+    messages: list[str] = []
+    path, loaded = ckpt.find_resume(tmp_path, log=messages.append)
+    assert path.name == "epoch-002.pth" and loaded["tag"] == 2
+    assert any("last.pth" in m for m in messages)
+
+
+def test_find_resume_prefers_last_and_handles_empty_dirs(tmp_path: Path):
+    assert ckpt.find_resume(tmp_path / "nothing-here") is None
+    assert ckpt.find_resume(tmp_path) is None
+    ckpt.save_checkpoint(state(1), tmp_path / "epoch-001.pth")
+    ckpt.save_checkpoint(state(5), tmp_path / "last.pth")
+    path, loaded = ckpt.find_resume(tmp_path)
+    assert path.name == "last.pth" and loaded["tag"] == 5
+
+
+def test_link_or_copy_and_prune(tmp_path: Path):
+    last = tmp_path / "last.pth"
+    for epoch in range(1, 5):
+        ckpt.save_checkpoint(state(epoch), last)
+        ckpt.link_or_copy(last, tmp_path / f"epoch-{epoch:03d}.pth")
+        ckpt.prune_epoch_checkpoints(tmp_path, keep_last=2)
+    assert [p.name for p in ckpt.epoch_checkpoints(tmp_path)] == ["epoch-004.pth", "epoch-003.pth"]
+    # Each name keeps its own content although last.pth was replaced since.
+    assert ckpt.load_checkpoint(tmp_path / "epoch-003.pth")["tag"] == 3
+    assert ckpt.load_checkpoint(last)["tag"] == 4
+    assert os.stat(last).st_ino == os.stat(tmp_path / "epoch-004.pth").st_ino

@@ -1,0 +1,222 @@
+"""Datasets, presets, samplers and device-side preprocessing on real image files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from alexnet_train.config import DataConfig
+from alexnet_train.data.datasets import (
+    BadImageError,
+    DataError,
+    ImageDataset,
+    labelled_samples,
+    load_rgb,
+    scan_image_folder,
+)
+from alexnet_train.data.loaders import EpochSampler, Splits, build_loaders, resolve_splits
+from alexnet_train.data.transforms import BatchPreprocess, CenterPreset, TrainPreset
+from alexnet_train.distributed import DistInfo
+
+from .conftest import write_image_folder
+
+
+def photo(w: int = 300, h: int = 200, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    arr = np.stack([x * 255 // w, y * 255 // h, (x + y) % 256], axis=-1) + rng.integers(0, 30, (h, w, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def test_scan_image_folder_sorts_classes_and_finds_jpegs(image_tree):
+    train, _val, classes = image_tree
+    found, samples = scan_image_folder(str(train))
+    assert found == classes
+    assert len(samples) == 24 and {t for _, t in samples} == {0, 1, 2}
+    assert all(p.endswith(".JPEG") for p, _ in samples)
+
+
+def test_scan_errors_name_the_path(tmp_path: Path):
+    with pytest.raises(DataError, match="nope: data directory not found"):
+        scan_image_folder(str(tmp_path / "nope"))
+    (tmp_path / "empty_root").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        scan_image_folder(str(tmp_path / "empty_root"))
+    write_image_folder(tmp_path / "t", ["a"], 1)
+    (tmp_path / "t" / "b").mkdir()
+    with pytest.raises(DataError, match=r"t/b: class folder holds no image files"):
+        scan_image_folder(str(tmp_path / "t"))
+
+
+def test_val_with_some_classes_scores_against_train_indices(tmp_path: Path, image_tree):
+    _train, _val, classes = image_tree
+    partial = write_image_folder(tmp_path / "partial", [classes[2]], 2)
+    samples = labelled_samples(str(partial), classes)
+    assert [t for _, t in samples] == [2, 2]
+    unknown = write_image_folder(tmp_path / "unknown", [classes[0], "n99999999"], 1)
+    with pytest.raises(DataError, match="n99999999"):
+        labelled_samples(str(unknown), classes)
+
+
+def test_flat_val_with_labels_file(tmp_path: Path, image_tree):
+    _train, _val, classes = image_tree
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        photo(80, 80, i).save(flat / f"ILSVRC2012_val_{i + 1:08d}.JPEG")
+    labels = tmp_path / "val.txt"
+    labels.write_text("".join(f"ILSVRC2012_val_{i + 1:08d}.JPEG {classes[i]}\n" for i in range(3)))
+    samples = labelled_samples(str(flat), classes, str(labels))
+    assert [t for _, t in sorted(samples)] == [0, 1, 2]
+    with pytest.raises(DataError, match="needs data.val_labels"):
+        labelled_samples(str(flat), classes)
+    labels.write_text(f"ILSVRC2012_val_00000001.JPEG {classes[0]}\n")
+    with pytest.raises(DataError, match="ILSVRC2012_val_00000002.JPEG: no label"):
+        labelled_samples(str(flat), classes, str(labels))
+    labels.write_text("".join(f"ILSVRC2012_val_{i + 1:08d}.JPEG n00000000\n" for i in range(3)))
+    with pytest.raises(DataError, match="n00000000"):
+        labelled_samples(str(flat), classes, str(labels))
+
+
+def test_load_rgb_converts_real_world_files(tmp_path: Path):
+    base = photo(64, 48)
+    cmyk = tmp_path / "cmyk.JPEG"
+    base.convert("CMYK").save(cmyk, "JPEG")
+    gray = tmp_path / "gray.JPEG"
+    base.convert("L").save(gray, "JPEG")
+    png_as_jpeg = tmp_path / "n02105855_2933.JPEG"
+    base.convert("RGBA").save(png_as_jpeg, "PNG")
+    palette = tmp_path / "palette.png"
+    base.convert("P").save(palette)
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW on display
+    base.save(rotated, "JPEG", exif=exif)
+    for path in (cmyk, gray, png_as_jpeg, palette):
+        img = load_rgb(str(path))
+        assert img.mode == "RGB" and img.size == (64, 48)
+    assert load_rgb(str(rotated)).size == (48, 64)
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not an image", "truncated"])
+def test_unreadable_image_raises_naming_the_file(tmp_path: Path, content):
+    path = tmp_path / "bad.JPEG"
+    if content == "truncated":
+        photo().save(path, "JPEG")
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(BadImageError, match="bad.JPEG: unreadable image"):
+        load_rgb(str(path)).load()
+
+
+def test_center_preset_equals_torchvisions_eval_transform(tmp_path: Path):
+    img = photo(333, 250)
+    ours = CenterPreset(DataConfig())(img)
+    ref = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])(img)
+    assert ours.dtype == torch.uint8 and ours.shape == (3, 224, 224)
+    assert torch.equal(ours, ref)
+
+
+def test_train_preset_is_a_pure_function_of_the_seed():
+    import random
+
+    img = photo(400, 300)
+    preset = TrainPreset(DataConfig(center_square=True))
+    a = preset(img, random.Random(7))
+    b = preset(img, random.Random(7))
+    assert a.shape == (3, 224, 224) and a.dtype == torch.uint8 and torch.equal(a, b)
+    outs = [preset(img, random.Random(s)) for s in range(20)]
+    assert len({o.sum().item() for o in outs}) > 10  # crops and flips differ
+    tv = TrainPreset(DataConfig(augment="torchvision"))
+    assert tv(img, random.Random(1)).shape == (3, 224, 224)
+
+
+def test_epoch_sampler_orders_and_shards():
+    s = EpochSampler(10, seed=3)
+    s.set_epoch(0)
+    first = list(s)
+    s.set_epoch(0)
+    assert list(s) == first
+    s.set_epoch(1)
+    assert [i for i, _ in s] != [i for i, _ in first]
+    assert sorted(i for i, _ in first) == list(range(10))
+    s.set_epoch(0, start=4)
+    assert list(s) == first[4:] and len(s) == 6
+    # eval shards: every image exactly once across ranks, no padding
+    shards = [list(EpochSampler(11, shuffle=False, rank=r, world=3)) for r in range(3)]
+    assert sorted(i for sh in shards for i, _ in sh) == list(range(11))
+    # train shards: equal length, disjoint
+    train = [list(EpochSampler(11, seed=0, rank=r, world=2)) for r in range(2)]
+    assert len(train[0]) == len(train[1]) == 5
+    assert not {i for i, _ in train[0]} & {i for i, _ in train[1]}
+
+
+def test_batch_preprocess_normalises_like_torchvision():
+    img = photo(224, 224)
+    x = T.PILToTensor()(img).unsqueeze(0)
+    tv = BatchPreprocess(DataConfig(normalize="torchvision"))(x)
+    ref = T.Normalize([m / 255 for m in DataConfig().mean], [s / 255 for s in DataConfig().std])(
+        T.ToTensor()(img)
+    ).unsqueeze(0)
+    torch.testing.assert_close(tv, ref, atol=1e-5, rtol=1e-5)
+    paper = BatchPreprocess(DataConfig(normalize="paper"))(x)
+    torch.testing.assert_close(paper, x.float() - torch.tensor(DataConfig().mean).view(1, 3, 1, 1))
+
+
+def test_pca_noise_has_the_papers_covariance():
+    cfg = DataConfig(pca_std=0.1)
+    prep = BatchPreprocess(cfg)
+    g = torch.Generator().manual_seed(0)
+    offsets = prep.colour_noise(200_000, generator=g).double()
+    p = torch.tensor(cfg.eigvec, dtype=torch.float64)
+    lam = torch.tensor(cfg.eigval, dtype=torch.float64)
+    # offset = 255 * P (alpha * lambda), alpha ~ N(0, 0.1^2 I)  =>  Cov = 255^2 P diag((0.1 lambda)^2) P^T
+    expected = 255.0**2 * p @ torch.diag((0.1 * lam) ** 2) @ p.T
+    cov = torch.cov(offsets.T)
+    torch.testing.assert_close(cov, expected, rtol=0.03, atol=0.05)
+    assert offsets.mean(0).abs().max() < 0.1
+    # The same image gets one offset for all of its pixels.
+    x = torch.full((2, 3, 4, 4), 100, dtype=torch.uint8)
+    y = prep(x, train=True, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(y, y[:, :, :1, :1].expand_as(y))
+    assert not torch.allclose(y[0], y[1])
+    assert torch.equal(prep(x, train=False), prep(x, train=False))
+
+
+def test_loaders_give_the_same_batches_with_and_without_workers(image_tree):
+    train, val, _classes = image_tree
+    cfg = DataConfig(train_dir=str(train), val_dir=str(val), batch_size=8, resize_size=72, crop_size=64)
+    splits = resolve_splits(cfg)
+    batches = []
+    for workers in (0, 2):
+        loaders = build_loaders(DataConfig(**{**cfg.__dict__, "workers": workers}), splits, DistInfo(), seed=5)
+        loaders.train.sampler.set_epoch(3)
+        batches.append([(x.clone(), y.clone()) for x, y in loaders.train])
+    assert len(batches[0]) == 3
+    for (x0, y0), (x1, y1) in zip(*batches):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+def test_resolve_splits_checks_keys(tmp_path: Path, image_tree):
+    train, val, _ = image_tree
+    with pytest.raises(DataError, match="data.train_dir: not set"):
+        resolve_splits(DataConfig(val_dir=str(val)))
+    with pytest.raises(DataError, match="data.val_dir: directory not found"):
+        resolve_splits(DataConfig(train_dir=str(train), val_dir=str(tmp_path / "missing")))
+    with pytest.raises(DataError, match="data.val_labels: file not found"):
+        resolve_splits(DataConfig(train_dir=str(train), val_dir=str(val), val_labels=str(tmp_path / "x.txt")))
+    splits = resolve_splits(DataConfig(train_dir=str(train), val_dir=str(val)))
+    assert isinstance(splits, Splits) and len(splits.val) == 9
+
+
+def test_dataset_yields_uint8_and_targets(image_tree):
+    train, _, _ = image_tree
+    _, samples = scan_image_folder(str(train))
+    ds = ImageDataset(samples, CenterPreset(DataConfig(resize_size=72, crop_size=64)))
+    x, y = ds[(len(ds) - 1, 0)]
+    assert x.dtype == torch.uint8 and x.shape == (3, 64, 64) and y == 2
