@@ -63,19 +63,16 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, lambda fh: torch.save(state, fh))
 
 
-def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Make ``dst`` a second name of ``src`` (a hard link: no second write of hundreds of MB), atomically."""
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # file systems without hard links
-        import shutil
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Atomically make ``dst`` an independent copy of ``src``.
 
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    A copy, not a hard link: damage done in place to one name (an interrupted
+    ``cp`` over last.pth, say) must not reach best.pth or the epoch files.
+    """
+    import shutil
+
+    with open(src, "rb") as fin:
+        atomic_write_bytes(dst, lambda fout: shutil.copyfileobj(fin, fout, 16 << 20))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -83,16 +80,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    # torch.save writes a zip archive; files from before PyTorch 1.6 are a bare pickle.
+    if magic[:2] != b"PK" and magic[:1] != b"\x80":
+        raise CheckpointError(f"{path}: unreadable checkpoint (not a PyTorch file: "
+                              f"{'empty' if not magic else 'unknown format'})")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, not a torch file, unpickling refused ...
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        unsafe = [ln for ln in lines if "Unsupported global" in ln]
+    except Exception as exc:  # truncated zip, unpickling refused ...
+        text = str(exc)
+        unsafe = [ln.strip() for ln in text.splitlines() if "Unsupported global" in ln]
         if unsafe:  # a pickle holding arbitrary objects: we refuse to execute it
             reason = "holds objects a weights-only load refuses: " + unsafe[0].split("Unsupported global:")[-1].strip()
+        elif "zip archive" in text or "central directory" in text or "PytorchStreamReader" in text:
+            reason = "truncated or corrupt archive"
         else:
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
             reason = lines[0] if lines else type(exc).__name__
-        raise CheckpointError(f"{path}: unreadable checkpoint ({reason[:200]})") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint ({reason})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(state).__name__}, not a dict)")
     return state
@@ -112,24 +118,32 @@ def epoch_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
 
 
 def find_resume(out_dir: str | os.PathLike, log: Callable[[str], None] = print) -> tuple[Path, dict] | None:
-    """The newest loadable training checkpoint in ``out_dir`` and its state, or None if there is none.
+    """The newest loadable training checkpoint in ``out_dir`` and its state; None if it holds none.
 
-    ``last.pth`` first, then ``epoch-NNN.pth`` from the newest; unreadable ones are reported by name.
+    Tries ``last.pth``, then ``epoch-NNN.pth`` from the newest, then ``best.pth``; unreadable
+    ones are reported by name.  If checkpoints exist but none loads, raises CheckpointError
+    rather than let a fresh run overwrite what is left of the old one.
     """
     out = Path(out_dir)
-    candidates = [out / "last.pth"] + epoch_checkpoints(out)
+    candidates = [p for p in [out / "last.pth", *epoch_checkpoints(out), out / "best.pth"] if p.exists()]
+    problems = []
     for path in candidates:
-        if not path.exists():
-            continue
         try:
             state = load_checkpoint(path)
         except CheckpointError as exc:
+            problems.append(str(exc))
             log(f"warning: {exc}; trying an older checkpoint")
             continue
         if not is_training_checkpoint(state):
-            log(f"warning: {path}: not a training checkpoint of alexnet-train; trying an older one")
+            problems.append(f"{path}: not a training checkpoint of alexnet-train")
+            log(f"warning: {problems[-1]}; trying an older checkpoint")
             continue
         return path, state
+    if candidates:
+        raise CheckpointError(
+            f"{problems[0]}; no checkpoint in {out} is readable: restore one, resume from a file "
+            "with --resume PATH, or start over in another --out"
+        )
     return None
 
 

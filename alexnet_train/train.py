@@ -308,13 +308,13 @@ class Trainer:
         }
 
     def save(self, names: tuple[str, ...] = ()) -> Path | None:
-        """Write last.pth atomically and hard-link it as each of ``names`` (rank 0 only)."""
+        """Write last.pth atomically and copy it to each of ``names`` (rank 0 only)."""
         if not self.dist.is_main:
             return None
         last = self.out_dir / "last.pth"
         ckpt.save_checkpoint(self.state(), last)
         for name in names:
-            ckpt.link_or_copy(last, self.out_dir / name)
+            ckpt.copy_file(last, self.out_dir / name)
         ckpt.prune_epoch_checkpoints(self.out_dir, self.cfg.train.keep_last)
         return last
 

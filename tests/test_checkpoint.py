@@ -70,6 +70,16 @@ def test_find_resume_falls_back_past_a_corrupt_last(tmp_path: Path):
     assert any("last.pth" in m for m in messages)
 
 
+def test_find_resume_uses_best_last_and_refuses_when_nothing_loads(tmp_path: Path):
+    ckpt.save_checkpoint(state(1), tmp_path / "best.pth")
+    (tmp_path / "last.pth").write_bytes(b"PK\x03\x04garbage")
+    path, loaded = ckpt.find_resume(tmp_path, log=lambda m: None)
+    assert path.name == "best.pth" and loaded["tag"] == 1
+    (tmp_path / "best.pth").write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="last.pth: unreadable checkpoint .*no checkpoint in"):
+        ckpt.find_resume(tmp_path, log=lambda m: None)
+
+
 def test_find_resume_prefers_last_and_handles_empty_dirs(tmp_path: Path):
     assert ckpt.find_resume(tmp_path / "nothing-here") is None
     assert ckpt.find_resume(tmp_path) is None
@@ -79,14 +89,17 @@ def test_find_resume_prefers_last_and_handles_empty_dirs(tmp_path: Path):
     assert path.name == "last.pth" and loaded["tag"] == 5
 
 
-def test_link_or_copy_and_prune(tmp_path: Path):
+def test_copies_are_independent_and_pruned(tmp_path: Path):
     last = tmp_path / "last.pth"
     for epoch in range(1, 5):
         ckpt.save_checkpoint(state(epoch), last)
-        ckpt.link_or_copy(last, tmp_path / f"epoch-{epoch:03d}.pth")
+        ckpt.copy_file(last, tmp_path / f"epoch-{epoch:03d}.pth")
         ckpt.prune_epoch_checkpoints(tmp_path, keep_last=2)
     assert [p.name for p in ckpt.epoch_checkpoints(tmp_path)] == ["epoch-004.pth", "epoch-003.pth"]
     # Each name keeps its own content although last.pth was replaced since.
     assert ckpt.load_checkpoint(tmp_path / "epoch-003.pth")["tag"] == 3
     assert ckpt.load_checkpoint(last)["tag"] == 4
-    assert os.stat(last).st_ino == os.stat(tmp_path / "epoch-004.pth").st_ino
+    assert (tmp_path / "epoch-004.pth").read_bytes() == last.read_bytes()
+    with open(last, "r+b") as fh:  # damage in place, as an interrupted `cp` over it would
+        fh.truncate(100)
+    assert ckpt.load_checkpoint(tmp_path / "epoch-004.pth")["tag"] == 4
