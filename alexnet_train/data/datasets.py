@@ -149,9 +149,12 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        from .decode import decode_rgb
+
         index, seed = key if isinstance(key, tuple) else (key, 0)
         path, target = self.samples[index]
-        return self.transform(load_rgb(path), random.Random(seed)), target
+        image = decode_rgb(path, getattr(self.transform, "min_side", None))
+        return self.transform(image, random.Random(seed)), target
 
 
 def check_dir(path: str | None, key: str) -> Path:

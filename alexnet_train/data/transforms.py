@@ -2,43 +2,43 @@
 
 Usage::
 
-    train_tf = TrainPreset(cfg.data)          # PIL image + seed -> uint8 CHW tensor
+    train_tf = TrainPreset(cfg.data)          # uint8 (3, H, W) + random.Random -> uint8 crop
     eval_tf = CenterPreset(cfg.data)          # resize shorter side, centre crop
     prep = BatchPreprocess(cfg.data, device)  # uint8 NCHW batch -> normalised float
     x = prep(batch_uint8.to(device), train=True, generator=g)
 
-Every random choice a preset makes comes from the ``random.Random`` it is
-handed, so a sample's augmentation is a pure function of its seed (the sampler
-derives it from run seed, epoch and position): the same images come out
-whatever the number of workers, and a resumed run sees what an uninterrupted
-one would have.
+Presets work on uint8 tensors (torchvision's uint8 resize kernels, no PIL
+round trip, no float copies in the workers) and say via ``min_side`` how
+small the decoder may shrink an image on load.  Every random choice comes from
+the ``random.Random`` they are handed, so a sample's augmentation is a pure
+function of its seed (the sampler derives it from run seed, epoch and
+position): the same crops come out whatever the number of workers, and a
+resumed run sees what an uninterrupted one would have.
 """
 from __future__ import annotations
 
 import math
 import random
 
-import numpy as np
 import torch
-import torchvision.transforms.functional as TF
-from PIL import Image
+import torchvision.transforms.v2.functional as F
 
 from ..config import DataConfig
 
 
-def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 tensor (3, H, W)."""
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+def resize_shorter(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to ``size``, aspect kept (torchvision's ``Resize(size)``, bilinear, antialiased)."""
+    if min(x.shape[-2:]) == size:
+        return x
+    return F.resize(x, [size], antialias=True)
 
 
-def resize_shorter(img: Image.Image, size: int) -> Image.Image:
-    """Shorter side to ``size`` (aspect kept), as torchvision's ``Resize(size)`` on a PIL image."""
-    return TF.resize(img, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-
-
-def center_crop(img: Image.Image, size: int) -> Image.Image:
-    return TF.center_crop(img, [size, size])
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if h < size or w < size:
+        return F.center_crop(x, [size, size])  # pads: only for images smaller than the crop
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return x[..., top : top + size, left : left + size]
 
 
 class CenterPreset:
@@ -47,13 +47,14 @@ class CenterPreset:
     def __init__(self, cfg: DataConfig) -> None:
         self.resize_size = cfg.resize_size
         self.crop_size = cfg.crop_size
+        self.min_side = cfg.resize_size
 
-    def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        return to_uint8_tensor(center_crop(resize_shorter(img, self.resize_size), self.crop_size))
+    def __call__(self, x: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
+        return center_crop(resize_shorter(x, self.resize_size), self.crop_size).contiguous()
 
 
 class TrainPreset:
-    """Train: the paper's (or torchvision's) random crop and horizontal flip, to uint8."""
+    """Train: the paper's (or torchvision's) random crop and horizontal flip, on uint8."""
 
     def __init__(self, cfg: DataConfig) -> None:
         self.augment = cfg.augment
@@ -61,22 +62,24 @@ class TrainPreset:
         self.crop_size = cfg.crop_size
         self.center_square = cfg.center_square
         self.hflip = cfg.hflip
+        # RandomResizedCrop may zoom into 8% of the image: it needs every decoded pixel.
+        self.min_side = cfg.resize_size if cfg.augment == "paper" else None
 
-    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        c = self.crop_size
         if self.augment == "paper":
-            img = resize_shorter(img, self.resize_size)
+            x = resize_shorter(x, self.resize_size)
             if self.center_square:
-                img = center_crop(img, self.resize_size)
-            w, h = img.size
-            left = rng.randint(0, w - self.crop_size)
-            top = rng.randint(0, h - self.crop_size)
-            img = img.crop((left, top, left + self.crop_size, top + self.crop_size))
+                x = center_crop(x, self.resize_size)
+            h, w = x.shape[-2:]
+            top, left = rng.randint(0, h - c), rng.randint(0, w - c)
+            x = x[..., top : top + c, left : left + c]
         else:
-            top, left, h, w = random_resized_box(img.size, rng)
-            img = TF.resized_crop(img, top, left, h, w, [self.crop_size, self.crop_size], antialias=True)
+            top, left, h, w = random_resized_box((x.shape[-1], x.shape[-2]), rng)
+            x = F.resized_crop(x, top, left, h, w, [c, c], antialias=True)
         if self.hflip and rng.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_uint8_tensor(img)
+            x = x.flip(-1)
+        return x.contiguous()
 
 
 def random_resized_box(
