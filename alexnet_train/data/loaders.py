@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 from ..config import DataConfig
 from ..distributed import DistInfo
 from .datasets import DataError, ImageDataset, Sample, check_dir, labelled_samples, scan_image_folder
-from .transforms import CenterPreset, TrainPreset
+from .transforms import CenterPreset, TrainPreset, collate_hwc
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -92,6 +92,7 @@ def make_loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
+        collate_fn=collate_hwc,
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
