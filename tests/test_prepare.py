@@ -132,10 +132,13 @@ def test_matches_the_training_presets_on_the_fly_resize(odd_images: Path, tmp_pa
     Image.fromarray(noise, "RGB").save(odd_images / "noise.png")  # where filters differ most
     prepare_tree(odd_images, tmp_path / "out", size=128, quality=100, log=quiet)
 
+    # Compared on luma: the copy's 4:2:0 chroma blurs colour noise by design, while a
+    # different resize filter shows in luma as much as anywhere.
+    luma = np.array([0.299, 0.587, 0.114])
     for name in ["noise.png", "small.JPEG", "plain.png", "cmyk.JPEG", "rotated.JPEG"]:  # no draft: exact up to JPEG error
         x = torch.from_numpy(np.array(load_rgb(str(odd_images / name)))).permute(2, 0, 1)
         on_the_fly = center_crop(resize_shorter(x, 128), 128).permute(1, 2, 0).numpy().astype(np.float64)
-        assert np.abs(pixels(tmp_path / "out" / name) - on_the_fly).mean() < 1.5, name
+        assert np.abs(pixels(tmp_path / "out" / name) @ luma - on_the_fly @ luma).mean() < 1.5, name
 
 
 def test_second_run_skips_everything_and_touches_nothing(tmp_path: Path) -> None:

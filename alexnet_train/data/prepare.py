@@ -122,11 +122,12 @@ def square_jpeg(path: str, size: int, quality: int) -> bytes:
     left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
     out = out.crop((left, top, left + size, top + size))
     buf = io.BytesIO()
-    # 4:4:4 (no chroma subsampling), not PIL's default 4:2:0: the sources are mostly 4:2:0
-    # already and this copy is decoded every epoch, so halving the chroma a second time
-    # would compound the loss for ~25% smaller files (measured: 26 vs 21 KiB at q90,
-    # +0.1 ms decoding).  No ``optimize``: 3% smaller for 2.5× the encoding time.
-    out.save(buf, "JPEG", quality=quality, subsampling=0)
+    # 4:2:0 chroma, like most of ImageNet's own JPEGs: this copy is decoded every epoch and
+    # decoding is the loader's bottleneck; 4:4:4 decodes ~25% slower (measured on 300
+    # 256-px q90 copies: 3,600 vs 4,700 images/s per core) for 25% bigger files and chroma
+    # detail a classifier at 224 px barely uses.  No ``optimize``: 3% smaller for 2.5× the
+    # encoding time.
+    out.save(buf, "JPEG", quality=quality, subsampling=2)
     return buf.getvalue()
 
 

@@ -1,0 +1,126 @@
+"""Mean pixel, per-channel std and the RGB covariance's eigen-decomposition of a training set.
+
+Usage::
+
+    stats = compute_stats("/data/imagenet/train", samples=10000, workers=8)
+    print(stats_yaml(stats))        # a config fragment: `include: stats.yaml` in a config
+
+The statistics are over the pixels the network sees: each sampled image is
+resized (shorter side ``resize_size``) as training resizes it.  ``mean`` and
+``std`` are on the 0-255 scale (``data.mean`` / ``data.std``); ``eigval`` and
+``eigvec`` are of the covariance of 0-1 scaled RGB values, the convention of
+``data.eigval`` / ``data.eigvec`` used by the PCA colour noise.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .datasets import DataError, _images_under
+from .decode import decode_rgb
+from .transforms import resize_shorter
+
+
+@dataclass(frozen=True)
+class PixelStats:
+    mean: tuple[float, float, float]  # 0-255
+    std: tuple[float, float, float]  # 0-255
+    eigval: tuple[float, float, float]  # covariance of 0-1 RGB, descending
+    eigvec: tuple[tuple[float, float, float], ...]  # columns are eigenvectors; rows R, G, B
+    images: int
+    pixels: int
+    source: str
+
+
+class _Moments(Dataset):
+    """Per image: (pixel count, sum of RGB, sum of RGB outer products), in float64 on the 0-1 scale."""
+
+    def __init__(self, paths: list[str], resize_size: int) -> None:
+        self.paths, self.resize_size = paths, resize_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        x = resize_shorter(decode_rgb(self.paths[i], self.resize_size), self.resize_size)
+        px = x.reshape(3, -1).to(torch.float64) / 255.0
+        return px.shape[1], px.sum(dim=1), px @ px.T
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def compute_stats(
+    data_dir: str,
+    samples: int = 10000,
+    resize_size: int = 256,
+    workers: int = 0,
+    seed: int = 0,
+    progress: Callable[[int], object] | None = None,
+) -> PixelStats:
+    """Statistics of ``samples`` images drawn at random (all if fewer) from the tree at ``data_dir``."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"{data_dir}: data directory not found")
+    if samples < 1:
+        raise ValueError(f"--samples: must be >= 1, got {samples}")
+    paths = _images_under(data_dir)
+    if not paths:
+        raise DataError(f"{data_dir}: no image files found")
+    if samples < len(paths):
+        paths = sorted(random.Random(seed).sample(paths, samples))
+    loader = DataLoader(_Moments(paths, resize_size), batch_size=None, num_workers=workers,
+                        worker_init_fn=_worker_init if workers else None)
+    bar = progress(len(paths)) if progress is not None else None
+    count = 0
+    total = torch.zeros(3, dtype=torch.float64)
+    outer = torch.zeros(3, 3, dtype=torch.float64)
+    for n, s, o in loader:
+        count += int(n)
+        total += s
+        outer += o
+        if bar is not None:
+            bar.update(1)
+    if bar is not None and hasattr(bar, "__exit__"):
+        bar.__exit__(None, None, None)
+    mean = total / count
+    cov = outer / count - torch.outer(mean, mean)
+    eigval, eigvec = torch.linalg.eigh(cov)  # ascending
+    order = torch.argsort(eigval, descending=True)
+    eigval, eigvec = eigval[order].clamp_min(0.0), eigvec[:, order]
+    # Eigenvectors have no sign; fix one (first component negative, as in the usual ImageNet table).
+    signs = torch.where(eigvec[0] > 0, -1.0, 1.0).to(torch.float64)
+    eigvec = eigvec * signs
+    std = cov.diagonal().clamp_min(0.0).sqrt()
+    return PixelStats(
+        mean=tuple(round(v * 255.0, 3) for v in mean.tolist()),
+        std=tuple(round(v * 255.0, 3) for v in std.tolist()),
+        eigval=tuple(round(v, 6) for v in eigval.tolist()),
+        eigvec=tuple(tuple(round(v, 4) for v in row) for row in eigvec.tolist()),
+        images=len(paths),
+        pixels=count,
+        source=os.path.abspath(data_dir),
+    )
+
+
+def stats_yaml(stats: PixelStats) -> str:
+    """A config fragment holding ``data.mean/std/eigval/eigvec``, for ``include:``."""
+    def row(values) -> str:
+        return "[" + ", ".join(f"{v:g}" for v in values) + "]"
+
+    lines = [
+        f"# alexnet-stats: {stats.images} images ({stats.pixels:,} pixels) of {stats.source}",
+        "# mean/std: 0-255 scale; eigval/eigvec: covariance of 0-1 RGB (eigenvectors are columns)",
+        "data:",
+        f"  mean: {row(stats.mean)}",
+        f"  std: {row(stats.std)}",
+        f"  eigval: {row(stats.eigval)}",
+        "  eigvec:",
+        *[f"  - {row(r)}" for r in stats.eigvec],
+    ]
+    return "\n".join(lines) + "\n"
