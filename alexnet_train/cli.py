@@ -104,6 +104,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
 
     from . import checkpoint as ckpt
     from .data import BadImageError, DataError, resolve_splits, with_demo_data
+    from .data.datasets import TooManyBadImages
     from .distributed import DistInfo
     from .train import Interrupted, NonFiniteLoss, fit, versions
 
@@ -193,7 +194,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     except Interrupted as exc:
         log(str(exc))
         sys.exit(128 + exc.signum)
-    except (NonFiniteLoss, BadImageError, ckpt.CheckpointError) as exc:
+    except (NonFiniteLoss, BadImageError, TooManyBadImages, ckpt.CheckpointError) as exc:
         _fail(prog, EXIT_RUNTIME, str(exc))
     except OSError as exc:
         _fail(prog, EXIT_RUNTIME, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
@@ -247,7 +248,7 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
     from . import checkpoint as ckpt
     from .config import ConfigError, config_from_dict, replace
     from .data import BadImageError, DataError
-    from .data.datasets import ImageDataset, check_dir, labelled_samples
+    from .data.datasets import BadImages, ImageDataset, TooManyBadImages, check_dir, labelled_samples
     from .data.loaders import EpochSampler, make_loader
     from .data.transforms import BatchPreprocess, CenterPreset
     from .evaluate import evaluate
@@ -290,8 +291,10 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
     tracker = Tracker(None, tensorboard=False)
     try:
         with tracker.progress(len(loader), "eval center", interval=50) as bar:
-            result = evaluate(model, loader, BatchPreprocess(data_cfg, device), device, progress=bar)
-    except BadImageError as exc:
+            bad = BadImages(data_cfg.on_bad_image, data_cfg.max_bad_fraction, {"val": len(samples)}, tracker.log)
+            result = evaluate(model, loader, BatchPreprocess(data_cfg, device), device, progress=bar,
+                              bad_images=lambda b: bad.check(b, "val"))
+    except (BadImageError, TooManyBadImages) as exc:
         _fail(prog, EXIT_RUNTIME, str(exc))
     print(f"center crop ({data_cfg.resize_size} -> {data_cfg.crop_size}): top-1 {result.top1:.2f}%  "
           f"top-5 {result.top5:.2f}%  loss {result.loss:.4f}  ({result.images} images, {data_dir})")
@@ -330,3 +333,80 @@ def summary_main(argv: Sequence[str] | None = None) -> None:
     title = (f"AlexNet arch={m.arch} groups={m.groups} num_classes={m.num_classes} "
              f"input 3x{args.input_size}x{args.input_size}")
     print(format_summary(layer_summary(model, args.input_size), title))
+
+
+# --------------------------------------------------------------------------- alexnet-prepare
+
+
+def prepare_main(argv: Sequence[str] | None = None) -> None:
+    prog = "alexnet-prepare"
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Write the paper's down-sampled copy of an image tree: shorter side to --size, the central "
+                    "square, JPEG. Same folders and file names; resumable; unreadable sources are reported.",
+    )
+    p.add_argument("src", metavar="SRC", help="source tree (ImageFolder, or a flat folder such as ILSVRC val)")
+    p.add_argument("dst", metavar="DST", help="destination tree (created)")
+    p.add_argument("--size", type=int, default=256, help="side of the square output (default 256)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality 1-100 (default 90)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="worker processes (default: all cores; 0 = in this process)")
+    args = p.parse_args(argv)
+    from .data.datasets import DataError
+    from .data.prepare import prepare_tree
+    from .tracking import Tracker
+
+    tracker = Tracker(None, tensorboard=False)
+    try:
+        report = prepare_tree(args.src, args.dst, size=args.size, quality=args.quality, workers=args.workers,
+                              progress=lambda n: tracker.progress(n, "prepare", interval=1000), log=tracker.log)
+    except (DataError, ValueError) as exc:
+        _fail(prog, EXIT_CONFIG, str(exc))
+    except OSError as exc:
+        _fail(prog, EXIT_RUNTIME, f"{exc.filename or args.dst}: {exc.strerror or exc}")
+    if report.failed:
+        tracker.log(f"{len(report.failed)} unreadable source file(s) were not copied; "
+                    f"listed in {Path(args.dst) / 'prepare-failures.txt'}")
+
+
+# --------------------------------------------------------------------------- alexnet-stats
+
+
+def stats_main(argv: Sequence[str] | None = None) -> None:
+    prog = "alexnet-stats"
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Mean pixel, std and RGB covariance eigenvalues/vectors of a training set, as a config "
+                    "fragment (use it with `include: FILE` in a config).",
+    )
+    p.add_argument("data_dir", metavar="DATA_DIR", help="training tree (or any folder of images)")
+    p.add_argument("--samples", type=int, default=10000, help="images drawn at random (default 10000)")
+    p.add_argument("--resize-size", type=int, default=256, help="shorter side the images are resized to (256)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
+    p.add_argument("--out", metavar="FILE", help="write the YAML here (default: print it)")
+    args = p.parse_args(argv)
+    from .data.datasets import BadImageError, DataError
+    from .data.stats import compute_stats, stats_yaml
+    from .tracking import Tracker
+
+    tracker = Tracker(None, tensorboard=False, stream=sys.stderr)
+    try:
+        stats = compute_stats(args.data_dir, samples=args.samples, resize_size=args.resize_size,
+                              workers=args.workers, seed=args.seed,
+                              progress=lambda n: tracker.progress(n, "stats", interval=1000))
+    except (DataError, ValueError) as exc:
+        _fail(prog, EXIT_CONFIG, str(exc))
+    except BadImageError as exc:
+        _fail(prog, EXIT_RUNTIME, str(exc))
+    text = stats_yaml(stats)
+    if args.out:
+        from .checkpoint import atomic_write_bytes
+
+        try:
+            atomic_write_bytes(args.out, lambda fh: fh.write(text.encode()))
+        except OSError as exc:
+            _fail(prog, EXIT_RUNTIME, f"--out {args.out}: {exc.strerror or exc}")
+        tracker.log(f"wrote {args.out} ({stats.images} images); add `include: {args.out}` to a config")
+    else:
+        print(text, end="")

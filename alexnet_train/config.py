@@ -67,6 +67,8 @@ class DataConfig:
     std: tuple[float, ...] = IMAGENET_STD
     eigval: tuple[float, ...] = IMAGENET_EIGVAL
     eigvec: tuple[tuple[float, ...], ...] = IMAGENET_EIGVEC
+    # error: an unreadable image stops the run (exit 1, naming it); skip: log it once,
+    # count it in metrics.jsonl, and stop only if more than max_bad_fraction of a split is bad.
     on_bad_image: Literal["error", "skip"] = "error"
     max_bad_fraction: float = 0.001
 
@@ -91,9 +93,6 @@ class DataConfig:
             raise ConfigError("data.eigvec: expected a 3x3 matrix (eigenvectors as columns)")
         if self.pca_std < 0:
             raise ConfigError(f"data.pca_std: must be >= 0, got {self.pca_std}")
-        if self.on_bad_image == "skip":
-            # Skipping needs per-split bad-image accounting that the loaders do not have yet.
-            raise ConfigError("data.on_bad_image: 'skip' is not supported yet; use 'error'")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"data.max_bad_fraction: must be within [0, 1], got {self.max_bad_fraction}")
 

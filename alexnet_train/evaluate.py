@@ -45,13 +45,28 @@ def evaluate(
     device: torch.device,
     progress=None,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    bad_images: Callable[[list], None] | None = None,
 ) -> EvalResult:
-    """Centre-crop evaluation; ``all_reduce`` sums the per-process totals under DDP."""
+    """Centre-crop evaluation of ``(images, targets, bad)`` batches.
+
+    ``all_reduce`` sums the per-process totals under DDP; ``bad_images`` judges the
+    unreadable files each batch reports (without it, any is an error).
+    """
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, images
     try:
-        for images, targets in loader:
+        for images, targets, bad in loader:
+            if bad:
+                if bad_images is None:
+                    from .data.datasets import BadImageError
+
+                    raise BadImageError(*bad[0])
+                bad_images(bad)
+            if progress is not None:
+                progress.update(1)
+            if targets.numel() == 0:
+                continue
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             logits = model(preprocess(images)).float()
@@ -60,8 +75,6 @@ def evaluate(
                 F.cross_entropy(logits, targets, reduction="sum").double(),
                 c1.double(), c5.double(), torch.tensor(float(targets.numel()), dtype=torch.float64, device=device),
             ])
-            if progress is not None:
-                progress.update(1)
     finally:
         model.train(was_training)
     if all_reduce is not None:

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import Config, ScheduleConfig, config_to_dict
+from .data.datasets import BadImages
 from .data.loaders import Loaders, Splits, build_loaders
 from .data.transforms import BatchPreprocess
 from .distributed import DistInfo, unwrap
@@ -259,10 +260,20 @@ class Trainer:
         self.global_step = 0
         self.best_top1 = -1.0
         self.best_epoch = 0
-        self.accum = {"loss_sum": 0.0, "images": 0, "seconds": 0.0, "data_seconds": 0.0}
+        self.accum = self._fresh_accum()
+        self.bad = BadImages(cfg.data.on_bad_image, cfg.data.max_bad_fraction,
+                             {"train": len(splits.train), "val": len(splits.val)}, tracker.log)
         self.last_eval: EvalResult | None = None
         if resume_state is not None:
             self._restore(resume_state)
+
+    @staticmethod
+    def _fresh_accum() -> dict:
+        return {"loss_sum": 0.0, "images": 0, "seconds": 0.0, "data_seconds": 0.0, "bad_images": 0}
+
+    def _check_bad(self, bad: list, split: str) -> None:
+        self.accum["bad_images"] += len(bad)
+        self.bad.check(bad, split)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         mode = self.cfg.dist.mode
@@ -338,8 +349,16 @@ class Trainer:
         with self.tracker.progress(total, f"epoch {self.epoch + 1}/{cfg.train.epochs} train", interval,
                                    initial=self.step_in_epoch) as bar:
             fetch_start = time.perf_counter()
-            for images, targets in loader:
+            for images, targets, bad in loader:
                 data_time = time.perf_counter() - fetch_start
+                if bad:
+                    self._check_bad(bad, "train")
+                if targets.numel() == 0:  # every image of the batch was skipped
+                    self.step_in_epoch += 1
+                    self.global_step += 1
+                    bar.update(1)
+                    fetch_start = time.perf_counter()
+                    continue
                 images = images.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
                 gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.epoch, self.step_in_epoch))
@@ -388,7 +407,8 @@ class Trainer:
                                    self.cfg.train.log_interval) as bar:
             try:
                 return evaluate(self.net, _until(loader, stop), self.preprocess, self.device, progress=bar,
-                                all_reduce=self._all_reduce if self.dist.distributed else None)
+                                all_reduce=self._all_reduce if self.dist.distributed else None,
+                                bad_images=lambda bad: self._check_bad(bad, "val"))
             except RuntimeError:
                 if stop.signum is not None:  # stopped before the first batch
                     return None
@@ -424,12 +444,13 @@ class Trainer:
                 row = {
                     "epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": result.loss,
                     "val_top1": result.top1, "val_top5": result.top5, "val_images": result.images,
-                    "bad_images": 0, "images_per_s": images_per_s, "data_wait": data_wait,
+                    "bad_images": acc["bad_images"], "images_per_s": images_per_s, "data_wait": data_wait,
                 }
                 tracker.log(
                     f"epoch {epoch}/{cfg.train.epochs}: lr {lr:.4g} train_loss {train_loss:.4f} "
                     f"val_loss {result.loss:.4f} val_top1 {result.top1:.2f}% val_top5 {result.top5:.2f}% "
                     f"({result.images} images) {images_per_s:.1f} img/s, data wait {100 * data_wait:.0f}%"
+                    + (f", {acc['bad_images']} unreadable images skipped" if acc["bad_images"] else "")
                     + (" *best*" if improved else "")
                 )
                 for event in events:
@@ -440,7 +461,7 @@ class Trainer:
                 tracker.flush()
                 self.epoch += 1
                 self.step_in_epoch = 0
-                self.accum = {"loss_sum": 0.0, "images": 0, "seconds": 0.0, "data_seconds": 0.0}
+                self.accum = self._fresh_accum()
                 names = [f"epoch-{epoch:03d}.pth"] if cfg.train.keep_last else []
                 if improved:
                     names.append("best.pth")

@@ -200,7 +200,7 @@ def test_loaders_give_the_same_batches_with_and_without_workers(image_tree):
     for workers in (0, 2):
         loaders = build_loaders(DataConfig(**{**cfg.__dict__, "workers": workers}), splits, DistInfo(), seed=5)
         loaders.train.sampler.set_epoch(3)
-        batches.append([(x.clone(), y.clone()) for x, y in loaders.train])
+        batches.append([(x.clone(), y.clone()) for x, y, _bad in loaders.train])
     assert len(batches[0]) == 3
     for (x0, y0), (x1, y1) in zip(*batches):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
@@ -224,3 +224,4 @@ def test_dataset_yields_uint8_and_targets(image_tree):
     ds = ImageDataset(samples, CenterPreset(DataConfig(resize_size=72, crop_size=64)))
     x, y = ds[(len(ds) - 1, 0)]
     assert x.dtype == torch.uint8 and x.shape == (3, 64, 64) and y == 2
+    assert x.permute(1, 2, 0).is_contiguous()  # HWC memory: collates channels-last without a copy

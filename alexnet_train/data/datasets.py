@@ -36,6 +36,44 @@ class BadImageError(RuntimeError):
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"{path}: unreadable image ({reason})")
         self.path = path
+        self.reason = reason
+
+
+class TooManyBadImages(RuntimeError):
+    """More of a split is unreadable than ``data.max_bad_fraction`` allows."""
+
+
+class BadImages:
+    """The ``data.on_bad_image`` policy, applied in the main process to what the workers report.
+
+    Workers never raise for an unreadable file (a worker's exception reaches the main
+    process as a multi-line traceback); they hand back ``(path, reason)`` pairs with the
+    batch, and :meth:`check` raises :class:`BadImageError` (``error``) or counts and logs
+    each path once (``skip``), raising :class:`TooManyBadImages` past ``max_fraction``.
+    """
+
+    def __init__(self, policy: str, max_fraction: float, split_sizes: dict[str, int],
+                 log: Callable[[str], None] = print) -> None:
+        self.policy, self.max_fraction, self.split_sizes, self.log = policy, max_fraction, split_sizes, log
+        self.seen: dict[str, set[str]] = {split: set() for split in split_sizes}
+
+    def check(self, bad: Sequence[tuple[str, str]], split: str) -> None:
+        if not bad:
+            return
+        if self.policy == "error":
+            path, reason = bad[0]
+            raise BadImageError(path, reason)
+        seen = self.seen[split]
+        for path, reason in bad:
+            if path not in seen:
+                seen.add(path)
+                self.log(f"warning: skipping {path}: unreadable image ({reason})")
+        size = self.split_sizes[split]
+        if len(seen) > self.max_fraction * size:
+            raise TooManyBadImages(
+                f"data.max_bad_fraction: {len(seen)} of the {size} {split} images are unreadable "
+                f"(> {100 * self.max_fraction:g}%), e.g. {sorted(seen)[0]}"
+            )
 
 
 def is_image(name: str) -> bool:
@@ -139,6 +177,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     Indexed by ``(index, seed)`` pairs (from :class:`~alexnet_train.data.loaders.EpochSampler`)
     the transform draws its randomness from ``random.Random(seed)``; a plain index uses seed 0.
+    An unreadable file yields ``(None, (path, reason))`` for :class:`BadImages` to judge.
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Callable) -> None:
@@ -148,12 +187,15 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor | None, int | tuple[str, str]]:
         from .decode import decode_rgb
 
         index, seed = key if isinstance(key, tuple) else (key, 0)
         path, target = self.samples[index]
-        image = decode_rgb(path, getattr(self.transform, "min_side", None))
+        try:
+            image = decode_rgb(path, getattr(self.transform, "min_side", None))
+        except BadImageError as exc:
+            return None, (path, exc.reason)
         return self.transform(image, random.Random(seed)), target
 
 

@@ -45,10 +45,17 @@ def to_hwc_memory(x: torch.Tensor, flip: bool = False) -> torch.Tensor:
     return hwc.permute(2, 0, 1)
 
 
-def collate_hwc(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (3, H, W) HWC-memory images into a channels-last uint8 batch, plus int64 targets."""
-    images = torch.stack([img.permute(1, 2, 0) for img, _ in batch]).permute(0, 3, 1, 2)
-    return images, torch.tensor([t for _, t in batch], dtype=torch.int64)
+def collate_hwc(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    """(channels-last uint8 images, int64 targets, [(path, reason) of unreadable files]).
+
+    Images are (3, H, W) views of HWC memory, stacked without a transposing copy.
+    """
+    good = [(img, t) for img, t in batch if img is not None]
+    bad = [t for img, t in batch if img is None]
+    if not good:
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), bad
+    images = torch.stack([img.permute(1, 2, 0) for img, _ in good]).permute(0, 3, 1, 2)
+    return images, torch.tensor([t for _, t in good], dtype=torch.int64), bad
 
 
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
