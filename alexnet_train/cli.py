@@ -227,7 +227,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alexnet-eval", description="Evaluate a checkpoint: top-1/top-5 accuracy.")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pth written by alexnet-train")
     p.add_argument("--data", metavar="DIR", help="validation folder (default: the checkpoint config's data.val_dir)")
-    p.add_argument("--labels", metavar="FILE", help="labels for a flat folder: lines 'filename wnid'")
+    p.add_argument("--labels", metavar="FILE", help="labels for a flat val folder: 'filename wnid' lines, "
+                   "Kaggle's LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt "
+                   "(with meta.mat beside it)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="images per batch (default: config's)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="loader processes (default: config's)")
     p.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda or cuda:N")

@@ -108,22 +108,78 @@ def scan_image_folder(root: str) -> tuple[list[str], list[Sample]]:
     return classes, samples
 
 
+def _stem(name: str) -> str:
+    return os.path.splitext(os.path.basename(name))[0]
+
+
 def read_labels_file(path: str) -> dict[str, str]:
-    """``filename wnid`` lines -> {filename: wnid}."""
-    labels: dict[str, str] = {}
+    """A validation labels file -> {file stem: wnid}, in any of the formats ILSVRC-2012 comes with.
+
+    - ``filename wnid`` lines (Caffe's ``val.txt`` with wnids, ``val_ground_truth_synsets.txt``);
+    - Kaggle's ``LOC_val_solution.csv`` (``ImageId,PredictionString``: the first wnid is the label);
+    - the devkit's ``ILSVRC2012_validation_ground_truth.txt`` (one ILSVRC2012_ID per line, for
+      ``ILSVRC2012_val_00000001.JPEG`` onwards), with the devkit's ``meta.mat`` beside it
+      (read with scipy) mapping those IDs to wnids.
+    Keys are file names without extension, so ``.JPEG``/``.jpg`` copies match too.
+    """
     try:
         with open(path) as fh:
-            for lineno, line in enumerate(fh, 1):
-                parts = line.split()
-                if not parts:
-                    continue
-                if len(parts) != 2:
-                    raise DataError(f"{path}:{lineno}: expected 'filename wnid', got {line.strip()!r}")
-                labels[os.path.basename(parts[0])] = parts[1]
+            lines = [line.strip() for line in fh]
     except FileNotFoundError:
         raise DataError(f"{path}: labels file not found") from None
-    if not labels:
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read labels file ({exc})") from None
+    lines = [line for line in lines if line]
+    if not lines:
         raise DataError(f"{path}: labels file is empty")
+    if lines[0].replace(" ", "").lower().startswith("imageid,predictionstring"):
+        return _kaggle_labels(path, lines[1:])
+    if all(line.isdigit() for line in lines[:100]):
+        return _devkit_labels(path, lines)
+    labels: dict[str, str] = {}
+    for lineno, line in enumerate(lines, 1):
+        parts = line.split()
+        if len(parts) != 2:
+            raise DataError(f"{path}:{lineno}: expected 'filename wnid', got {line!r}")
+        labels[_stem(parts[0])] = parts[1]
+    return labels
+
+
+def _kaggle_labels(path: str, rows: list[str]) -> dict[str, str]:
+    labels = {}
+    for lineno, row in enumerate(rows, 2):
+        image_id, _, prediction = row.partition(",")
+        tokens = prediction.split()
+        if not image_id or not tokens:
+            raise DataError(f"{path}:{lineno}: expected 'ImageId,wnid x y x y ...', got {row!r}")
+        labels[_stem(image_id)] = tokens[0]
+    return labels
+
+
+def read_devkit_meta(meta_path: str) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid from the devkit's ``meta.mat``."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise DataError(f"{meta_path}: reading the devkit's meta.mat needs scipy (pip install scipy)") from None
+    try:
+        synsets = loadmat(meta_path, squeeze_me=True)["synsets"]
+        return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise DataError(f"{meta_path}: not the devkit's meta.mat ({exc})") from None
+
+
+def _devkit_labels(path: str, lines: list[str]) -> dict[str, str]:
+    meta = os.path.join(os.path.dirname(os.path.abspath(path)), "meta.mat")
+    if not os.path.isfile(meta):
+        raise DataError(f"{path}: devkit ground truth (ILSVRC2012_IDs) needs the devkit's meta.mat beside it")
+    id_to_wnid = read_devkit_meta(meta)
+    labels = {}
+    for i, line in enumerate(lines, 1):
+        wnid = id_to_wnid.get(int(line))
+        if wnid is None:
+            raise DataError(f"{path}:{i}: ILSVRC2012_ID {line} is not in {meta}")
+        labels[f"ILSVRC2012_val_{i:08d}"] = wnid
     return labels
 
 
@@ -151,7 +207,7 @@ def labelled_samples(root: str, classes: Sequence[str], labels_file: str | None 
         labels = read_labels_file(labels_file)
         samples = []
         for path in _images_under(root):
-            wnid = labels.get(os.path.basename(path))
+            wnid = labels.get(_stem(path))
             if wnid is None:
                 raise DataError(f"{path}: no label for this file in {labels_file}")
             if wnid not in index:
