@@ -225,3 +225,16 @@ def test_dataset_yields_uint8_and_targets(image_tree):
     x, y = ds[(len(ds) - 1, 0)]
     assert x.dtype == torch.uint8 and x.shape == (3, 64, 64) and y == 2
     assert x.permute(1, 2, 0).is_contiguous()  # HWC memory: collates channels-last without a copy
+
+
+@pytest.mark.parametrize("shape", [(3, 300, 400), (3, 256, 256), (3, 400, 260), (3, 100, 120)])
+def test_ten_crop_preset_equals_torchvisions_resize_then_tencrop(shape):
+    from alexnet_train.data.transforms import TenCropPreset, collate_hwc
+
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ours = TenCropPreset(DataConfig())(x)
+    reference = torch.stack(T2.TenCrop(224)(T2.Resize(256)(x)))
+    assert ours.dtype == torch.uint8 and torch.equal(ours, reference)
+    images, targets, bad = collate_hwc([(ours, 4), (ours, 7)])
+    assert images.shape == (2, 10, 3, 224, 224) and torch.equal(images[1], ours)
+    assert targets.tolist() == [4, 7] and bad == []

@@ -54,7 +54,8 @@ def collate_hwc(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str
     bad = [t for img, t in batch if img is None]
     if not good:
         return torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), bad
-    images = torch.stack([img.permute(1, 2, 0) for img, _ in good]).permute(0, 3, 1, 2)
+    # (3, H, W) or, from TenCropPreset, (10, 3, H, W): channels last in memory either way.
+    images = torch.stack([img.movedim(-3, -1) for img, _ in good]).movedim(-1, -3)
     return images, torch.tensor([t for _, t in good], dtype=torch.int64), bad
 
 
@@ -76,6 +77,39 @@ class CenterPreset:
 
     def __call__(self, x: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
         return to_hwc_memory(center_crop(resize_shorter(x, self.resize_size), self.crop_size))
+
+
+class TenCropPreset:
+    """The paper's test-time crops: shorter side to ``resize_size``, then the four corner
+    ``crop_size`` patches and the centre one, and their horizontal mirrors.
+
+    Output: uint8 (10, 3, crop, crop) in torchvision's ``TenCrop`` order (tl, tr, bl, br,
+    centre, then the same of the mirrored image).  On an original image the patches come
+    from the shorter-side-256 image (exactly ``Resize(256)`` + ``TenCrop(224)``); on the
+    prepared 256x256 copy, from that square, as in the paper.
+    """
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.resize_size = cfg.resize_size
+        self.crop_size = cfg.crop_size
+        self.min_side = cfg.resize_size
+
+    def __call__(self, x: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
+        x = resize_shorter(x, self.resize_size)
+        c = self.crop_size
+        h, w = x.shape[-2:]
+        if h < c or w < c:
+            x = F.center_crop(x, [max(h, c), max(w, c)])  # pad images smaller than the crop
+            h, w = x.shape[-2:]
+        top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+        boxes = [(0, 0), (0, w - c), (h - c, 0), (h - c, w - c), (top, left)]
+        hwc = x.permute(1, 2, 0)
+        crops = [hwc[t : t + c, l : l + c] for t, l in boxes]
+        # The mirrored image's corners are the mirrors of the opposite corners.
+        mirrored = [crops[1], crops[0], crops[3], crops[2]]
+        mirror_centre = hwc[top : top + c, w - c - left : w - left]
+        out = torch.stack(crops + [m.flip(1) for m in mirrored] + [mirror_centre.flip(1)])
+        return out.permute(0, 3, 1, 2)
 
 
 class TrainPreset:
