@@ -147,6 +147,44 @@ def find_resume(out_dir: str | os.PathLike, log: Callable[[str], None] = print) 
     return None
 
 
+class RunLocked(RuntimeError):
+    """Another live process holds the output directory's lock."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``OUT/.lock``, held while a run writes into OUT.
+
+    The kernel drops the lock when its process dies, however it dies, so a lock file
+    left by a crashed run never blocks the next one.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike) -> None:
+        self.path = Path(out_dir) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no locking
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLocked(f"{self.path}: another alexnet-train ({holder}) is running in {self.path.parent}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
 def prune_epoch_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> None:
     for path in epoch_checkpoints(out_dir)[keep_last:]:
         path.unlink(missing_ok=True)

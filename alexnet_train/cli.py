@@ -124,7 +124,11 @@ def train_main(argv: Sequence[str] | None = None) -> None:
         log(f"notice: {key} is ignored: it applies only to model.arch=custom (arch is {cfg.model.arch})")
 
     # Everything that can be wrong with the config or data is checked before OUT is touched.
+    # An existing OUT is locked first, so no other run writes it while we read it.
+    lock = ckpt.RunLock(out)
     try:
+        if dist.is_main and out.is_dir():
+            lock.acquire()
         cfg = with_demo_data(cfg, log)
         splits = resolve_splits(cfg.data)
         if cfg.model.num_classes != len(splits.classes):
@@ -151,10 +155,18 @@ def train_main(argv: Sequence[str] | None = None) -> None:
                 raise ConfigError(f"{cfg.data.train_dir}: its classes differ from those of checkpoint {resume_path}")
     except (ConfigError, DataError, _ConfigProblem) as exc:
         _fail(prog, EXIT_CONFIG, str(exc))
-    except ckpt.CheckpointError as exc:
+    except (ckpt.CheckpointError, ckpt.RunLocked) as exc:
         _fail(prog, EXIT_RUNTIME, str(exc))
     except OSError as exc:
         _fail(prog, EXIT_RUNTIME, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+    if dist.is_main and lock.fd is None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except ckpt.RunLocked as exc:  # another run created OUT meanwhile
+            _fail(prog, EXIT_RUNTIME, str(exc))
+        except OSError as exc:
+            _fail(prog, EXIT_RUNTIME, f"{out}: cannot create the output directory ({exc.strerror or exc})")
 
     if cfg.dist.mode == "ddp":
         import torch.distributed as tdist
@@ -171,7 +183,6 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     tracker = None
     try:
         if dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
             header = "# resolved config of this run; alexnet-train --config this-file reproduces it\n"
             header += "# " + ", ".join(f"{k} {v}" for k, v in versions().items())
             header += f"\n# git {git_sha() or 'unknown'}\n"
@@ -201,6 +212,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     finally:
         if tracker is not None:
             tracker.close()
+        lock.release()
         if cfg.dist.mode == "ddp":
             import torch.distributed as tdist
 

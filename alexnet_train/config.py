@@ -216,6 +216,12 @@ class TrainConfig:
     log_interval: int = 50
     # torch.set_num_threads on CPU; 0 leaves torch's default.
     threads: int = 0
+    # Mixed precision on CUDA (fp16 uses a GradScaler); a notice and fp32 elsewhere.
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    # Model and batches in channels-last memory (faster convolutions on tensor cores).
+    channels_last: bool = False
+    # torch.compile the model (a notice and eager mode where it is unavailable).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "log_interval")

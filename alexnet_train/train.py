@@ -247,7 +247,11 @@ class Trainer:
         torch.manual_seed(seed + self.dist.rank)
 
         self.model = build_model(cfg.model).to(self.device)
-        self.net = self._wrap(self.model)
+        if cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.net = self._compile(self._wrap(self.model))
         self.optimizer = torch.optim.SGD(
             param_groups(self.model, cfg.optim.weight_decay, cfg.optim.decay_biases),
             lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
@@ -275,6 +279,26 @@ class Trainer:
         self.accum["bad_images"] += len(bad)
         self.bad.check(bad, split)
 
+    def _amp_dtype(self) -> torch.dtype | None:
+        amp = self.cfg.train.amp
+        if amp == "none":
+            return None
+        if self.device.type != "cuda":
+            self.tracker.log(f"notice: train.amp={amp} needs a CUDA device; training in float32")
+            return None
+        if amp == "bf16" and not torch.cuda.is_bf16_supported():
+            self.tracker.log("notice: train.amp=bf16: this GPU has no bfloat16; training in float32")
+            return None
+        return torch.bfloat16 if amp == "bf16" else torch.float16
+
+    def _compile(self, net: nn.Module) -> nn.Module:
+        if not self.cfg.train.compile:
+            return net
+        if not hasattr(torch, "compile"):
+            self.tracker.log("notice: train.compile: this torch has no torch.compile; running eagerly")
+            return net
+        return torch.compile(net)
+
     def _wrap(self, model: nn.Module) -> nn.Module:
         mode = self.cfg.dist.mode
         if mode == "dp":
@@ -290,6 +314,8 @@ class Trainer:
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         self.policy.load_state_dict(state["policy"])
         # The config may change the base lr on resume; a plateau's reduced lr is kept.
         self.epoch = state["epoch"]
@@ -304,6 +330,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "policy": self.policy.state_dict(),
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
@@ -346,6 +373,7 @@ class Trainer:
         window_images = 0
         window_start = time.perf_counter()
         window_data = 0.0
+        warned_wait = False
         with self.tracker.progress(total, f"epoch {self.epoch + 1}/{cfg.train.epochs} train", interval,
                                    initial=self.step_in_epoch) as bar:
             fetch_start = time.perf_counter()
@@ -362,11 +390,14 @@ class Trainer:
                 images = images.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
                 gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.epoch, self.step_in_epoch))
-                logits = self.net(self.preprocess(images, train=True, generator=gen))
-                loss = F.cross_entropy(logits, targets)
+                inputs = self.preprocess(images, train=True, generator=gen)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    logits = self.net(inputs)
+                loss = F.cross_entropy(logits.float(), targets)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
 
                 window_loss += loss.detach() * targets.shape[0]
                 window_images += targets.shape[0]
@@ -393,6 +424,13 @@ class Trainer:
                     self.tracker.scalar("train/images_per_s", ips, self.global_step)
                     self.tracker.scalar("train/data_wait_fraction", wait, self.global_step)
                     bar.set(loss=loss_sum / window_images, lr=lr, img_s=ips, data_wait=wait)
+                    if wait > 0.25 and not warned_wait and self.device.type == "cuda":
+                        warned_wait = True
+                        self.tracker.log(
+                            f"warning: the GPU waited for data {100 * wait:.0f}% of the last {interval} steps: "
+                            f"the loader is the bottleneck; read the 256 px copy made by alexnet-prepare "
+                            f"and/or raise data.workers (now {cfg.data.workers})"
+                        )
                     window_loss.zero_()
                     window_images, window_data = 0, 0.0
                     window_start = time.perf_counter()
