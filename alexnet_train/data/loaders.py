@@ -98,6 +98,10 @@ def make_loader(
         persistent_workers=workers > 0,
         worker_init_fn=_worker_init if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
+        # Every iterator draws a base seed from this generator; from the global one it
+        # would shift dropout's random stream with the worker count and resume point.
+        # (Augmentation takes its randomness from the sampler's per-sample seeds.)
+        generator=torch.Generator().manual_seed(0),
     )
 
 
