@@ -46,7 +46,9 @@ class DistInfo:
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
     while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or (
+            type(model).__name__ == "FeaturesDataParallel"
+        ):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod

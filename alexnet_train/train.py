@@ -197,6 +197,26 @@ def step_seed(seed: int, epoch: int, step: int) -> int:
     return (((seed * 1_000_003) + epoch) * 1_000_003 + step) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+class FeaturesDataParallel(nn.Module):
+    """DataParallel over the conv ``features`` only; the FC layers run on the first GPU.
+
+    The FC layers hold 58 of AlexNet's 61M parameters but little of its compute:
+    DataParallel re-broadcasts every replicated parameter each step, so replicating
+    them costs more than it saves (pytorch/examples' imagenet/main.py wraps AlexNet
+    this way for that reason).  The wrapped model's own state_dict is unchanged.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.module = model
+        self.parallel_features = nn.DataParallel(model.features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.parallel_features(x)
+        x = self.module.avgpool(x)
+        return self.module.classifier(torch.flatten(x, 1))
+
+
 @dataclass
 class FitResult:
     epochs_run: int
@@ -305,7 +325,7 @@ class Trainer:
             if self.device.type != "cuda" or torch.cuda.device_count() < 2:
                 self.tracker.log("notice: dist.mode=dp needs 2+ CUDA devices; training on one device")
                 return model
-            return nn.DataParallel(model)
+            return FeaturesDataParallel(model)
         if mode == "ddp" and self.dist.distributed:
             ids = [self.dist.local_rank] if self.device.type == "cuda" else None
             return nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Training-step throughput: our trainer against a plain pytorch/examples-style loop, in one run.
+
+    python scripts/bench_train.py --data ../shared/data/imagenet-sample-1k [--config configs/paper.yaml]
+                                  [--set KEY=VALUE ...] [--steps 20] [--workers 2]
+
+Both sides train the same model (built from the config), at the same batch
+size, on the same ImageFolder, with the same number of loader workers and
+torch threads:
+
+- plain: what pytorch/examples' ``imagenet/main.py`` does each step: an
+  ``ImageFolder`` with PIL transforms to normalised float tensors (the
+  config's crop; RandomResizedCrop + flip there, the same here), ``model(x)``,
+  ``CrossEntropyLoss``, ``zero_grad``/``backward``/``step``, and its per-step
+  bookkeeping (``loss.item()`` and top-1/top-5 accuracy every step);
+- ours: ``Trainer.train_epoch`` as ``alexnet-train`` runs it: uint8 workers,
+  device-side normalisation and PCA noise, one host sync per log interval.
+
+Each side runs ``--warmup`` untimed steps, then ``--steps`` timed ones
+(wall-clock from the first timed batch request to the last optimizer step).
+The last line is ``speedup: <ours / plain images per second>``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+
+from alexnet_train.config import load_config, replace
+from alexnet_train.data.datasets import scan_image_folder
+from alexnet_train.data.loaders import Splits, _worker_init
+from alexnet_train.distributed import DistInfo
+from alexnet_train.evaluate import topk_correct
+from alexnet_train.model import build_model
+from alexnet_train.tracking import Tracker
+from alexnet_train.train import Trainer, _StopFlag
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plain_loop(cfg, data: str, steps: int, warmup: int) -> float:
+    """images/s of a pytorch/examples-style training loop."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    tf = T.Compose([T.RandomResizedCrop(cfg.data.crop_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    loader = DataLoader(ImageFolder(data, tf), batch_size=cfg.data.batch_size, shuffle=True,
+                        num_workers=cfg.data.workers, worker_init_fn=_worker_init if cfg.data.workers else None,
+                        drop_last=True)
+    model.train()
+    seen, start, step = 0, None, 0
+    losses, top1, top5 = [], [], []  # main.py's AverageMeters
+    while step < warmup + steps:
+        for images, target in loader:
+            if step == warmup:
+                start = time.perf_counter()
+            output = model(images)
+            loss = criterion(output, target)
+            c1, c5 = topk_correct(output, target)
+            losses.append(loss.item())
+            top1.append(c1.item())
+            top5.append(c5.item())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step > warmup:
+                seen += target.shape[0]
+            if step == warmup + steps:
+                break
+    return seen / (time.perf_counter() - start)
+
+
+def our_loop(cfg, data: str, steps: int, warmup: int) -> float:
+    """images/s of Trainer.train_epoch over exactly warmup + steps batches."""
+    classes, samples = scan_image_folder(data)
+    n = (warmup + steps) * cfg.data.batch_size
+    samples = (samples * (n // len(samples) + 1))[:n]
+    cfg = replace(cfg, "train", epochs=1, log_interval=max(1, steps))
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(cfg, Splits(classes, samples, samples[: cfg.data.batch_size]), Path(out), Tracker(None, enabled=False),
+                          DistInfo())
+        timings = {}
+        original_update = trainer.optimizer.step
+
+        def step_hook(*a, **k):
+            result = original_update(*a, **k)
+            done = trainer.step_in_epoch + 1
+            if done == warmup:
+                timings["start"] = time.perf_counter()
+            if done == warmup + steps:
+                timings["end"] = time.perf_counter()
+            return result
+
+        trainer.optimizer.step = step_hook
+        with _StopFlag(lambda m: None) as stop:
+            trainer.train_epoch(stop)
+    return steps * cfg.data.batch_size / (timings["end"] - timings["start"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="an ImageFolder (e.g. ../shared/data/imagenet-sample-1k)")
+    p.add_argument("--config", default=str(ROOT / "configs" / "paper.yaml"))
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    classes, _ = scan_image_folder(args.data)
+    cfg = load_config(args.config, [f"model.num_classes={len(classes)}", f"data.workers={args.workers}",
+                                    f"data.batch_size={args.batch_size}", "train.device=cpu", *args.overrides])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"model {cfg.model.arch} (groups {cfg.model.groups}), batch {cfg.data.batch_size}, crop {cfg.data.crop_size}, "
+          f"{cfg.data.workers} workers, {torch.get_num_threads()} torch threads, {args.steps} timed steps")
+    plain = plain_loop(cfg, args.data, args.steps, args.warmup)
+    print(f"plain (pytorch/examples style): {plain:8.1f} images/s", flush=True)
+    ours = our_loop(cfg, args.data, args.steps, args.warmup)
+    print(f"ours (alexnet-train):           {ours:8.1f} images/s", flush=True)
+    print(f"speedup: {ours / plain:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
