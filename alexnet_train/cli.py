@@ -1,8 +1,9 @@
 """Command-line entry points: the only reader of argv and the only caller of sys.exit.
 
 Exit codes: 0 done; 1 runtime failure (one line naming the file or setting);
-2 bad usage or config (nothing written); 130 / 143 interrupted by SIGINT /
-SIGTERM after saving a resumable checkpoint (128 + signal number).
+2 bad usage or config (nothing written); 75 another alexnet-train holds the
+output directory (EX_TEMPFAIL: try again later); 130 / 143 interrupted by
+SIGINT / SIGTERM after saving a resumable checkpoint (128 + signal number).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Callable, NoReturn, Sequence
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
+EXIT_LOCKED = 75
 
 
 def _fail(prog: str, code: int, message: str) -> NoReturn:
@@ -155,7 +157,9 @@ def train_main(argv: Sequence[str] | None = None) -> None:
                 raise ConfigError(f"{cfg.data.train_dir}: its classes differ from those of checkpoint {resume_path}")
     except (ConfigError, DataError, _ConfigProblem) as exc:
         _fail(prog, EXIT_CONFIG, str(exc))
-    except (ckpt.CheckpointError, ckpt.RunLocked) as exc:
+    except ckpt.RunLocked as exc:
+        _fail(prog, EXIT_LOCKED, str(exc))
+    except ckpt.CheckpointError as exc:
         _fail(prog, EXIT_RUNTIME, str(exc))
     except OSError as exc:
         _fail(prog, EXIT_RUNTIME, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
@@ -164,7 +168,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
             out.mkdir(parents=True, exist_ok=True)
             lock.acquire()
         except ckpt.RunLocked as exc:  # another run created OUT meanwhile
-            _fail(prog, EXIT_RUNTIME, str(exc))
+            _fail(prog, EXIT_LOCKED, str(exc))
         except OSError as exc:
             _fail(prog, EXIT_RUNTIME, f"{out}: cannot create the output directory ({exc.strerror or exc})")
 

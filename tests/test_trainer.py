@@ -119,7 +119,7 @@ def test_a_second_run_on_a_locked_out_exits_at_once_naming_the_lock(tree, tmp_pa
     lock = RunLock(out).acquire()  # a live run holds OUT
     try:
         started = time.monotonic()
-        assert run(args(train, val, out)) == 1
+        assert run(args(train, val, out)) == 75  # EX_TEMPFAIL: already running, try later
         assert time.monotonic() - started < 10
         err = capsys.readouterr().err
         assert str(out / ".lock") in err and f"pid {os.getpid()}" in err
