@@ -222,8 +222,9 @@ def load_rgb(path: str) -> Image.Image:
     """Open any image PIL reads (CMYK, grayscale, palette, RGBA, EXIF-rotated) as RGB."""
     try:
         with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+            from .decode import to_rgb
+
+            return to_rgb(ImageOps.exif_transpose(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise BadImageError(path, str(exc) or type(exc).__name__) from None
 

@@ -52,6 +52,8 @@ def jpeg_info(data: bytes) -> tuple[int, int, bool] | None:
     ``has_exif`` matters for speed: libjpeg-turbo's EXIF orientation handling costs
     about a third of a 256-px decode, so it is only asked for where an EXIF block exists.
     """
+    if not is_jpeg(data):
+        return None
     i, n = 2, len(data)
     has_exif = False
     while i + 9 < n:
@@ -78,6 +80,16 @@ def jpeg_info(data: bytes) -> tuple[int, int, bool] | None:
     return None
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB; 16/32-bit grayscale is scaled down, not clipped at 255."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img)
+        if arr.max(initial=0) > 255:  # 16-bit samples (PNG) live in 0..65535
+            arr = arr.astype(np.uint32) >> 8
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
 def _to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
@@ -91,7 +103,7 @@ def decode_pil(data: bytes, path: str, min_side: int | None = None) -> torch.Ten
                 # draft never goes below the requested size, so the shorter side stays >= min_side.
                 img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
             img = ImageOps.exif_transpose(img)
-            return _to_tensor(img.convert("RGB"))
+            return _to_tensor(to_rgb(img))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise BadImageError(path, str(exc) or type(exc).__name__) from None
 

@@ -44,6 +44,7 @@ from PIL import ExifTags, Image
 
 from ..checkpoint import atomic_write_bytes
 from .datasets import IMAGE_EXTENSIONS, BadImageError, DataError, is_image
+from .decode import to_rgb
 
 FAILURES_FILE = "prepare-failures.txt"
 SETTINGS_FILE = "prepare.json"
@@ -102,7 +103,7 @@ def square_jpeg(path: str, size: int, quality: int) -> bytes:
             # up, so the geometry below stays exactly that of a full decode.
             drafted = img.draft("RGB", target)
             box = drafted[1] if drafted else (0, 0, *img.size)
-            rgb = img.convert("RGB")
+            rgb = to_rgb(img)
             orientation = img.getexif().get(ExifTags.Base.Orientation)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # One line per failure in prepare-failures.txt: no tabs or newlines in the reason.
