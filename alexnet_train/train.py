@@ -16,7 +16,6 @@ saves a resumable checkpoint and raises :class:`Interrupted`.
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
 import time
@@ -34,7 +33,7 @@ from .config import Config, ScheduleConfig, config_to_dict
 from .data.datasets import BadImages
 from .data.loaders import Loaders, Splits, build_loaders
 from .data.transforms import BatchPreprocess
-from .distributed import DistInfo, unwrap
+from .distributed import DistInfo
 from .evaluate import EvalResult, evaluate
 from .model import build_model
 from .tracking import Tracker

@@ -1,14 +1,20 @@
 """Shared fixtures: tiny real ImageFolders of JPEG files and a tiny-model config."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+DEMO_CONFIG = str(REPO / "configs" / "demo.yaml")
+CLASSES = ["n01440764", "n01443537", "n01484850"]
 
 # A narrow AlexNet that still has every layer of the paper's (LRN, groups, dropout),
 # small enough that a CLI run over a few dozen 64-px images takes seconds on a CPU.
@@ -26,6 +32,21 @@ TINY_DATA = [
     "data.crop_size=64",
     "data.normalize=torchvision",
 ]
+
+
+def console_script(name: str) -> str:
+    """Path of an installed console script (the real file beside this Python, not a pyenv shim)."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    assert found is not None, f"{name} is not installed: pip install -e ."
+    return found
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """The rows of OUT/metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def write_image_folder(root: Path, classes: list[str], per_class: int, size: int = 72, seed: int = 0) -> Path:

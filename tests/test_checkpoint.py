@@ -1,7 +1,6 @@
 """Atomic checkpoint writes, safe loads, resume discovery and pruning."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

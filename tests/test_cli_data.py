@@ -18,24 +18,17 @@ from PIL import Image
 
 from alexnet_train.cli import eval_main, prepare_main, stats_main, train_main
 
-from .conftest import tiny_overrides, write_image_folder
+from .conftest import CLASSES, DEMO_CONFIG as DEMO, console_script as script, read_metrics as metrics, tiny_overrides, write_image_folder
 from .test_data_quirks import FLAT_LABELS, write_flat_val, write_labels
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = str(REPO / "configs" / "demo.yaml")
-CLASSES = ["n01440764", "n01443537", "n01484850"]
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def script(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not on PATH (pip install -e .)")
-    return path
+
 
 
 def run_script(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -68,8 +61,7 @@ def one_line(err: str, prog: str, *needles: str) -> str:
     return lines[0]
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
 
 
 def truncated_jpeg(path: Path) -> Path:

@@ -12,21 +12,15 @@ import torch
 
 from alexnet_train.cli import eval_main, summary_main, train_main
 
-from .conftest import TINY_DATA, tiny_overrides, write_image_folder
+from .conftest import CLASSES, REPO, TINY_DATA, console_script as script, tiny_overrides, write_image_folder
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 DEMO = str(CONFIGS / "demo.yaml")
-CLASSES = ["n01440764", "n01443537", "n01484850"]
 
 
-def script(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not on PATH (pip install -e .)")
-    return path
+
 
 
 def eval_ok(capsys, *args: str) -> str:

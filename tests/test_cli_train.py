@@ -6,7 +6,6 @@ console script in a subprocess.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -20,13 +19,10 @@ import yaml
 
 from alexnet_train.cli import train_main
 
-from .conftest import tiny_overrides, write_image_folder
+from .conftest import CLASSES, DEMO_CONFIG as DEMO, console_script as script, read_metrics as metrics, tiny_overrides, write_image_folder
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = str(REPO / "configs" / "demo.yaml")
-CLASSES = ["n01440764", "n01443537", "n01484850"]
 CONTRACT_METRICS = {"epoch", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "val_images", "bad_images",
                     "images_per_s"}
 CHECKPOINT_KEYS = {"model", "config", "classes", "optimizer", "policy", "epoch", "rng", "versions"}
@@ -36,11 +32,7 @@ CONFIG_SECTIONS = {"data", "model", "optim", "schedule", "train", "dist"}
 # --------------------------------------------------------------------------- helpers
 
 
-def script(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not on PATH (pip install -e .)")
-    return path
+
 
 
 def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -79,8 +71,7 @@ def train_fails(capsys, *args: str) -> tuple[int, str]:
     return info.value.code, capsys.readouterr().err
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
 
 
 def load(path: Path) -> dict:

@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,12 +15,10 @@ import torch
 from alexnet_train.checkpoint import RunLock
 from alexnet_train.cli import train_main
 
-from .conftest import tiny_overrides, write_image_folder
+from .conftest import DEMO_CONFIG as DEMO, console_script, read_metrics as metrics, tiny_overrides, write_image_folder
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent  # the real console scripts (a pyenv shim is not a Python file)
-DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 
 
 @pytest.fixture
@@ -55,8 +52,7 @@ def assert_bit_identical(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
 
 
 def test_resume_between_epochs_is_bit_identical(tree, tmp_path, capsys):
@@ -71,7 +67,7 @@ def test_resume_between_epochs_is_bit_identical(tree, tmp_path, capsys):
 
 
 def _start(argv: list[str], out: Path) -> subprocess.Popen:
-    return subprocess.Popen([str(BIN / "alexnet-train"), *argv], stdout=subprocess.PIPE,
+    return subprocess.Popen([console_script("alexnet-train"), *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
 
 
@@ -139,7 +135,7 @@ def _free_port() -> int:
 
 def _single_process_eval(ckpt: Path, val: Path, tmp_path: Path) -> dict:
     out = tmp_path / "eval.json"
-    subprocess.run([str(BIN / "alexnet-eval"), str(ckpt), "--data", str(val), "--device", "cpu",
+    subprocess.run([console_script("alexnet-eval"), str(ckpt), "--data", str(val), "--device", "cpu",
                     "--json", str(out)], check=True, capture_output=True)
     return json.loads(out.read_text())["center"]
 
@@ -147,7 +143,7 @@ def _single_process_eval(ckpt: Path, val: Path, tmp_path: Path) -> dict:
 def test_ddp_two_processes_counts_every_val_image_once(tree, tmp_path):
     train, val = tree
     out = tmp_path / "out"
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "alexnet-train"),
+    cmd = [console_script("torchrun"), "--standalone", "--nproc_per_node", "2", console_script("alexnet-train"),
            *args(train, val, out, "dist.mode=ddp", "train.device=cpu", epochs=2)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -166,8 +162,8 @@ def test_ddp_two_nodes_on_loopback(tree, tmp_path):
     port = str(_free_port())
     procs = []
     for node in ("0", "1"):
-        cmd = [str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", node, "--nproc_per_node", "1",
-               "--master_addr", "127.0.0.1", "--master_port", port, str(BIN / "alexnet-train"),
+        cmd = [console_script("torchrun"), "--nnodes", "2", "--node_rank", node, "--nproc_per_node", "1",
+               "--master_addr", "127.0.0.1", "--master_port", port, console_script("alexnet-train"),
                *args(train, val, out, "dist.mode=ddp", "train.device=cpu", epochs=1)]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=120)[0] for p in procs]
