@@ -277,7 +277,7 @@ class Trainer:
         )
         self.policy = LrPolicy(cfg.schedule, cfg.optim.lr, cfg.train.epochs)
         self.loaders: Loaders = build_loaders(cfg.data, splits, self.dist, seed, pin_memory=self.device.type == "cuda")
-        self.preprocess = BatchPreprocess(cfg.data, self.device)
+        self.preprocess = BatchPreprocess(cfg.data, self.device, channels_last=cfg.train.channels_last)
         self.epoch = 0  # next epoch to run (0-based)
         self.step_in_epoch = 0
         self.global_step = 0

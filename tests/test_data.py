@@ -238,3 +238,10 @@ def test_ten_crop_preset_equals_torchvisions_resize_then_tencrop(shape):
     images, targets, bad = collate_hwc([(ours, 4), (ours, 7)])
     assert images.shape == (2, 10, 3, 224, 224) and torch.equal(images[1], ours)
     assert targets.tolist() == [4, 7] and bad == []
+
+
+def test_batch_preprocess_lays_the_batch_out_as_the_model_wants():
+    batch = torch.zeros(2, 8, 8, 3, dtype=torch.uint8).permute(0, 3, 1, 2)  # channels-last, as collated
+    assert BatchPreprocess(DataConfig())(batch).is_contiguous()
+    cl = BatchPreprocess(DataConfig(), channels_last=True)(batch)
+    assert cl.is_contiguous(memory_format=torch.channels_last)

@@ -177,8 +177,11 @@ class BatchPreprocess:
     the RGB covariance on the 0-1 scale, scaled here to the 0-255 scale.
     """
 
-    def __init__(self, cfg: DataConfig, device: torch.device | str = "cpu") -> None:
+    def __init__(self, cfg: DataConfig, device: torch.device | str = "cpu", channels_last: bool = False) -> None:
         self.device = torch.device(device)
+        # Batches arrive channels-last (HWC memory from the workers); the float copy made
+        # here anyway lays them out as the model wants them.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.mean = torch.tensor(cfg.mean, device=self.device).view(1, 3, 1, 1)
         std = cfg.std if cfg.normalize == "torchvision" else (1.0, 1.0, 1.0)
         self.inv_std = (1.0 / torch.tensor(std, device=self.device)).view(1, 3, 1, 1)
@@ -195,7 +198,10 @@ class BatchPreprocess:
     def __call__(
         self, x: torch.Tensor, train: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        x = x.float()
+        if x.dim() == 4:
+            x = x.to(torch.float32, memory_format=self.memory_format)
+        else:
+            x = x.to(torch.float32, memory_format=torch.contiguous_format)
         if train and self.pca_std > 0:
             x = x + self.colour_noise(x.shape[0], generator).view(-1, 3, 1, 1)
         return (x - self.mean) * self.inv_std
