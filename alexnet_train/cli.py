@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
@@ -240,17 +241,40 @@ def _trim_metrics(path: Path, epochs_done: int) -> None:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alexnet-eval", description="Evaluate a checkpoint: top-1/top-5 accuracy.")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pth written by alexnet-train")
+    p = argparse.ArgumentParser(
+        prog="alexnet-eval",
+        description="Evaluate a checkpoint (ours, or a torchvision AlexNet state_dict): top-1/top-5 for the centre "
+                    "crop and, with --ten-crop, the paper's ten-crop test.",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pth written by alexnet-train, or torchvision weights")
     p.add_argument("--data", metavar="DIR", help="validation folder (default: the checkpoint config's data.val_dir)")
     p.add_argument("--labels", metavar="FILE", help="labels for a flat val folder: 'filename wnid' lines, "
                    "Kaggle's LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt "
                    "(with meta.mat beside it)")
+    p.add_argument("--ten-crop", action="store_true",
+                   help="also the paper's test: 4 corner + centre 224 crops and their mirrors, softmax averaged")
     p.add_argument("--batch-size", type=int, default=None, metavar="N", help="images per batch (default: config's)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="loader processes (default: config's)")
     p.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--json", metavar="FILE", help='write {"center": {"top1", "top5", "loss", "images"}}')
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast on CUDA (default none)")
+    p.add_argument("--json", metavar="FILE", help='write {"center": {...}, "ten_crop": {...}} '
+                                                  "(top1, top5 in percent, loss, images)")
+    p.add_argument("--predictions", metavar="FILE",
+                   help="write CSV path,label,pred1..pred5 (wnids) for every image (ten-crop with --ten-crop)")
     return p
+
+
+def _resized_image_kind(samples: list, resize: int) -> str:
+    """Say what the ten crops are cut from: the prepared square copy, or a shorter-side resize."""
+    from .data.decode import jpeg_info
+
+    step = max(1, len(samples) // 20)
+    for path, _ in samples[::step]:
+        with open(path, "rb") as fh:
+            info = jpeg_info(fh.read(65536))
+        if info is None or info[:2] != (resize, resize):
+            return f"crops of the shorter-side-{resize} image (torchvision's Resize({resize}) + TenCrop)"
+    return f"crops of the {resize}x{resize} prepared image, as in the paper"
 
 
 def eval_main(argv: Sequence[str] | None = None) -> None:
@@ -264,31 +288,37 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
     import torch
 
     from . import checkpoint as ckpt
-    from .config import ConfigError, config_from_dict, replace
+    from .config import ConfigError
     from .data import BadImageError, DataError
     from .data.datasets import BadImages, ImageDataset, TooManyBadImages, check_dir, labelled_samples
     from .data.loaders import EpochSampler, make_loader
-    from .data.transforms import BatchPreprocess, CenterPreset
-    from .evaluate import evaluate
-    from .model import build_model
+    from .data.transforms import BatchPreprocess, CenterPreset, TenCropPreset
+    from .distributed import DistInfo
+    from .evaluate import evaluate_crops
+    from .inference import load_for_inference
     from .tracking import Tracker
 
     try:
-        state = ckpt.load_checkpoint(args.checkpoint)
-        if not ckpt.is_training_checkpoint(state):
-            raise ckpt.CheckpointError(f"{args.checkpoint}: not a checkpoint written by alexnet-train")
-        cfg = config_from_dict(state["config"])
-        classes = list(state["classes"])
-        data_dir = args.data or cfg.data.val_dir
-        check_dir(data_dir, "--data" if args.data else "data.val_dir (from the checkpoint; pass --data)")
-        labels = args.labels or (cfg.data.val_labels if not args.data else None)
-        if labels is not None and not os.path.isfile(labels):
-            raise DataError(f"--labels: file not found: {labels}")
-        samples = labelled_samples(data_dir, classes, labels)
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                              else ("cpu" if args.device == "auto" else args.device))
+        dist = DistInfo.from_env()
+    except ValueError as exc:
+        _fail(prog, EXIT_CONFIG, str(exc))
+    try:
+        if args.device == "auto":
+            device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise DataError("--device: cuda requested but no CUDA device is available")
+        loaded = load_for_inference(args.checkpoint, device)
+        cfg = loaded.config
+        if args.data is None and cfg is None:
+            raise DataError("--data: required for a plain state_dict (it names no validation set)")
+        data_dir = args.data or cfg.data.val_dir
+        check_dir(data_dir, "--data" if args.data else "data.val_dir (from the checkpoint; pass --data)")
+        labels = args.labels or (cfg.data.val_labels if not args.data and cfg is not None else None)
+        if labels is not None and not os.path.isfile(labels):
+            raise DataError(f"--labels: file not found: {labels}")
+        samples = labelled_samples(data_dir, loaded.classes, labels)
     except (DataError, ConfigError) as exc:
         _fail(prog, EXIT_CONFIG, str(exc))
     except ckpt.CheckpointError as exc:
@@ -296,34 +326,91 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
     except RuntimeError as exc:  # a bad --device string
         _fail(prog, EXIT_CONFIG, f"--device: {exc}")
 
-    data_cfg = cfg.data
-    if args.batch_size is not None:
-        data_cfg = replace(cfg, "data", batch_size=args.batch_size).data
-    if args.workers is not None:
-        data_cfg = replace(cfg, "data", batch_size=data_cfg.batch_size, workers=args.workers).data
-    model = build_model(replace(cfg, "model", init="torch").model)
-    model.load_state_dict(state["model"])
-    model.to(device)
-    loader = make_loader(ImageDataset(samples, CenterPreset(data_cfg)), EpochSampler(len(samples), shuffle=False),
-                         data_cfg.batch_size, data_cfg.workers, device.type == "cuda")
-    tracker = Tracker(None, tensorboard=False)
+    if dist.distributed:
+        import torch.distributed as tdist
+
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    data_cfg = loaded.data
+    batch_size = args.batch_size or data_cfg.batch_size
+    workers = data_cfg.workers if args.workers is None else args.workers
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp) if device.type == "cuda" else None
+    tracker = Tracker(None, enabled=dist.is_main, tensorboard=False)
+    if args.amp != "none" and amp_dtype is None:
+        tracker.log(f"notice: --amp {args.amp} needs a CUDA device; evaluating in float32")
+    preset = TenCropPreset(data_cfg) if args.ten_crop else CenterPreset(data_cfg)
+    sampler = EpochSampler(len(samples), shuffle=False, rank=dist.rank, world=dist.world_size)
+    loader = make_loader(ImageDataset(samples, preset), sampler, batch_size, workers, device.type == "cuda")
+    own = [samples[i] for i in sampler.order()]  # this rank's samples, in loader order
+    rows: list[tuple] = []
+
+    def record(scores: torch.Tensor, targets: torch.Tensor, bad: list) -> None:
+        # A batch covers the next len(targets) + len(bad) of this rank's samples, in order.
+        bad_paths = {p for p, _ in bad}
+        span = own[record.cursor : record.cursor + targets.shape[0] + len(bad)]
+        record.cursor += len(span)
+        batch = [path for path, _ in span if path not in bad_paths]
+        top = scores.topk(min(5, scores.shape[1]), dim=1).indices.tolist()
+        for path, target, preds in zip(batch, targets.tolist(), top):
+            rows.append((path, loaded.classes[target], *[loaded.classes[i] for i in preds]))
+
+    record.cursor = 0
+
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(t)
+        return t
+
+    bad = BadImages(data_cfg.on_bad_image, data_cfg.max_bad_fraction, {"val": len(samples)}, tracker.log)
+    started = time.monotonic()
     try:
-        with tracker.progress(len(loader), "eval center", interval=50) as bar:
-            bad = BadImages(data_cfg.on_bad_image, data_cfg.max_bad_fraction, {"val": len(samples)}, tracker.log)
-            result = evaluate(model, loader, BatchPreprocess(data_cfg, device), device, progress=bar,
-                              bad_images=lambda b: bad.check(b, "val"))
+        with tracker.progress(len(loader), "eval ten-crop" if args.ten_crop else "eval center", interval=50) as bar:
+            results = evaluate_crops(
+                loaded.model, loader, BatchPreprocess(data_cfg, device), device, ten_crop=args.ten_crop,
+                progress=bar, all_reduce=all_reduce if dist.distributed else None,
+                bad_images=lambda b: bad.check(b, "val"), on_batch=record if args.predictions else None,
+                amp_dtype=amp_dtype,
+            )
     except (BadImageError, TooManyBadImages) as exc:
         _fail(prog, EXIT_RUNTIME, str(exc))
-    print(f"center crop ({data_cfg.resize_size} -> {data_cfg.crop_size}): top-1 {result.top1:.2f}%  "
-          f"top-5 {result.top5:.2f}%  loss {result.loss:.4f}  ({result.images} images, {data_dir})")
-    if args.json:
-        try:
-            from .checkpoint import atomic_write_bytes
+    if args.predictions and dist.distributed:
+        import torch.distributed as tdist
 
-            payload = json.dumps({"center": result.as_dict()}, indent=2) + "\n"
+        gathered: list = [None] * dist.world_size
+        tdist.all_gather_object(gathered, rows)
+        rows = [row for part in gathered for row in part]
+    if dist.distributed:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
+    if not dist.is_main:
+        return
+    seconds = time.monotonic() - started
+    images = results["center"].images
+    print(f"{args.checkpoint} ({loaded.kind}) on {data_dir}: {images} images in {seconds:.1f}s"
+          + (f"; ten-crop: {_resized_image_kind(samples, data_cfg.resize_size)}" if args.ten_crop else ""))
+    print(f"{'':<10}{'top-1':>9}{'top-5':>9}{'loss':>9}")
+    for key, label in (("center", "center"), ("ten_crop", "ten-crop")):
+        if key in results:
+            r = results[key]
+            print(f"{label:<10}{r.top1:>8.2f}%{r.top5:>8.2f}%{r.loss:>9.4f}")
+    from .checkpoint import atomic_write_bytes
+
+    try:
+        if args.json:
+            payload = json.dumps({k: r.as_dict() for k, r in results.items()}, indent=2) + "\n"
             atomic_write_bytes(args.json, lambda fh: fh.write(payload.encode()))
-        except OSError as exc:
-            _fail(prog, EXIT_RUNTIME, f"--json {args.json}: {exc.strerror or exc}")
+        if args.predictions:
+            import csv
+            import io
+
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\n")
+            writer.writerow(["path", "label", "pred1", "pred2", "pred3", "pred4", "pred5"])
+            writer.writerows(sorted(rows))
+            atomic_write_bytes(args.predictions, lambda fh: fh.write(buf.getvalue().encode()))
+    except OSError as exc:
+        _fail(prog, EXIT_RUNTIME, f"{exc.filename}: {exc.strerror or exc}")
 
 
 # --------------------------------------------------------------------------- alexnet-summary

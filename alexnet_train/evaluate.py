@@ -1,9 +1,11 @@
-"""Top-k accuracy and centre-crop evaluation.
+"""Top-k accuracy, centre-crop evaluation and the paper's ten-crop test.
 
 Usage::
 
     result = evaluate(model, loader, preprocess, device)
     result.top1, result.top5, result.loss, result.images
+    both = evaluate_crops(model, ten_crop_loader, preprocess, device, ten_crop=True)
+    both["center"], both["ten_crop"]
 
 Sums (not means) are accumulated, so results from shards of a val set add up
 to exactly what one process would report on the whole set.
@@ -37,7 +39,6 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...
     return [hits[:, : min(k, maxk)].any(dim=1).sum() for k in ks]
 
 
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: Iterable,
@@ -47,39 +48,89 @@ def evaluate(
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     bad_images: Callable[[list], None] | None = None,
 ) -> EvalResult:
-    """Centre-crop evaluation of ``(images, targets, bad)`` batches.
+    """Centre-crop evaluation of ``(images, targets, bad)`` batches (the model's mode is kept).
 
     ``all_reduce`` sums the per-process totals under DDP; ``bad_images`` judges the
     unreadable files each batch reports (without it, any is an error).
     """
     was_training = model.training
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, images
     try:
-        for images, targets, bad in loader:
-            if bad:
-                if bad_images is None:
-                    from .data.datasets import BadImageError
-
-                    raise BadImageError(*bad[0])
-                bad_images(bad)
-            if progress is not None:
-                progress.update(1)
-            if targets.numel() == 0:
-                continue
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            logits = model(preprocess(images)).float()
-            c1, c5 = topk_correct(logits, targets)
-            totals += torch.stack([
-                F.cross_entropy(logits, targets, reduction="sum").double(),
-                c1.double(), c5.double(), torch.tensor(float(targets.numel()), dtype=torch.float64, device=device),
-            ])
+        return evaluate_crops(model, loader, preprocess, device, ten_crop=False, progress=progress,
+                              all_reduce=all_reduce, bad_images=bad_images)["center"]
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate_crops(
+    model: nn.Module,
+    loader: Iterable,
+    preprocess: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    ten_crop: bool,
+    progress=None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    bad_images: Callable[[list], None] | None = None,
+    on_batch: Callable[[torch.Tensor, torch.Tensor, list], None] | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, EvalResult]:
+    """Centre crop, and with ``ten_crop`` the paper's ten-crop test, from one pass over ``loader``.
+
+    With ``ten_crop`` the loader yields (B, 10, 3, H, W) uint8 crops from
+    :class:`~alexnet_train.data.transforms.TenCropPreset`; crop 4 is the centre
+    crop, so both results come from one decode and one forward pass.  The ten-crop
+    prediction is the network's softmax averaged over the ten crops; its loss is
+    the cross-entropy of that average.  Crops go through the network in chunks of
+    the loader's batch size, so memory is that of a centre-crop evaluation.
+    ``on_batch(scores, targets, bad)`` sees each batch's final scores (ten-crop
+    probabilities, else centre logits), e.g. to write predictions.
+    """
+    model.eval()
+    keys = ("center", "ten_crop") if ten_crop else ("center",)
+    totals = torch.zeros(len(keys), 4, dtype=torch.float64, device=device)  # loss sum, top1, top5, images
+    for images, targets, bad in loader:
+        if bad:
+            if bad_images is None:
+                from .data.datasets import BadImageError
+
+                raise BadImageError(*bad[0])
+            bad_images(bad)
+        if progress is not None:
+            progress.update(1)
+        if targets.numel() == 0:
+            continue
+        targets = targets.to(device, non_blocking=True)
+        n = targets.shape[0]
+        if ten_crop:
+            crops = images.flatten(0, 1)  # (B*10, 3, H, W)
+            logits = torch.cat([
+                _forward(model, preprocess(chunk.to(device, non_blocking=True)), amp_dtype)
+                for chunk in crops.split(max(1, n), dim=0)
+            ]).view(n, 10, -1)
+            center = logits[:, 4]
+            probs = logits.softmax(dim=-1).mean(dim=1)
+            ten_loss = F.nll_loss(probs.clamp_min(1e-12).log(), targets, reduction="sum")
+            scores = [(center, F.cross_entropy(center, targets, reduction="sum")), (probs, ten_loss)]
+        else:
+            center = _forward(model, preprocess(images.to(device, non_blocking=True)), amp_dtype)
+            scores = [(center, F.cross_entropy(center, targets, reduction="sum"))]
+        for row, (s, loss) in enumerate(scores):
+            c1, c5 = topk_correct(s, targets)
+            totals[row] += torch.stack([loss.double(), c1.double(), c5.double(),
+                                        torch.tensor(float(n), dtype=torch.float64, device=device)])
+        if on_batch is not None:
+            on_batch(scores[-1][0], targets, bad)
     if all_reduce is not None:
         totals = all_reduce(totals)
-    loss_sum, c1, c5, n = totals.tolist()
-    if n == 0:
-        raise RuntimeError("evaluation saw no images")
-    return EvalResult(top1=100.0 * c1 / n, top5=100.0 * c5 / n, loss=loss_sum / n, images=int(n))
+    results = {}
+    for key, (loss_sum, c1, c5, count) in zip(keys, totals.tolist()):
+        if count == 0:
+            raise RuntimeError("evaluation saw no images")
+        results[key] = EvalResult(top1=100.0 * c1 / count, top5=100.0 * c5 / count, loss=loss_sum / count,
+                                  images=int(count))
+    return results
+
+
+def _forward(model: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        return model(x).float()

@@ -156,7 +156,7 @@ def test_eval_skips_a_bad_val_image_under_the_checkpoints_policy(bad_tree, capsy
     assert log.count(f"warning: skipping {bad_val}") == 1
     assert json.loads(report.read_text())["center"]["images"] == 9
     log = runs_ok(capsys, eval_main, out / "last.pth", "--workers", "2", "--batch-size", "4")
-    assert log.count(f"warning: skipping {bad_val}") == 1 and "(9 images" in log
+    assert log.count(f"warning: skipping {bad_val}") == 1 and ": 9 images" in log
 
 
 # --------------------------------------------------------------------------- flat validation folders
@@ -193,7 +193,7 @@ def test_eval_on_a_flat_folder_gives_the_same_result_with_every_labels_format(ch
         labels = write_labels(tmp_path / fmt, fmt)
         report = tmp_path / f"{fmt}.json"
         text = runs_ok(capsys, eval_main, checkpoint, "--data", flat_dir, "--labels", labels, "--json", report)
-        assert f"(7 images, {flat_dir})" in text
+        assert f"on {flat_dir}: 7 images" in text
         results[fmt] = json.loads(report.read_text())["center"]
     # The same images scored in class subfolders: labels (and so the loss) agree with every format.
     report = tmp_path / "nested.json"
@@ -237,7 +237,7 @@ def test_training_validates_on_a_flat_folder_with_devkit_labels(flat, capsys, tm
     # alexnet-eval without --data takes the val folder and its labels from the checkpoint's config.
     report = tmp_path / "eval.json"
     text = runs_ok(capsys, eval_main, out / "last.pth", "--json", report)
-    assert f"(7 images, {flat_dir})" in text
+    assert f"on {flat_dir}: 7 images" in text
     assert json.loads(report.read_text())["center"]["loss"] == pytest.approx(metrics(out)[0]["val_loss"], rel=1e-5)
 
 
@@ -249,7 +249,7 @@ def test_prepared_flat_val_keeps_its_names_so_the_labels_still_apply(checkpoint,
     for fmt in ("kaggle", "devkit"):
         labels = write_labels(tmp_path / fmt, fmt)
         text = runs_ok(capsys, eval_main, checkpoint, "--data", dst, "--labels", labels)
-        assert f"(7 images, {dst})" in text
+        assert f"on {dst}: 7 images" in text
 
 
 # --------------------------------------------------------------------------- alexnet-stats

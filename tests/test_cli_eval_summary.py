@@ -72,7 +72,7 @@ def test_eval_prints_top1_and_top5_of_best_checkpoint(trained, capsys):
     out, val, n_val = trained
     text = eval_ok(capsys, str(out / "best.pth"))
     assert "top-1" in text and "top-5" in text
-    assert f"({n_val} images, {val})" in text
+    assert f"on {val}: {n_val} images" in text
 
 
 def test_eval_json_matches_the_training_runs_last_validation(trained, capsys, tmp_path):
