@@ -199,9 +199,11 @@ class BatchPreprocess:
         self, x: torch.Tensor, train: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         if x.dim() == 4:
-            x = x.to(torch.float32, memory_format=self.memory_format)
+            x = x.to(torch.float32, memory_format=self.memory_format, copy=True)
         else:
-            x = x.to(torch.float32, memory_format=torch.contiguous_format)
+            x = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        # In place on the fresh float copy: one pass less and no second full-size allocation.
+        shift = self.mean
         if train and self.pca_std > 0:
-            x = x + self.colour_noise(x.shape[0], generator).view(-1, 3, 1, 1)
-        return (x - self.mean) * self.inv_std
+            shift = self.mean - self.colour_noise(x.shape[0], generator).view(-1, 3, 1, 1)
+        return x.sub_(shift).mul_(self.inv_std)
