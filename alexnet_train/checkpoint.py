@@ -63,6 +63,11 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, lambda fh: torch.save(state, fh))
 
 
+def save_state_dict(state: dict, path: str | os.PathLike) -> None:
+    """A bare state_dict (no ``format`` key), atomically: what torchvision's loaders expect."""
+    atomic_write_bytes(path, lambda fh: torch.save(state, fh))
+
+
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Atomically make ``dst`` an independent copy of ``src``.
 

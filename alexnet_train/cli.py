@@ -515,3 +515,55 @@ def stats_main(argv: Sequence[str] | None = None) -> None:
         tracker.log(f"wrote {args.out} ({stats.images} images); add `include: {args.out}` to a config")
     else:
         print(text, end="")
+
+
+# --------------------------------------------------------------------------- alexnet-export
+
+
+def export_main(argv: Sequence[str] | None = None) -> None:
+    prog = "alexnet-export"
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Export a checkpoint: TorchScript (model.pt; ONNX model.onnx where the onnx package is "
+                    "installed), torchvision_state_dict.pth for the torchvision arch, and model.json with the "
+                    "classes and the input each file expects.",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pth written by alexnet-train, or torchvision weights")
+    p.add_argument("out", metavar="OUT", help="output directory (created)")
+    args = p.parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .export import ExportError, export_model
+
+    try:
+        export_model(args.checkpoint, args.out, log=_log)  # logs each file it writes
+    except ValueError as exc:
+        _fail(prog, EXIT_CONFIG, str(exc))
+    except (CheckpointError, ExportError) as exc:
+        _fail(prog, EXIT_RUNTIME, str(exc))
+
+
+# --------------------------------------------------------------------------- alexnet-predict
+
+
+def predict_main(argv: Sequence[str] | None = None) -> None:
+    prog = "alexnet-predict"
+    p = argparse.ArgumentParser(prog=prog, description="Top-5 classes of images, with names and probabilities.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pth written by alexnet-train, or torchvision weights")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
+    p.add_argument("--synsets", metavar="FILE", help="class names: 'wnid name, name...' lines (synset_words.txt)")
+    p.add_argument("--top", type=int, default=5, metavar="K", help="how many classes per image (default 5)")
+    p.add_argument("--device", default="cpu", metavar="D", help="cpu (default), cuda or cuda:N")
+    args = p.parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .data.datasets import BadImageError
+    from .export import format_predictions, predict
+
+    try:
+        preds = predict(args.checkpoint, args.images, synsets=args.synsets, topk=args.top, device=args.device)
+    except ValueError as exc:
+        _fail(prog, EXIT_CONFIG, str(exc))
+    except (CheckpointError, BadImageError) as exc:
+        _fail(prog, EXIT_RUNTIME, str(exc))
+    except RuntimeError as exc:  # e.g. a --device torch cannot use
+        _fail(prog, EXIT_CONFIG, f"--device {args.device}: {str(exc).splitlines()[0]}")
+    print(format_predictions(preds), end="")

@@ -38,10 +38,12 @@ and bring torchvision's ``Normalize``.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +99,8 @@ def _write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Path:
 
 def _first_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _check_same(path: Path, got: torch.Tensor, want: torch.Tensor) -> None:
@@ -150,35 +153,87 @@ def _torchscript(wrapped: nn.Module, example: torch.Tensor, out: Path, log: Call
     return _write(path, lambda fh: fh.write(buf.getvalue()))
 
 
-def _onnx(wrapped: nn.Module, example: torch.Tensor, out: Path, log: Callable[[str], None]) -> Path | None:
+class MatrixAdaptivePool(nn.Module):
+    """AdaptiveAvgPool2d((out, out)) on a fixed ``size`` x ``size`` input, as ``P @ x @ P.T``.
+
+    torch.onnx's TorchScript-based exporter refuses adaptive pooling unless the input
+    size is a multiple of the output size: at 224-227 px crops conv5 gives 6x6 (an
+    identity, exported), but a 64 px crop gives 1x1 and 128 px 3x3.  The ONNX model takes a
+    fixed crop anyway, so the pool becomes two matrix products with the same windows
+    (rows of ``P`` average ``floor(i*s/out) .. ceil((i+1)*s/out)``): exact for 1x1 and
+    identity, equal to float rounding otherwise.
+    """
+
+    def __init__(self, size: int, out: int) -> None:
+        super().__init__()
+        p = torch.zeros(out, size)
+        for i in range(out):
+            lo, hi = (i * size) // out, -(-((i + 1) * size) // out)
+            p[i, lo:hi] = 1.0 / (hi - lo)
+        self.register_buffer("p", p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(torch.matmul(self.p, x), self.p.t())
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2: torch.onnx's C++ side prints the whole graph on a failed export."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _onnx(wrapped: InputNormalized, example: torch.Tensor, out: Path, log: Callable[[str], None]) -> Path | None:
     """model.onnx where the ``onnx`` package is installed; None (and a log line why) otherwise.
 
     torch.onnx needs the ``onnx`` package for either exporter: the TorchScript-based one
-    (``dynamo=False``) needs only ``onnx``; the default torch.export-based one also needs
-    ``onnxscript``.  Neither is a dependency of alexnet-train.  We try ``dynamo=False``
-    first (few requirements, LRN maps to ONNX's LRN op, opset 20 under torch 2.15), then
-    the dynamo exporter where ``onnxscript`` is present.  A failure here never fails the
-    export: model.pt is the primary artefact.
+    (``dynamo=False``, which warns that it will be removed) needs only ``onnx``; the
+    default torch.export-based one also needs ``onnxscript``.  Neither is a dependency of
+    alexnet-train.  We try ``dynamo=False`` first (fewest requirements, LRN maps to ONNX's
+    LRN op, opset 20 under torch 2.15), then the dynamo exporter where ``onnxscript`` is
+    present.  A failure here never fails the export: model.pt is the primary artefact.
     """
     if importlib.util.find_spec("onnx") is None:
         log("model.onnx skipped: torch.onnx needs the onnx package (pip install onnx)")
         return None
     path = out / "model.onnx"
+    net = wrapped.net
+    with torch.no_grad():
+        want = wrapped(example)
+        size = net.features(wrapped.mean.new_zeros(example.shape)).shape[-1]
+    pool = net.avgpool
+    target = pool.output_size[0] if isinstance(pool.output_size, tuple) else pool.output_size
     kwargs = dict(input_names=["image"], output_names=["logits"],
                   dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
     attempts = [False] + ([True] if importlib.util.find_spec("onnxscript") is not None else [])
     errors = []
-    for dynamo in attempts:
-        buf = io.BytesIO()
-        try:
-            with warnings.catch_warnings():
-                # "legacy TorchScript-based ONNX export" / "will be removed": known, and still works.
-                warnings.simplefilter("ignore")
-                torch.onnx.export(wrapped, (example,), buf, dynamo=dynamo, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - report why and go on without ONNX
-            errors.append(_first_line(exc))
-            continue
-        return _write(path, lambda fh: fh.write(buf.getvalue()))
+    try:
+        if size % target:
+            net.avgpool = MatrixAdaptivePool(size, target)
+            with torch.no_grad():
+                diff = (wrapped(example) - want).abs().max().item()
+            if not diff <= CHECK_ATOL:
+                attempts, errors = [], [f"the ONNX-friendly pooling differs by {diff:.3g}"]
+        for dynamo in attempts:
+            buf = io.BytesIO()
+            try:
+                with warnings.catch_warnings(), _quiet_stderr():
+                    # "legacy TorchScript-based ONNX export" / "will be removed": known, and it still works.
+                    warnings.simplefilter("ignore")
+                    torch.onnx.export(wrapped, (example,), buf, dynamo=dynamo, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - report why and go on without ONNX
+                errors.append(_first_line(exc))
+                continue
+            return _write(path, lambda fh: fh.write(buf.getvalue()))
+    finally:
+        net.avgpool = pool
     log(f"model.onnx skipped: torch.onnx.export failed ({'; '.join(errors)})")
     return None
 
@@ -194,9 +249,11 @@ def _torchvision_state_dict(model: nn.Module, num_classes: int, out: Path) -> Pa
     path = out / "torchvision_state_dict.pth"
     if wrong:
         raise ExportError(f"{path}: the model does not match torchvision's AlexNet ({wrong[0]})")
-    # DESIGN.md keeps torch.save in checkpoint.py; its save_checkpoint adds a "format" key,
-    # which would break torchvision's strict load, so this bare state_dict is saved here.
-    return _write(path, lambda fh: torch.save(state, fh))
+    try:
+        ckpt.save_state_dict(state, path)
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    return path
 
 
 def export_model(checkpoint: str, out_dir: str, log: Callable[[str], None] = print) -> list[Path]:
@@ -260,7 +317,8 @@ def export_model(checkpoint: str, out_dir: str, log: Callable[[str], None] = pri
             "std": list(std),
             "mean_0_1": [m / 255.0 for m in mean],
             "std_0_1": [s / 255.0 for s in std],
-            "normalization": "(x - mean) / std on the 0-255 scale; inside model.pt / model.onnx",
+            "normalization": "(x - mean) / std on the 0-255 scale: inside model.pt / model.pt2 / model.onnx, "
+                             "not in torchvision_state_dict.pth",
             "input": input_text,
         },
         "output": "logits (N, num_classes); column i is classes[i]; softmax gives probabilities",
