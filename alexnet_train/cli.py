@@ -343,11 +343,13 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
     own = [samples[i] for i in sampler.order()]  # this rank's samples, in loader order
     rows: list[tuple] = []
 
-    def record(scores: torch.Tensor, targets: torch.Tensor, bad: list) -> None:
+    def record(scores: torch.Tensor | None, targets: torch.Tensor, bad: list) -> None:
         # A batch covers the next len(targets) + len(bad) of this rank's samples, in order.
         bad_paths = {p for p, _ in bad}
         span = own[record.cursor : record.cursor + targets.shape[0] + len(bad)]
         record.cursor += len(span)
+        if scores is None:
+            return
         batch = [path for path, _ in span if path not in bad_paths]
         top = scores.topk(min(5, scores.shape[1]), dim=1).indices.tolist()
         for path, target, preds in zip(batch, targets.tolist(), top):

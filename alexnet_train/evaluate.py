@@ -83,7 +83,8 @@ def evaluate_crops(
     the cross-entropy of that average.  Crops go through the network in chunks of
     the loader's batch size, so memory is that of a centre-crop evaluation.
     ``on_batch(scores, targets, bad)`` sees each batch's final scores (ten-crop
-    probabilities, else centre logits), e.g. to write predictions.
+    probabilities, else centre logits; None when all its images were skipped), e.g.
+    to write predictions.
     """
     model.eval()
     keys = ("center", "ten_crop") if ten_crop else ("center",)
@@ -97,7 +98,9 @@ def evaluate_crops(
             bad_images(bad)
         if progress is not None:
             progress.update(1)
-        if targets.numel() == 0:
+        if targets.numel() == 0:  # every image of the batch was unreadable (and skipped)
+            if on_batch is not None:
+                on_batch(None, targets, bad)
             continue
         targets = targets.to(device, non_blocking=True)
         n = targets.shape[0]

@@ -167,7 +167,7 @@ def run(tmp_path_factory):
     for scores in (probs, ref[:, 4]):
         top = scores.sort(dim=1, descending=True).values[:, :6]
         assert (top[:, :-1] - top[:, 1:]).min() > 1e-6, "near-tie in the fixture's scores; change a seed"
-    return {"ckpt": ckpt, "val": val, "root": root, "loaded": loaded, "samples": samples,
+    return {"ckpt": ckpt, "val": val, "loaded": loaded, "samples": samples,
             "targets": torch.tensor([t for _, t in samples]), "ref": ref, "probs": probs}
 
 
@@ -210,12 +210,6 @@ def test_ten_crop_scores_are_the_mean_softmax_of_ten_separate_passes_on_torchvis
     assert_metrics(results["center"].as_dict(), metrics(ref[:, 4], targets, probs=False))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: for a JPEG whose shorter side is >= 2 x data.resize_size, ImageDataset asks decode_rgb for "
-    "min_side=resize_size and it decodes at a reduced DCT scale (PIL draft) before the resize, so the ten "
-    "(and the centre) crops are not torchvision's Resize + five_crop/hflip of the image: pixels differ by up "
-    "to ~20 levels and the averaged probabilities far beyond float tolerance (TenCropPreset's docstring "
-    "claims 'exactly Resize(256) + TenCrop(224)'; with resize 256 this hits originals >= 512 px)"))
 def test_ten_crop_is_exact_also_for_images_twice_the_resize(run, tmp_path):
     loaded = run["loaded"]
     folder = tmp_path / "big" / ALL[3]
@@ -422,7 +416,7 @@ def tv(tmp_path_factory):
         top = scores.sort(dim=1, descending=True).values[:, :6]
         assert (top[:, :-1] - top[:, 1:]).min() > 1e-6, "near-tie in the torchvision reference; change a seed"
     return {"weights": weights, "data": data, "wnids": wnids, "center": center[order], "probs": probs[order],
-            "samples": [samples[i] for i in order], "root": root}
+            "samples": [samples[i] for i in order]}
 
 
 def test_torchvision_state_dict_matches_torchvisions_own_preprocessing(tv, capsys, tmp_path):
@@ -533,10 +527,7 @@ def test_ten_crop_bad_image_under_the_error_policy_exits_1_naming_it(run, capsys
     assert not report.exists() and not preds.exists()
 
 
-@pytest.mark.parametrize("batch_size", ["4", pytest.param("1", marks=pytest.mark.xfail(strict=True, reason=(
-    "BUG: evaluate_crops `continue`s past a batch whose images are all unreadable without calling on_batch, so "
-    "eval_main's record() never advances its cursor over those paths: every later row is written under the "
-    "path of the image before it (the skipped file appears in the CSV, the last image is missing)")))])
+@pytest.mark.parametrize("batch_size", ["4", "1"])  # 1: a batch holding only the unreadable image
 def test_ten_crop_predictions_skip_a_bad_image_under_the_skip_policy(run, capsys, tmp_path, batch_size):
     state = torch.load(run["ckpt"], map_location="cpu", weights_only=True)
     state["config"]["data"]["on_bad_image"] = "skip"

@@ -73,7 +73,9 @@ class CenterPreset:
     def __init__(self, cfg: DataConfig) -> None:
         self.resize_size = cfg.resize_size
         self.crop_size = cfg.crop_size
-        self.min_side = cfg.resize_size
+        # Evaluation decodes every pixel: a DCT-scaled decode of a big JPEG would differ from
+        # torchvision's Resize by a few grey levels, and test numbers must be exact.
+        self.min_side = None
 
     def __call__(self, x: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
         return to_hwc_memory(center_crop(resize_shorter(x, self.resize_size), self.crop_size))
@@ -92,7 +94,7 @@ class TenCropPreset:
     def __init__(self, cfg: DataConfig) -> None:
         self.resize_size = cfg.resize_size
         self.crop_size = cfg.crop_size
-        self.min_side = cfg.resize_size
+        self.min_side = None  # exact, as CenterPreset
 
     def __call__(self, x: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
         x = resize_shorter(x, self.resize_size)
