@@ -191,7 +191,8 @@ def train_main(argv: Sequence[str] | None = None) -> None:
             header = "# resolved config of this run; alexnet-train --config this-file reproduces it\n"
             header += "# " + ", ".join(f"{k} {v}" for k, v in versions().items())
             header += f"\n# git {git_sha() or 'unknown'}\n"
-            (out / "config.yaml").write_text(header + dump_yaml(cfg))
+            text = header + dump_yaml(cfg)
+            ckpt.atomic_write_bytes(out / "config.yaml", lambda fh: fh.write(text.encode()))
             _trim_metrics(out / "metrics.jsonl", resume_state["epoch"] if resume_state else 0)
         tracker = Tracker(out, enabled=dist.is_main)
         if resume_state is not None:
