@@ -40,7 +40,7 @@ from torchvision.datasets import ImageFolder
 
 from alexnet_train.config import DataConfig
 from alexnet_train.data.datasets import ImageDataset, scan_image_folder
-from alexnet_train.data.loaders import EpochSampler, _worker_init
+from alexnet_train.data.loaders import EpochSampler, worker_init
 from alexnet_train.data.prepare import prepare_tree
 from alexnet_train.data.transforms import TrainPreset, collate_hwc
 
@@ -50,7 +50,7 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 def torchvision_loader(root: str, batch: int, workers: int) -> DataLoader:
     tf = T.Compose([T.Resize(256), T.RandomCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
     return DataLoader(ImageFolder(root, tf), batch_size=batch, shuffle=True, num_workers=workers,
-                      worker_init_fn=_worker_init if workers else None, persistent_workers=workers > 0)
+                      worker_init_fn=worker_init if workers else None, persistent_workers=workers > 0)
 
 
 def our_loader(root: str, batch: int, workers: int) -> DataLoader:
@@ -58,7 +58,7 @@ def our_loader(root: str, batch: int, workers: int) -> DataLoader:
     sampler = EpochSampler(len(samples), seed=0)
     return DataLoader(ImageDataset(samples, TrainPreset(DataConfig())), batch_size=batch, sampler=sampler,
                       collate_fn=collate_hwc, num_workers=workers,
-                      worker_init_fn=_worker_init if workers else None, persistent_workers=workers > 0)
+                      worker_init_fn=worker_init if workers else None, persistent_workers=workers > 0)
 
 
 def images_per_s(loader: DataLoader, repeats: int) -> tuple[float, int]:

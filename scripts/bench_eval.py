@@ -38,7 +38,7 @@ from torchvision.datasets import ImageFolder
 
 from alexnet_train.config import DataConfig
 from alexnet_train.data.datasets import ImageDataset, scan_image_folder
-from alexnet_train.data.loaders import EpochSampler, _worker_init
+from alexnet_train.data.loaders import EpochSampler, worker_init
 from alexnet_train.data.transforms import BatchPreprocess, TenCropPreset, collate_hwc
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -48,14 +48,14 @@ def torchvision_loader(root: str, batch: int, workers: int) -> DataLoader:
     per_crop = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
     tf = T.Compose([T.Resize(256), T.TenCrop(224), T.Lambda(lambda crops: torch.stack([per_crop(c) for c in crops]))])
     return DataLoader(ImageFolder(root, tf), batch_size=batch, num_workers=workers,
-                      worker_init_fn=_worker_init if workers else None, persistent_workers=workers > 0)
+                      worker_init_fn=worker_init if workers else None, persistent_workers=workers > 0)
 
 
 def our_loader(root: str, batch: int, workers: int) -> DataLoader:
     _classes, samples = scan_image_folder(root)
     return DataLoader(ImageDataset(samples, TenCropPreset(DataConfig())), batch_size=batch,
                       sampler=EpochSampler(len(samples), shuffle=False), collate_fn=collate_hwc,
-                      num_workers=workers, worker_init_fn=_worker_init if workers else None,
+                      num_workers=workers, worker_init_fn=worker_init if workers else None,
                       persistent_workers=workers > 0)
 
 

@@ -35,7 +35,7 @@ from torchvision.datasets import ImageFolder
 
 from alexnet_train.config import load_config, replace
 from alexnet_train.data.datasets import scan_image_folder
-from alexnet_train.data.loaders import Splits, _worker_init
+from alexnet_train.data.loaders import Splits, worker_init
 from alexnet_train.distributed import DistInfo
 from alexnet_train.evaluate import topk_correct
 from alexnet_train.model import build_model
@@ -55,7 +55,7 @@ def plain_loop(cfg, data: str, steps: int, warmup: int) -> float:
     tf = T.Compose([T.RandomResizedCrop(cfg.data.crop_size), T.RandomHorizontalFlip(), T.ToTensor(),
                     T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
     loader = DataLoader(ImageFolder(data, tf), batch_size=cfg.data.batch_size, shuffle=True,
-                        num_workers=cfg.data.workers, worker_init_fn=_worker_init if cfg.data.workers else None,
+                        num_workers=cfg.data.workers, worker_init_fn=worker_init if cfg.data.workers else None,
                         drop_last=True)
     model.train()
     seen, start, step = 0, None, 0

@@ -80,7 +80,7 @@ def resolve_splits(cfg: DataConfig, need_train: bool = True) -> Splits:
     return Splits(classes, train, val)
 
 
-def _worker_init(_worker_id: int) -> None:
+def worker_init(_worker_id: int) -> None:
     # PIL decodes on one thread; torch's intra-op pool in every worker only oversubscribes the cores.
     torch.set_num_threads(1)
 
@@ -96,7 +96,7 @@ def make_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
-        worker_init_fn=_worker_init if workers > 0 else None,
+        worker_init_fn=worker_init if workers > 0 else None,
         prefetch_factor=4 if workers > 0 else None,
         # Every iterator draws a base seed from this generator; from the global one it
         # would shift dropout's random stream with the worker count and resume point.

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .datasets import DataError, _images_under
 from .decode import decode_rgb
+from .loaders import worker_init
 from .transforms import resize_shorter
 
 
@@ -52,10 +53,6 @@ class _Moments(Dataset):
         return px.shape[1], px.sum(dim=1), px @ px.T
 
 
-def _worker_init(_worker_id: int) -> None:
-    torch.set_num_threads(1)
-
-
 def compute_stats(
     data_dir: str,
     samples: int = 10000,
@@ -75,7 +72,7 @@ def compute_stats(
     if samples < len(paths):
         paths = sorted(random.Random(seed).sample(paths, samples))
     loader = DataLoader(_Moments(paths, resize_size), batch_size=None, num_workers=workers,
-                        worker_init_fn=_worker_init if workers else None)
+                        worker_init_fn=worker_init if workers else None)
     bar = progress(len(paths)) if progress is not None else None
     count = 0
     total = torch.zeros(3, dtype=torch.float64)
