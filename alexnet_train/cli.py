@@ -294,7 +294,7 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
     from .data.datasets import BadImages, ImageDataset, TooManyBadImages, check_dir, labelled_samples
     from .data.loaders import EpochSampler, make_loader
     from .data.transforms import BatchPreprocess, CenterPreset, TenCropPreset
-    from .distributed import DistInfo
+    from .distributed import DistInfo, all_reduce_sum
     from .evaluate import evaluate_crops
     from .inference import load_for_inference
     from .tracking import Tracker
@@ -358,19 +358,13 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
 
     record.cursor = 0
 
-    def all_reduce(t: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as tdist
-
-        tdist.all_reduce(t)
-        return t
-
     bad = BadImages(data_cfg.on_bad_image, data_cfg.max_bad_fraction, {"val": len(samples)}, tracker.log)
     started = time.monotonic()
     try:
         with tracker.progress(len(loader), "eval ten-crop" if args.ten_crop else "eval center", interval=50) as bar:
             results = evaluate_crops(
                 loaded.model, loader, BatchPreprocess(data_cfg, device), device, ten_crop=args.ten_crop,
-                progress=bar, all_reduce=all_reduce if dist.distributed else None,
+                progress=bar, all_reduce=all_reduce_sum if dist.distributed else None,
                 bad_images=lambda b: bad.check(b, "val"), on_batch=record if args.predictions else None,
                 amp_dtype=amp_dtype,
             )

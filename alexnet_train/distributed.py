@@ -4,7 +4,7 @@ Usage::
 
     dist = DistInfo.from_env()      # rank 0 of 1 when not launched by torchrun
     if dist.is_main: write_logs()
-    model = unwrap(wrapped)          # always save the bare model
+    totals = all_reduce_sum(totals)  # exact metrics over the shards of a val set
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from torch import nn
+import torch
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,9 @@ class DistInfo:
             raise ValueError(f"torchrun environment: {exc}") from None
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DataParallel / DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) or (
-            type(model).__name__ == "FeaturesDataParallel"
-        ):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all processes of the initialised group (in place) and return it."""
+    import torch.distributed as tdist
+
+    tdist.all_reduce(t)
+    return t

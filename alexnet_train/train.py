@@ -33,7 +33,7 @@ from .config import Config, ScheduleConfig, config_to_dict
 from .data.datasets import BadImages
 from .data.loaders import Loaders, Splits, build_loaders
 from .data.transforms import BatchPreprocess
-from .distributed import DistInfo
+from .distributed import DistInfo, all_reduce_sum
 from .evaluate import EvalResult, evaluate
 from .model import build_model
 from .tracking import Tracker
@@ -464,22 +464,15 @@ class Trainer:
                                    self.cfg.train.log_interval) as bar:
             try:
                 return evaluate(self.net, _until(loader, stop), self.preprocess, self.device, progress=bar,
-                                all_reduce=self._all_reduce if self.dist.distributed else None,
+                                all_reduce=all_reduce_sum if self.dist.distributed else None,
                                 bad_images=lambda bad: self._check_bad(bad, "val"))
             except RuntimeError:
                 if stop.signum is not None:  # stopped before the first batch
                     return None
                 raise
 
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as tdist
-
-        tdist.all_reduce(t)
-        return t
-
     def run(self) -> FitResult:
         cfg, tracker = self.cfg, self.tracker
-        stopped_early = self.policy.should_stop
         with _StopFlag(tracker.log) as stop:
             while self.epoch < cfg.train.epochs and not self.policy.should_stop:
                 lr = self.policy.lr
@@ -525,7 +518,6 @@ class Trainer:
                 self.save(tuple(names))
                 if stop.signum is not None:
                     raise Interrupted(stop.signum, self.out_dir / "last.pth")
-            stopped_early = self.policy.should_stop
         if self.last_eval is not None:
             tracker.hparams(
                 {"arch": cfg.model.arch, "groups": cfg.model.groups, "init": cfg.model.init, "lr": cfg.optim.lr,
@@ -534,7 +526,7 @@ class Trainer:
                 {"hparam/best_top1": self.best_top1, "hparam/val_top1": self.last_eval.top1,
                  "hparam/val_top5": self.last_eval.top5},
             )
-        return FitResult(self.epoch, self.best_top1, self.last_eval, stopped_early)
+        return FitResult(self.epoch, self.best_top1, self.last_eval, self.policy.should_stop)
 
 
 def _until(loader, stop: _StopFlag):
