@@ -310,6 +310,8 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
             device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise DataError("--device: cuda requested but no CUDA device is available")
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         loaded = load_for_inference(args.checkpoint, device)
         cfg = loaded.config
         if args.data is None and cfg is None:

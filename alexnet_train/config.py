@@ -222,6 +222,9 @@ class TrainConfig:
     channels_last: bool = False
     # torch.compile the model (a notice and eager mode where it is unavailable).
     compile: bool = False
+    # On CUDA, float32 matrix products and convolutions on TF32 tensor cores (10-bit
+    # mantissa; PyTorch's own default leaves matmuls in full float32).
+    tf32: bool = True
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "log_interval")

@@ -141,6 +141,13 @@ def resolve_device(kind: str) -> torch.device:
     return torch.device(kind)
 
 
+def configure_cuda(tf32: bool) -> None:
+    """cuDNN autotuning (the input size is fixed) and the TF32 choice for float32 work."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
 def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool) -> list[dict]:
     if decay_biases:
         return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
@@ -258,6 +265,8 @@ class Trainer:
         self.cfg, self.splits, self.out_dir, self.tracker = cfg, splits, out_dir, tracker
         self.dist = dist or DistInfo()
         self.device = resolve_device(cfg.train.device)
+        if self.device.type == "cuda":
+            configure_cuda(cfg.train.tf32)
         if self.device.type == "cpu" and cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         seed = cfg.train.seed

@@ -171,3 +171,17 @@ def test_ddp_two_nodes_on_loopback(tree, tmp_path):
     rows = metrics(out)
     assert len(rows) == 1 and rows[0]["val_images"] == 9
     assert rows[0]["val_top1"] == pytest.approx(_single_process_eval(out / "last.pth", val, tmp_path)["top1"])
+
+
+def test_configure_cuda_sets_autotuning_and_the_tf32_choice():
+    from alexnet_train.train import configure_cuda
+
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        configure_cuda(tf32=False)
+        assert torch.backends.cudnn.benchmark is True
+        assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
+        configure_cuda(tf32=True)
+        assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
