@@ -2,7 +2,7 @@
 """Training-step throughput: our trainer against a plain pytorch/examples-style loop, in one run.
 
     python scripts/bench_train.py --data ../shared/data/imagenet-sample-1k [--config configs/paper.yaml]
-                                  [--set KEY=VALUE ...] [--steps 20] [--workers 2]
+                                  [--set KEY=VALUE ...] [--steps 20] [--workers 2] [--device cpu|cuda]
 
 Both sides train the same model (built from the config), at the same batch
 size, on the same ImageFolder, with the same number of loader workers and
@@ -12,7 +12,9 @@ torch threads:
   ``ImageFolder`` with PIL transforms to normalised float tensors (the
   config's crop; RandomResizedCrop + flip there, the same here), ``model(x)``,
   ``CrossEntropyLoss``, ``zero_grad``/``backward``/``step``, and its per-step
-  bookkeeping (``loss.item()`` and top-1/top-5 accuracy every step);
+  bookkeeping (``loss.item()`` and top-1/top-5 accuracy every step); on
+  CUDA, as there, pinned batches copied with ``non_blocking`` and AlexNet's
+  ``features`` wrapped in ``DataParallel``, in float32;
 - ours: ``Trainer.train_epoch`` as ``alexnet-train`` runs it: uint8 workers,
   device-side normalisation and PCA noise, one host sync per log interval.
 
@@ -45,10 +47,14 @@ from alexnet_train.train import Trainer, _StopFlag
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def plain_loop(cfg, data: str, steps: int, warmup: int) -> float:
+def plain_loop(cfg, data: str, steps: int, warmup: int, device: torch.device) -> float:
     """images/s of a pytorch/examples-style training loop."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
+    cuda = device.type == "cuda"
+    if cuda:
+        model.features = torch.nn.DataParallel(model.features)
+    model.to(device)
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay)
@@ -56,14 +62,18 @@ def plain_loop(cfg, data: str, steps: int, warmup: int) -> float:
                     T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
     loader = DataLoader(ImageFolder(data, tf), batch_size=cfg.data.batch_size, shuffle=True,
                         num_workers=cfg.data.workers, worker_init_fn=worker_init if cfg.data.workers else None,
-                        drop_last=True)
+                        drop_last=True, pin_memory=cuda)
     model.train()
     seen, start, step = 0, None, 0
     losses, top1, top5 = [], [], []  # main.py's AverageMeters
     while step < warmup + steps:
         for images, target in loader:
             if step == warmup:
+                if cuda:
+                    torch.cuda.synchronize()
                 start = time.perf_counter()
+            images = images.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
             output = model(images)
             loss = criterion(output, target)
             c1, c5 = topk_correct(output, target)
@@ -78,6 +88,8 @@ def plain_loop(cfg, data: str, steps: int, warmup: int) -> float:
                 seen += target.shape[0]
             if step == warmup + steps:
                 break
+    if cuda:
+        torch.cuda.synchronize()
     return seen / (time.perf_counter() - start)
 
 
@@ -97,8 +109,12 @@ def our_loop(cfg, data: str, steps: int, warmup: int) -> float:
             result = original_update(*a, **k)
             done = trainer.step_in_epoch + 1
             if done == warmup:
+                if trainer.device.type == "cuda":
+                    torch.cuda.synchronize()
                 timings["start"] = time.perf_counter()
             if done == warmup + steps:
+                if trainer.device.type == "cuda":
+                    torch.cuda.synchronize()
                 timings["end"] = time.perf_counter()
             return result
 
@@ -118,15 +134,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
     classes, _ = scan_image_folder(args.data)
     cfg = load_config(args.config, [f"model.num_classes={len(classes)}", f"data.workers={args.workers}",
-                                    f"data.batch_size={args.batch_size}", "train.device=cpu", *args.overrides])
+                                    f"data.batch_size={args.batch_size}", f"train.device={args.device}", *args.overrides])
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True  # main.py sets it too; the trainer sets it on CUDA
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"model {cfg.model.arch} (groups {cfg.model.groups}), batch {cfg.data.batch_size}, crop {cfg.data.crop_size}, "
-          f"{cfg.data.workers} workers, {torch.get_num_threads()} torch threads, {args.steps} timed steps")
-    plain = plain_loop(cfg, args.data, args.steps, args.warmup)
+          f"{cfg.data.workers} workers, {torch.get_num_threads()} torch threads, {args.steps} timed steps, on {name}; "
+          f"ours: amp {cfg.train.amp}, channels_last {cfg.train.channels_last}, tf32 {cfg.train.tf32}")
+    plain = plain_loop(cfg, args.data, args.steps, args.warmup, device)
     print(f"plain (pytorch/examples style): {plain:8.1f} images/s", flush=True)
     ours = our_loop(cfg, args.data, args.steps, args.warmup)
     print(f"ours (alexnet-train):           {ours:8.1f} images/s", flush=True)

@@ -1,13 +1,15 @@
 """The benchmark scripts run end to end on a tiny tree and end with their speedup line (no timing asserted)."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from .conftest import CLASSES, REPO, write_image_folder
+from .conftest import CLASSES, REPO, read_metrics, tiny_overrides, write_image_folder
 
 pytestmark = pytest.mark.slow
 
@@ -46,3 +48,48 @@ def test_bench_scripts_name_a_missing_folder(tmp_path):
         done = subprocess.run([sys.executable, str(REPO / "scripts" / name), "--data", str(tmp_path / "nope")],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "nope" in done.stderr
+
+
+def test_bench_model_prints_every_variant_and_the_epoch_time():
+    out = run_script("bench_model.py", "--device", "cpu", "--archs", "torchvision", "--amps", "none", "tf32",
+                     "--batch-size", "2", "--steps", "1", "--warmup", "1")
+    rows = [line for line in out.splitlines() if "images/s" in line]
+    # the baseline, then none/tf32 x NCHW/channels_last
+    assert len(rows) == 5 and rows[0].startswith("baseline") and all("min/epoch" in r for r in rows)
+    assert re.search(r"^speedup: \d+\.\d\d$", out.splitlines()[-1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this box has a GPU")
+def test_bench_scripts_refuse_cuda_without_a_gpu(tree):
+    for args in (["bench_train.py", "--data", str(tree)], ["bench_model.py"]):
+        done = subprocess.run([sys.executable, str(REPO / "scripts" / args[0]), *args[1:], "--device", "cuda"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "no CUDA device" in done.stderr, args[0]
+
+
+def test_init_study_runs_each_variant_and_reports_the_curves(tmp_path):
+    train = write_image_folder(tmp_path / "train", CLASSES, 6, seed=1)
+    val = write_image_folder(tmp_path / "val", CLASSES, 2, seed=2)
+    sets = [s for s in tiny_overrides(train, val, len(CLASSES))
+            if not s.startswith(("model.init=", "data.normalize=", "train.epochs="))]
+    out = run_script("init_study.py", "--config", str(REPO / "configs" / "tiny-imagenet.yaml"), "--epochs", "2",
+                     "--variants", "paper:paper", "kaiming:torchvision", "--out", str(tmp_path / "study"),
+                     "--json", str(tmp_path / "study.json"), "--set", *sets)
+    curves = json.loads((tmp_path / "study.json").read_text())
+    assert set(curves) == {"paper:paper", "kaiming:torchvision"}
+    for name, r in curves.items():
+        assert r["rc"] == 0 and len(r["val_top1"]) == 2 and len(r["val_top5"]) == 2
+        metrics = read_metrics(tmp_path / "study" / name.replace(":", "-"))
+        assert [m["val_top1"] for m in metrics] == r["val_top1"]
+    # each run really used its variant's init and normalisation
+    saved = (tmp_path / "study" / "paper-paper" / "config.yaml").read_text()
+    assert "init: paper" in saved and "normalize: paper" in saved
+    table = out[out.index("val top-1 (%) per epoch"):]
+    assert re.search(r"^\s+2\s+\d+\.\d\s+\d+\.\d$", table, flags=re.M)
+    assert "kaiming:torchvision  first epoch >= 2x chance" in out
+
+
+def test_init_study_rejects_a_bad_variant_before_running(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "init_study.py"), "--variants", "he:paper",
+                           "--out", str(tmp_path / "s")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "model.init" in done.stderr and not (tmp_path / "s").exists()

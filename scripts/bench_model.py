@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Model-only training-step throughput on one device: what the GPU can do when data is free.
+
+    python scripts/bench_model.py [--device cuda] [--batch-size 128] [--steps 50]
+                                  [--archs paper torchvision] [--compile]
+
+Every variant runs one SGD step (forward, cross-entropy, backward, momentum
+update; weight decay 5e-4) on a batch that already lives on the device, so
+the number is the model's ceiling, not the pipeline's: ``bench_train.py``
+measures the whole thing.  The baseline is ``torchvision.models.alexnet`` in
+float32, NCHW, PyTorch's default precision (TF32 for convolutions, not for
+matrix products), stepped the way pytorch/examples' ``imagenet/main.py`` does;
+each of ours is built by ``build_model`` from ``configs/<arch>.yaml`` and
+stepped the way ``alexnet-train`` does (``train.tf32``, ``train.amp`` autocast, float32 loss,
+GradScaler for fp16, optional ``channels_last``).  Every row prints its
+images/s, its ratio to the baseline and the ImageNet epoch (1,281,167
+images) it implies if the loader keeps up; the last line is
+``speedup: <best of ours / baseline>``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from alexnet_train.config import load_config
+from alexnet_train.model import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGENET_TRAIN = 1_281_167  # ILSVRC-2012 training images: one epoch
+
+
+def epoch_minutes(rate: float) -> str:
+    return f"{IMAGENET_TRAIN / rate / 60:7.1f} min/epoch"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_second(model: torch.nn.Module, device: torch.device, batch: int, steps: int, warmup: int,
+                      amp: str = "none", channels_last: bool = False, crop: int = 224) -> float:
+    model = model.to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    dtype = {"none": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    torch.backends.cuda.matmul.allow_tf32 = amp == "tf32"  # PyTorch's default: off (cuDNN's: on)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, 3, crop, crop, device=device, generator=gen).contiguous(memory_format=fmt)
+    y = torch.randint(0, model_classes(model), (batch,), device=device, generator=gen)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+def model_classes(model: torch.nn.Module) -> int:
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    return last.out_features
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--archs", nargs="+", default=["paper", "torchvision"], choices=["paper", "torchvision"])
+    p.add_argument("--amps", nargs="+", default=["none", "tf32", "bf16"], choices=["none", "tf32", "bf16", "fp16"],
+                   help="none: float32 with PyTorch's defaults; tf32: float32 with TF32 matmuls (train.tf32, "
+                        "alexnet-train's default on CUDA); bf16/fp16: train.amp")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd variants")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{name}, torch {torch.__version__}, batch {args.batch_size}, {args.steps} timed steps after {args.warmup}")
+
+    torch.manual_seed(0)
+    base = images_per_second(torchvision.models.alexnet(), device, args.batch_size, args.steps, args.warmup)
+    print(f"{'baseline: torchvision.models.alexnet, float32':58s} {base:9.1f} images/s  1.00x  "
+          f"{epoch_minutes(base)}", flush=True)
+    best = 0.0
+    for arch in args.archs:
+        cfg = load_config(ROOT / "configs" / f"{arch}.yaml")
+        for amp in args.amps:
+            for cl in (False, True):
+                for comp in (False, True) if args.compile else (False,):
+                    torch.manual_seed(0)
+                    model = build_model(cfg.model)
+                    if comp:
+                        model = torch.compile(model)
+                    rate = images_per_second(model, device, args.batch_size, args.steps, args.warmup, amp, cl)
+                    best = max(best, rate)
+                    label = f"ours: {arch}, {amp}{', channels_last' if cl else ''}{', compiled' if comp else ''}"
+                    print(f"{label:58s} {rate:9.1f} images/s  {rate / base:.2f}x  {epoch_minutes(rate)}", flush=True)
+    print(f"speedup: {best / base:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
