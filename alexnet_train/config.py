@@ -61,7 +61,8 @@ class DataConfig:
     hflip: bool = True
     # Std of the paper's PCA colour noise (alpha ~ N(0, pca_std)); 0 turns it off.
     pca_std: float = 0.1
-    # paper: subtract the mean pixel (0-255 scale); torchvision: (x - mean) / std.
+    # paper: subtract the mean pixel (0-255 scale); torchvision: (x - mean) / std
+    # (what model.init=kaiming needs: He init on 0-255 inputs diverges).
     normalize: Literal["paper", "torchvision"] = "paper"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -109,8 +110,9 @@ class ModelConfig:
     groups: int = 1
     # paper: N(0, 0.01), bias 1 in conv2/4/5 and FC6/7; caffe: bvlc_alexnet's
     # (N(0, 0.01) convs, N(0, 0.005) FC6/7, bias 0.1); kaiming: He-normal for ReLUs;
-    # torch: PyTorch's defaults.
-    init: Literal["paper", "caffe", "kaiming", "torch"] = "paper"
+    # torch: PyTorch's defaults.  caffe by default: the paper's own init sat at
+    # chance in every measurement (scripts/init_study.py, README "Initialisation").
+    init: Literal["paper", "caffe", "kaiming", "torch"] = "caffe"
     dropout: float = 0.5
     # arch=custom only (ignored, with a notice, by paper/torchvision): five conv
     # widths, two FC widths, LRN after conv1/conv2.

@@ -13,6 +13,7 @@ from alexnet_train.config import (
     dump_yaml,
     load_config,
     parse_override,
+    replace,
 )
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -23,6 +24,7 @@ def test_defaults_are_the_paper_recipe():
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.01, 0.9, 5e-4)
     assert cfg.data.batch_size == 128 and cfg.data.crop_size == 224 and cfg.data.resize_size == 256
     assert cfg.schedule.kind == "plateau" and cfg.schedule.factor == 0.1 and cfg.schedule.max_reductions == 3
+    assert cfg.model.init == "caffe" and cfg.data.normalize == "paper"  # as configs/paper.yaml
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -34,10 +36,15 @@ def test_every_shipped_config_loads_and_round_trips(path: Path):
 
 def test_shipped_configs_cover_the_three_recipes():
     names = {p.name for p in CONFIGS}
-    assert {"paper.yaml", "torchvision.yaml", "demo.yaml"} <= names
+    assert {"paper.yaml", "paper-literal.yaml", "torchvision.yaml", "demo.yaml"} <= names
     paper = load_config(CONFIGS[0].parent / "paper.yaml")
-    assert paper.model.arch == "paper" and paper.model.groups == 2 and paper.model.init == "paper"
+    assert paper.model.arch == "paper" and paper.model.groups == 2
+    assert paper.model.init == "caffe" and paper.data.normalize == "paper"  # measured: see init_study.py
     assert paper.data.batch_size == 128 and paper.train.epochs == 90 and paper.schedule.kind == "plateau"
+    # paper-literal.yaml is paper.yaml with the paper's own init, nothing else changed
+    literal = load_config(CONFIGS[0].parent / "paper-literal.yaml")
+    assert literal.model.init == "paper"
+    assert replace(replace(literal, "model", init="caffe"), "train", out_dir=paper.train.out_dir) == paper
     tv = load_config(CONFIGS[0].parent / "torchvision.yaml")
     assert tv.model.arch == "torchvision" and tv.data.normalize == "torchvision" and tv.optim.weight_decay == 1e-4
 

@@ -74,7 +74,7 @@ def test_lrn_follows_the_papers_formula():
 
 def test_paper_init_statistics_and_biases():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch="paper", groups=2))
+    model = build_model(ModelConfig(arch="paper", groups=2, init="paper"))
     convs, fcs = model.convs(), model.fcs()
     for layer in convs + fcs:
         assert layer.weight.std().item() == pytest.approx(0.01, rel=0.05)
