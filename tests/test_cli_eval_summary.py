@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,15 @@ def test_summary_bad_key_exits_2(capsys):
     code, err = exits(capsys, summary_main, "--config", str(CONFIGS / "paper.yaml"), "--set", "model.foo=1")
     assert code == 2
     one_line(err, "alexnet-summary", "model.foo")
+
+
+def test_python_dash_m_runs_every_command_by_name():
+    """``python -m alexnet_train [COMMAND]``: the torchrun-friendly form of the console scripts."""
+    done = subprocess.run([sys.executable, "-m", "alexnet_train", "summary", "--config", str(CONFIGS / "paper.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "60,965,224" in done.stdout, done.stderr
+    done = subprocess.run([sys.executable, "-m", "alexnet_train", "--config", str(CONFIGS / "paper.yaml"),
+                           "--print-config"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "init: caffe" in done.stdout, done.stderr  # no command name: train
+    done = subprocess.run([sys.executable, "-m", "alexnet_train", "eval"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("usage: alexnet-eval")

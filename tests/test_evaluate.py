@@ -478,7 +478,8 @@ def test_ddp_ten_crop_eval_counts_every_image_once_and_matches_one_process(run, 
                               capsys)
     assert code == 0, err
     ddp_json, ddp_csv = tmp_path / "ddp.json", tmp_path / "ddp.csv"
-    cmd = [console_script("torchrun"), "--standalone", "--nproc_per_node", "2", console_script("alexnet-eval"),
+    # the README's form: torchrun -m alexnet_train eval (works where console scripts are pyenv shims)
+    cmd = [console_script("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "alexnet_train", "eval",
            str(run["ckpt"]), "--data", str(run["val"]), "--ten-crop", "--json", str(ddp_json),
            "--predictions", str(ddp_csv), "--device", "cpu", "--batch-size", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
