@@ -76,6 +76,12 @@ def _check_resume_config(saved: dict, cfg, log: Callable[[str], None]) -> None:
             old = old_values.get(key)
             if old == value or section == "data" and key in ("train_dir", "val_dir") and old is not None:
                 continue
+            if section == "model" and key == "init":
+                # Only a fresh run draws weights: the checkpoint's are kept (and a config
+                # that changed its default init, as paper.yaml did, still resumes).
+                log(f"notice: model.init changed since the checkpoint: {old!r} -> {value!r}; "
+                    "it applies to fresh runs only, the checkpoint's weights are used")
+                continue
             if section == "model":
                 raise _ConfigProblem(
                     f"model.{key}: is {value!r} but the checkpoint was trained with {old!r}; "

@@ -387,6 +387,22 @@ def test_resume_with_a_different_model_exits_2_naming_the_key(image_tree, capsys
     assert [r["epoch"] for r in metrics(out)] == [1]
 
 
+def test_resume_with_another_init_continues_from_the_checkpoints_weights(image_tree, capsys, tmp_path):
+    # paper.yaml's init changed from paper to caffe: runs started before must still resume.
+    train, val, _ = image_tree
+    out = tmp_path / "OUT"
+    train_ok(capsys, *train_args(train, val, out, epochs=1))
+    second = train_ok(capsys, *train_args(train, val, out, "model.init=paper", epochs=2))
+    assert "notice: model.init changed since the checkpoint: 'kaiming' -> 'paper'" in second
+    assert "resuming from" in second and "epoch 2/2:" in second
+    assert [r["epoch"] for r in metrics(out)] == [1, 2]
+    # nothing was re-drawn: the weights equal those of an uninterrupted 2-epoch run (exact resume on CPU)
+    straight = tmp_path / "STRAIGHT"
+    train_ok(capsys, *train_args(train, val, straight, epochs=2))
+    resumed, reference = load(out / "last.pth")["model"], load(straight / "last.pth")["model"]
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
 # --------------------------------------------------------------------------- learning
 
 
