@@ -143,3 +143,9 @@ class Tracker:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    """The rows :meth:`Tracker.epoch_metrics` wrote to ``OUT/metrics.jsonl``, one dict per epoch."""
+    text = (Path(out_dir) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -43,6 +43,7 @@ from alexnet_train.config import ConfigError, load_config
 from alexnet_train.data.datasets import ImageDataset, scan_image_folder
 from alexnet_train.data.transforms import BatchPreprocess, CenterPreset, collate_hwc
 from alexnet_train.model import build_model
+from alexnet_train.tracking import read_metrics
 
 DEFAULT_VARIANTS = ["paper:paper", "caffe:paper", "torch:paper", "kaiming:torchvision", "paper:torchvision"]
 
@@ -56,13 +57,6 @@ def start(variant: str, args, out: Path) -> tuple[subprocess.Popen, float]:
     log = open(out / f"{init}-{norm}.log", "w")
     print("$", " ".join(cmd), flush=True)
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time()
-
-
-def curve(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @torch.no_grad()
@@ -139,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is not None:
                 del running[v]
                 init, norm = v.split(":")
-                rows = curve(out / f"{init}-{norm}")
+                run_dir = out / f"{init}-{norm}"
+                rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
                 results[v] = {"rc": proc.returncode, "seconds": round(time.time() - t0, 1),
                               "val_top1": [r["val_top1"] for r in rows], "val_top5": [r["val_top5"] for r in rows]}
                 print(f"{v}: exit {proc.returncode} after {results[v]['seconds']} s, {len(rows)} epochs", flush=True)

@@ -35,6 +35,7 @@ from torchvision import datasets, transforms
 
 from alexnet_train.config import load_config
 from alexnet_train.model import build_model
+from alexnet_train.tracking import read_metrics
 
 # pytorch/examples imagenet/main.py's normalisation (0-1 scale).
 TV_MEAN = [0.485, 0.456, 0.406]
@@ -65,7 +66,7 @@ def run_ours(config: str, out: Path, sets: list[str]) -> tuple[list[dict], dict,
     if rc != 0:
         raise SystemExit(f"alexnet-train exited with {rc}")
     train_s = time.time() - t0
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = read_metrics(out)
     eval_json = out / "eval.json"
     cmd = ["alexnet-eval", str(out / "best.pth"), "--ten-crop", "--json", str(eval_json)]
     print("$", " ".join(cmd), flush=True)
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.set)
     out = Path(args.out)
     if args.skip_ours:
-        ours = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        ours = read_metrics(out)
         ours_final, ours_s = json.loads((out / "eval.json").read_text()), float("nan")
     else:
         ours, ours_final, ours_s = run_ours(args.config, out, args.set)
