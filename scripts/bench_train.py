@@ -47,6 +47,13 @@ from alexnet_train.train import Trainer, _StopFlag
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def clock(device: torch.device) -> float:
+    """perf_counter once the device has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def plain_loop(cfg, data: str, steps: int, warmup: int, device: torch.device) -> float:
     """images/s of a pytorch/examples-style training loop."""
     torch.manual_seed(cfg.train.seed)
@@ -69,9 +76,7 @@ def plain_loop(cfg, data: str, steps: int, warmup: int, device: torch.device) ->
     while step < warmup + steps:
         for images, target in loader:
             if step == warmup:
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
+                start = clock(device)
             images = images.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
             output = model(images)
@@ -88,9 +93,7 @@ def plain_loop(cfg, data: str, steps: int, warmup: int, device: torch.device) ->
                 seen += target.shape[0]
             if step == warmup + steps:
                 break
-    if cuda:
-        torch.cuda.synchronize()
-    return seen / (time.perf_counter() - start)
+    return seen / (clock(device) - start)
 
 
 def our_loop(cfg, data: str, steps: int, warmup: int) -> float:
@@ -109,13 +112,9 @@ def our_loop(cfg, data: str, steps: int, warmup: int) -> float:
             result = original_update(*a, **k)
             done = trainer.step_in_epoch + 1
             if done == warmup:
-                if trainer.device.type == "cuda":
-                    torch.cuda.synchronize()
-                timings["start"] = time.perf_counter()
+                timings["start"] = clock(trainer.device)
             if done == warmup + steps:
-                if trainer.device.type == "cuda":
-                    torch.cuda.synchronize()
-                timings["end"] = time.perf_counter()
+                timings["end"] = clock(trainer.device)
             return result
 
         trainer.optimizer.step = step_hook
