@@ -572,3 +572,74 @@ def predict_main(argv: Sequence[str] | None = None) -> None:
     except RuntimeError as exc:  # e.g. a --device torch cannot use
         _fail(prog, EXIT_CONFIG, f"--device {args.device}: {str(exc).splitlines()[0]}")
     print(format_predictions(preds), end="")
+
+
+# --------------------------------------------------------------------------- alexnet-data
+
+
+def data_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="alexnet-data",
+        description="Download, verify and lay out a public dataset as the ImageFolder tree alexnet-train "
+                    "reads: DIR/train/<wnid>/, DIR/val/<wnid>/ and DIR/synset_words.txt. Re-running resumes "
+                    "a cut download or unpack; a half-made tree is never left in DIR.",
+    )
+    sub = p.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+
+    def common(sp: argparse.ArgumentParser, archive: bool = True) -> None:
+        sp.add_argument("dir", metavar="DIR", help="where the tree goes (created), e.g. data/tiny-imagenet-200")
+        if archive:
+            sp.add_argument("--from", dest="source", metavar="ARCHIVE",
+                            help="use this archive instead of downloading it (it is verified too)")
+            sp.add_argument("--keep-archive", action="store_true",
+                            help="keep the downloaded archive in DIR/.alexnet-data/downloads")
+        sp.add_argument("--no-verify", action="store_true",
+                        help="skip the published-MD5 check (for a repacked or mirrored archive of the same layout)")
+
+    tiny = sub.add_parser("tiny-imagenet", help="Tiny ImageNet 200 (CS231n; 200 classes, 64x64, 500 train + "
+                                                "50 val per class, 248 MB)")
+    common(tiny)
+    nette = sub.add_parser("imagenette", help="fast.ai's Imagenette (10 ImageNet classes, ~9.5k train / 3.9k val)")
+    common(nette)
+    nette.add_argument("--size", default="320", choices=["full", "320", "160"],
+                       help="shorter side of the images: full (1.5 GB), 320 (326 MB, default) or 160 (94 MB)")
+    ils = sub.add_parser("ilsvrc", help="ILSVRC-2012 from image-net.org's tar files (you download them; "
+                                        "they need a login)")
+    common(ils, archive=False)
+    ils.add_argument("--train-tar", metavar="FILE", help="ILSVRC2012_img_train.tar (138 GB, a tar of per-class tars)")
+    ils.add_argument("--val-tar", metavar="FILE", help="ILSVRC2012_img_val.tar (6.3 GB, 50,000 flat JPEGs)")
+    ils.add_argument("--devkit", metavar="FILE", help="ILSVRC2012_devkit_t12.tar.gz (val labels, class names; "
+                                                      "needs scipy)")
+    ils.add_argument("--labels", metavar="FILE", help="val labels without the devkit ('file wnid' lines, "
+                                                      "Kaggle's LOC_val_solution.csv, ...)")
+    ils.add_argument("--val-layout", default="folders", choices=["folders", "flat"],
+                     help="val sorted into class folders (default) or kept flat with DIR/val_labels.txt")
+    ils.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                     help="processes unpacking the per-class train tars (default: all cores)")
+    return p
+
+
+def data_main(argv: Sequence[str] | None = None) -> None:
+    prog = "alexnet-data"
+    args = data_parser().parse_args(argv)
+    from .data import public
+
+    t0 = time.monotonic()
+    try:
+        if args.dataset == "tiny-imagenet":
+            public.tiny_imagenet(args.dir, args.source, args.no_verify, args.keep_archive, log=_log)
+        elif args.dataset == "imagenette":
+            public.imagenette(args.dir, args.size, args.source, args.no_verify, args.keep_archive, log=_log)
+        else:
+            public.ilsvrc(args.dir, args.train_tar, args.val_tar, args.devkit, args.labels, args.val_layout,
+                          args.no_verify, args.workers, log=_log)
+    except public.UsageError as exc:
+        _fail(prog, EXIT_CONFIG, str(exc))
+    except public.PublicDataError as exc:
+        _fail(prog, EXIT_RUNTIME, str(exc))
+    except OSError as exc:
+        _fail(prog, EXIT_RUNTIME, f"{exc.filename or args.dir}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        _fail(prog, 130, "interrupted; run the same command again to resume")
+    _log(f"{args.dir}: ready ({time.monotonic() - t0:.0f} s); train with data.train_dir={args.dir}/train "
+         f"data.val_dir={args.dir}/val")
