@@ -599,6 +599,9 @@ def data_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-imagenet", help="Tiny ImageNet 200 (CS231n; 200 classes, 64x64, 500 train + "
                                                 "50 val per class, 248 MB)")
     common(tiny)
+    tiny.add_argument("--classes", metavar="WNIDS",
+                      help="keep only these classes: comma-separated wnids or a file of them (the README's "
+                           "tiny-imagenet-10 is ten of them)")
     nette = sub.add_parser("imagenette", help="fast.ai's Imagenette (10 ImageNet classes, ~9.5k train / 3.9k val)")
     common(nette)
     nette.add_argument("--size", default="320", choices=["full", "320", "160"],
@@ -627,7 +630,8 @@ def data_main(argv: Sequence[str] | None = None) -> None:
     t0 = time.monotonic()
     try:
         if args.dataset == "tiny-imagenet":
-            public.tiny_imagenet(args.dir, args.source, args.no_verify, args.keep_archive, log=_log)
+            public.tiny_imagenet(args.dir, args.source, args.no_verify, args.keep_archive, log=_log,
+                                 classes=public.parse_classes(args.classes))
         elif args.dataset == "imagenette":
             public.imagenette(args.dir, args.size, args.source, args.no_verify, args.keep_archive, log=_log)
         else:
