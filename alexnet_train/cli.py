@@ -606,6 +606,9 @@ def data_parser() -> argparse.ArgumentParser:
     common(nette)
     nette.add_argument("--size", default="320", choices=["full", "320", "160"],
                        help="shorter side of the images: full (1.5 GB), 320 (326 MB, default) or 160 (94 MB)")
+    sample = sub.add_parser("imagenet-sample", help="one full-resolution ILSVRC-2012 training photo for each of "
+                                                    "the 1000 classes (107 MB; what the benchmarks read)")
+    common(sample)
     ils = sub.add_parser("ilsvrc", help="ILSVRC-2012 from image-net.org's tar files (you download them; "
                                         "they need a login)")
     common(ils, archive=False)
@@ -634,6 +637,8 @@ def data_main(argv: Sequence[str] | None = None) -> None:
                                  classes=public.parse_classes(args.classes))
         elif args.dataset == "imagenette":
             public.imagenette(args.dir, args.size, args.source, args.no_verify, args.keep_archive, log=_log)
+        elif args.dataset == "imagenet-sample":
+            public.imagenet_sample(args.dir, args.source, args.no_verify, args.keep_archive, log=_log)
         else:
             public.ilsvrc(args.dir, args.train_tar, args.val_tar, args.devkit, args.labels, args.val_layout,
                           args.no_verify, args.workers, log=_log)
@@ -645,5 +650,6 @@ def data_main(argv: Sequence[str] | None = None) -> None:
         _fail(prog, EXIT_RUNTIME, f"{exc.filename or args.dir}: {exc.strerror or exc}")
     except KeyboardInterrupt:
         _fail(prog, 130, "interrupted; run the same command again to resume")
-    _log(f"{args.dir}: ready ({time.monotonic() - t0:.0f} s); train with data.train_dir={args.dir}/train "
-         f"data.val_dir={args.dir}/val")
+    where = f"data.train_dir={args.dir}/train" + (f" data.val_dir={args.dir}/val"
+                                                   if (Path(args.dir) / "val").exists() else "")
+    _log(f"{args.dir}: ready ({time.monotonic() - t0:.0f} s); train with {where}")

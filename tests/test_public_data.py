@@ -448,3 +448,52 @@ def test_python_m_alexnet_train_data(tmp_path, tiny_served):
                            "--from", str(archive), "--no-verify"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     check_tiny_tree(tmp_path / "t")
+
+
+def sample_zip(tmp_path: Path, files: dict[str, bytes]) -> tuple[bytes, str]:
+    """A GitHub-style archive zip of a flat repo, and the tree id git itself gives those files."""
+    repo = tmp_path / "git-repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    lines = []
+    for name, data in files.items():
+        (repo / name).write_bytes(data)
+        blob = subprocess.run(["git", "-C", str(repo), "hash-object", "-w", name], check=True,
+                              capture_output=True, text=True).stdout.strip()
+        lines.append(f"100644 blob {blob}\t{name}\n")
+    tree = subprocess.run(["git", "-C", str(repo), "mktree"], input="".join(lines), check=True,
+                          capture_output=True, text=True).stdout.strip()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("imagenet-sample-images-abc/", "")
+        for name, data in files.items():
+            zf.writestr(f"imagenet-sample-images-abc/{name}", data)
+    return buf.getvalue(), tree
+
+
+def test_imagenet_sample_checked_by_git_tree_id(tmp_path, server, monkeypatch, capsys):
+    rng = np.random.default_rng(3)
+    files = {"README.md": b"# samples\n", "n01440764_tench.JPEG": jpeg_bytes(rng, 0, 250, 187),
+             "n01443537_goldfish.JPEG": jpeg_bytes(rng, 1, 300, 200),
+             "n01484850_great_white_shark.JPEG": jpeg_bytes(rng, 2, 200, 300)}
+    data, tree = sample_zip(tmp_path, files)
+    assert public.git_tree_id(files) == tree  # our hash is git's own
+    server.files["/sample.zip"] = data
+    monkeypatch.setattr(public, "SAMPLE_TREE", tree)
+    monkeypatch.setattr(public, "IMAGENET_SAMPLE", public.Archive("sample.zip", "", server.url("/sample.zip")))
+    root = tmp_path / "sample"
+    code, out, err = run_cli(["imagenet-sample", str(root)], capsys)
+    assert code == 0, err
+    classes, samples = scan_image_folder(str(root / "train"))
+    assert classes == ["n01440764", "n01443537", "n01484850"] and len(samples) == 3
+    assert (root / "train" / "n01440764" / "n01440764_tench.JPEG").read_bytes() == files["n01440764_tench.JPEG"]
+    assert read_synsets(str(root / "synset_words.txt"))["n01484850"] == "great white shark"
+    assert "content verified" in out
+    # one changed photo: refused, nothing laid out
+    files["n01443537_goldfish.JPEG"] = jpeg_bytes(rng, 1, 301, 200)
+    other = tmp_path / "other.zip"
+    (tmp_path / "o").mkdir()
+    other.write_bytes(sample_zip(tmp_path / "o", files)[0])
+    code, _, err = run_cli(["imagenet-sample", str(tmp_path / "s2"), "--from", str(other)], capsys)
+    assert code == 1 and "git tree id" in err and str(other) in err
+    assert not (tmp_path / "s2" / "train").exists()
