@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
 """Training-input throughput: ours against torchvision's standard pipeline, in one run.
 
-    python scripts/bench_data.py --data ../shared/data/imagenet-sample-1k [--workers 2] [--prepared DIR]
+    python scripts/bench_data.py --data data/imagenet-sample/train [--workers 2] [--prepared DIR]
+
+The README's figures were measured on the 1000 full-resolution photos (one per
+ILSVRC-2012 class) that ``alexnet-data imagenet-sample data/imagenet-sample`` lays
+out; any ImageFolder of original JPEGs works (``alexnet-data imagenette DIR --size
+full`` gives 13,000 more).
 
 Both pipelines run through a real DataLoader over the same files:
 
@@ -79,7 +84,7 @@ def images_per_s(loader: DataLoader, repeats: int) -> tuple[float, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="ImageFolder of original JPEGs (e.g. ../shared/data/imagenet-sample-1k)")
+    p.add_argument("--data", required=True, help="ImageFolder of original JPEGs (e.g. data/imagenet-sample/train, from alexnet-data imagenet-sample)")
     p.add_argument("--workers", type=int, default=0,
                    help="DataLoader workers (default 0: in-process, the exact per-core cost)")
     p.add_argument("--prepared", help="the prepared 256x256 copy of --data (default: made into a temp folder)")

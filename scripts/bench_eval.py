@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
 """Ten-crop evaluation input throughput: ours against a torchvision TenCrop pipeline, in one run.
 
-    python scripts/bench_eval.py --data ../shared/data/imagenet-sample-1k [--workers 0] [--repeats 3]
+    python scripts/bench_eval.py --data data/imagenet-sample/train [--workers 0] [--repeats 3]
+
+The README's figures were measured on the 1000 full-resolution photos (one per
+ILSVRC-2012 class) that ``alexnet-data imagenet-sample data/imagenet-sample`` lays
+out; any ImageFolder of original JPEGs works (``alexnet-data imagenette DIR --size
+full`` gives 13,000 more).
 
 Both produce, for every image, the ten normalised float 224x224 crops the
 network is fed (4 corners + centre of the shorter-side-256 image, and their

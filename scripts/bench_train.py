@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
 """Training-step throughput: our trainer against a plain pytorch/examples-style loop, in one run.
 
-    python scripts/bench_train.py --data ../shared/data/imagenet-sample-1k [--config configs/paper.yaml]
+    python scripts/bench_train.py --data data/imagenet-sample/train [--config configs/paper.yaml]
                                   [--set KEY=VALUE ...] [--steps 20] [--workers 2] [--device cpu|cuda]
+
+The README's figures were measured on the 1000 full-resolution photos (one per
+ILSVRC-2012 class) that ``alexnet-data imagenet-sample data/imagenet-sample`` lays
+out; any ImageFolder of original JPEGs works (``alexnet-data imagenette DIR --size
+full`` gives 13,000 more).
 
 Both sides train the same model (built from the config), at the same batch
 size, on the same ImageFolder, with the same number of loader workers and
@@ -125,7 +130,7 @@ def our_loop(cfg, data: str, steps: int, warmup: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="an ImageFolder (e.g. ../shared/data/imagenet-sample-1k)")
+    p.add_argument("--data", required=True, help="an ImageFolder (e.g. data/imagenet-sample/train, from alexnet-data imagenet-sample)")
     p.add_argument("--config", default=str(ROOT / "configs" / "paper.yaml"))
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     p.add_argument("--steps", type=int, default=20)
