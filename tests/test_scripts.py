@@ -93,3 +93,33 @@ def test_init_study_rejects_a_bad_variant_before_running(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "init_study.py"), "--variants", "he:paper",
                            "--out", str(tmp_path / "s")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "model.init" in done.stderr and not (tmp_path / "s").exists()
+
+
+def test_learning_curve_trains_both_and_reuses_a_finished_run(tmp_path):
+    """Both runs per epoch side by side, ten-crop at the end, baseline.json and the plot; --skip-ours reuses OUT."""
+    train = write_image_folder(tmp_path / "data" / "train", CLASSES, 6, seed=1)
+    val = write_image_folder(tmp_path / "data" / "val", CLASSES, 2, seed=2)
+    sets = [s for s in tiny_overrides(train, val, len(CLASSES)) if not s.startswith("train.epochs=")]
+    sets += ["train.epochs=2", "schedule.kind=cosine"]
+    out_dir, png = tmp_path / "run", tmp_path / "curve.png"
+    out = run_script("learning_curve.py", "--config", str(REPO / "configs" / "tiny-imagenet.yaml"),
+                     "--out", str(out_dir), "--plot", str(png), "--set", *sets)
+    table = out[out.index("epoch"):]
+    assert re.search(r"^1\s+\d+\.\d\d\s+\d+\.\d\d\s+\d+\.\d\d\s+\d+\.\d\d$", table, flags=re.M)
+    assert re.search(r"^2\s+", table, flags=re.M)
+    assert re.search(r"^ten-crop\s+ours top1\s+\d+\.\d\d", out, flags=re.M)
+    base = json.loads((out_dir / "baseline.json").read_text())
+    assert [r["epoch"] for r in base["epochs"]] == [1, 2] and base["final"]["ten_crop"]["images"] == 6
+    ours_eval = json.loads((out_dir / "eval.json").read_text())
+    assert ours_eval["ten_crop"]["images"] == 6
+    assert [r["epoch"] for r in read_metrics(out_dir)] == [1, 2]
+    if "matplotlib is not installed" not in out:
+        assert png.stat().st_size > 0
+    # --skip-ours: no second training of ours; eval.json is remade when missing
+    (out_dir / "eval.json").unlink()
+    before = (out_dir / "last.pth").stat().st_mtime_ns
+    out = run_script("learning_curve.py", "--config", str(REPO / "configs" / "tiny-imagenet.yaml"),
+                     "--out", str(out_dir), "--plot", str(png), "--skip-ours", "--set", *sets)
+    assert "wall: ours reused" in out and "$ alexnet-train" not in out
+    assert (out_dir / "last.pth").stat().st_mtime_ns == before
+    assert json.loads((out_dir / "eval.json").read_text())["ten_crop"]["images"] == 6
