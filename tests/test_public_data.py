@@ -497,3 +497,20 @@ def test_imagenet_sample_checked_by_git_tree_id(tmp_path, server, monkeypatch, c
     code, _, err = run_cli(["imagenet-sample", str(tmp_path / "s2"), "--from", str(other)], capsys)
     assert code == 1 and "git tree id" in err and str(other) in err
     assert not (tmp_path / "s2" / "train").exists()
+
+
+def test_a_downloaded_archive_that_cannot_be_unpacked_is_not_kept(tmp_path, server, monkeypatch, capsys):
+    junk = b"<html>a captive portal, not a zip</html>"
+    server.files["/tiny-imagenet-200.zip"] = junk
+    monkeypatch.setattr(public, "TINY_IMAGENET", public.Archive(
+        "tiny-imagenet-200.zip", md5(junk), server.url("/tiny-imagenet-200.zip")))
+    root = tmp_path / "tiny"
+    code, _, err = run_cli(["tiny-imagenet", str(root), "--keep-archive"], capsys)
+    assert code == 1 and "not a readable zip" in err
+    assert not (root / public.STATE_DIR / "downloads" / "tiny-imagenet-200.zip").exists()
+    server.files["/tiny-imagenet-200.zip"] = data = tiny_zip_bytes()
+    monkeypatch.setattr(public, "TINY_IMAGENET", public.Archive(
+        "tiny-imagenet-200.zip", md5(data), server.url("/tiny-imagenet-200.zip")))
+    code, _, err = run_cli(["tiny-imagenet", str(root)], capsys)
+    assert code == 0, err
+    check_tiny_tree(root)
