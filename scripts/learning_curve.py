@@ -5,7 +5,7 @@ the data first with ``alexnet-data``, as each config's header says)::
 
     python scripts/learning_curve.py                          # tiny-imagenet-10, ~7 min on 2 CPU cores
     python scripts/learning_curve.py --config configs/tiny-imagenet-200.yaml --out runs/tiny-imagenet-200 \
-        --plot docs/learning_curve_200.png                    # all 200 classes, ~2.5 h on 2 CPU cores
+        --plot docs/learning_curve_200.png                    # all 200 classes, ~3 h on 2 CPU cores
 
 1. Trains the config with ``alexnet-train`` (a subprocess, ``--out OUT``) and reads
    per-epoch val top-1/top-5 from its ``metrics.jsonl``; ``--skip-ours`` reuses a
