@@ -41,6 +41,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator, Sequence
@@ -456,7 +457,7 @@ def layout_tiny_imagenet(archive: Path, root: Path, log: Callable[[str], None],
                     with zf.open(info) as src:
                         _copy(src, stage / rel)
                     progress.update(1)
-            except (zipfile.BadZipFile, zlib_error()) as exc:
+            except (zipfile.BadZipFile, zlib.error) as exc:
                 raise PublicDataError(f"{archive}: damaged member ({exc}); download it again") from None
             finally:
                 progress.close()
@@ -470,12 +471,6 @@ def layout_tiny_imagenet(archive: Path, root: Path, log: Callable[[str], None],
             layout.commit("synset_words.txt", {"classes": len(wnids)})
     layout.finish()
     return summary
-
-
-def zlib_error() -> type[Exception]:
-    import zlib
-
-    return zlib.error
 
 
 # --------------------------------------------------------------------------- Imagenette
@@ -509,7 +504,7 @@ def layout_imagenette(archive: Path, root: Path, log: Callable[[str], None],
                     if src is not None:
                         _copy(src, folder / parts[3])
                     progress.update(1)
-    except (tarfile.TarError, EOFError, zlib_error()) as exc:
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise PublicDataError(f"{archive}: not a readable tar.gz archive, or damaged ({exc})") from None
     finally:
         progress.close()
@@ -549,7 +544,7 @@ def layout_imagenet_sample(archive: Path, root: Path, log: Callable[[str], None]
                     raise PublicDataError(f"{archive}: unexpected member {info.filename}; not "
                                           f"imagenet-sample-images' layout")
                 files[parts[1]] = zf.read(info)
-    except (zipfile.BadZipFile, OSError, zlib_error()) as exc:
+    except (zipfile.BadZipFile, OSError, zlib.error) as exc:
         raise PublicDataError(f"{archive}: not a readable zip archive, or damaged ({exc})") from None
     if no_verify:
         log(f"{archive}: not verified (--no-verify)")
@@ -638,7 +633,7 @@ def _devkit_files(devkit: Path, stage: Path) -> tuple[Path, dict[str, str]]:
                 if member.isfile() and base in wanted and member.name.split("/")[-2:-1] == ["data"]:
                     with tf.extractfile(member) as src:
                         _copy(src, stage / base)
-    except (tarfile.TarError, EOFError, OSError, zlib_error()) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise PublicDataError(f"{devkit}: not a readable devkit tar.gz ({exc})") from None
     for name in wanted:
         if not (stage / name).is_file():
@@ -737,7 +732,7 @@ def layout_ilsvrc(root: Path, log: Callable[[str], None], train_tar: Path | None
                     with tf.extractfile(member) as src:
                         _copy(src, dest)
                     progress.update(1)
-        except (tarfile.TarError, EOFError, zlib_error()) as exc:
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
             raise PublicDataError(f"{val_tar}: not a readable tar, or damaged ({exc})") from None
         finally:
             progress.close()
@@ -812,18 +807,17 @@ def parse_classes(spec: str | None) -> list[str] | None:
     return sorted(set(wnids))
 
 
-def tiny_imagenet(root: str | os.PathLike, source: str | None = None, no_verify: bool = False,
-                  keep_archive: bool = False, log: Callable[[str], None] = print,
-                  stream: IO[str] | None = None, classes: Sequence[str] | None = None) -> dict:
-    root = Path(root)
-    layout = Layout(root, tiny_dataset_name(classes))
-    if all(layout.is_done(n) for n in ("train", "val", "synset_words.txt")):
-        log(f"{root}: Tiny ImageNet is already laid out (train/, val/, synset_words.txt)")
+def _fetch_and_lay_out(archive: Archive, layout: Layout, names: Sequence[str], title: str, source: str | None,
+                       no_verify: bool, keep_archive: bool, log: Callable[[str], None], stream: IO[str] | None,
+                       lay_out: Callable[[Path], dict]) -> dict:
+    """The downloadable datasets' one flow: done already? else obtain, ``lay_out(path)``, drop the download."""
+    if all(layout.is_done(n) for n in names):
+        log(f"{layout.root}: {title} is already laid out ({', '.join(n + '/' if '.' not in n else n for n in names)})")
         return layout.done()["splits"]
-    path, downloaded = obtain(TINY_IMAGENET, root, Path(source) if source else None, no_verify, log, stream)
+    path, downloaded = obtain(archive, layout.root, Path(source) if source else None, no_verify, log, stream)
     t0 = time.monotonic()
     try:
-        summary = layout_tiny_imagenet(path, root, log, stream, classes)
+        summary = lay_out(path)
     except PublicDataError:
         if downloaded:  # a damaged download must be fetched again, not reused
             path.unlink(missing_ok=True)
@@ -834,45 +828,33 @@ def tiny_imagenet(root: str | os.PathLike, source: str | None = None, no_verify:
     return summary
 
 
+def tiny_imagenet(root: str | os.PathLike, source: str | None = None, no_verify: bool = False,
+                  keep_archive: bool = False, log: Callable[[str], None] = print,
+                  stream: IO[str] | None = None, classes: Sequence[str] | None = None) -> dict:
+    root = Path(root)
+    return _fetch_and_lay_out(TINY_IMAGENET, Layout(root, tiny_dataset_name(classes)),
+                              ("train", "val", "synset_words.txt"), "Tiny ImageNet", source, no_verify,
+                              keep_archive, log, stream,
+                              lambda path: layout_tiny_imagenet(path, root, log, stream, classes))
+
+
 def imagenette(root: str | os.PathLike, size: str = "320", source: str | None = None, no_verify: bool = False,
                keep_archive: bool = False, log: Callable[[str], None] = print,
                stream: IO[str] | None = None) -> dict:
     root = Path(root)
-    archive = imagenette_archive(size)
-    layout = Layout(root, "imagenette")
-    if all(layout.is_done(n) for n in ("train", "val", "synset_words.txt")):
-        log(f"{root}: Imagenette is already laid out (train/, val/, synset_words.txt)")
-        return layout.done()["splits"]
-    path, downloaded = obtain(archive, root, Path(source) if source else None, no_verify, log, stream)
-    try:
-        summary = layout_imagenette(path, root, log, stream)
-    except PublicDataError:
-        if downloaded:  # a damaged download must be fetched again, not reused
-            path.unlink(missing_ok=True)
-        raise
-    if downloaded and not keep_archive:
-        path.unlink(missing_ok=True)
-    return summary
+    return _fetch_and_lay_out(imagenette_archive(size), Layout(root, "imagenette"),
+                              ("train", "val", "synset_words.txt"), "Imagenette", source, no_verify,
+                              keep_archive, log, stream, lambda path: layout_imagenette(path, root, log, stream))
 
 
 def imagenet_sample(root: str | os.PathLike, source: str | None = None, no_verify: bool = False,
                     keep_archive: bool = False, log: Callable[[str], None] = print,
                     stream: IO[str] | None = None) -> dict:
     root = Path(root)
-    layout = Layout(root, "imagenet-sample")
-    if all(layout.is_done(n) for n in ("train", "synset_words.txt")):
-        log(f"{root}: imagenet-sample is already laid out (train/, synset_words.txt)")
-        return layout.done()["splits"]
-    path, downloaded = obtain(IMAGENET_SAMPLE, root, Path(source) if source else None, False, log, stream)
-    try:
-        summary = layout_imagenet_sample(path, root, log, no_verify)
-    except PublicDataError:
-        if downloaded:  # a damaged download must be fetched again, not reused
-            path.unlink(missing_ok=True)
-        raise
-    if downloaded and not keep_archive:
-        path.unlink(missing_ok=True)
-    return summary
+    # no MD5 for GitHub's zip: obtain() skips it and layout_imagenet_sample checks the content
+    return _fetch_and_lay_out(IMAGENET_SAMPLE, Layout(root, "imagenet-sample"), ("train", "synset_words.txt"),
+                              "imagenet-sample", source, False, keep_archive, log, stream,
+                              lambda path: layout_imagenet_sample(path, root, log, no_verify))
 
 
 def ilsvrc(root: str | os.PathLike, train_tar: str | None = None, val_tar: str | None = None,
