@@ -109,6 +109,46 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
+def load_hub_weights(weights: Any, log: Callable[[str], None] = print) -> dict:
+    """A torchvision ``WeightsEnum``'s state_dict through torchvision's own API.
+
+    The file is downloaded once (progress on stderr, SHA-256 prefix checked) into
+    ``torch.hub.get_dir()/checkpoints`` and read from there after; it is loaded
+    with ``weights_only=True``.  CheckpointError says where to put the file when
+    it cannot be downloaded, and names a cached file that cannot be read.
+    """
+    import urllib.error
+    from urllib.parse import urlparse
+
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+    if cached.exists():
+        log(f"weights: reading {cached} (torch hub cache)")
+    else:
+        log(f"weights: downloading {weights.url} to {cached} (once; later runs read the cache)")
+    try:
+        state = weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise CheckpointError(
+            f"{weights.url}: cannot download torchvision's weights ({reason}); on a machine without "
+            f"internet, copy that file to {cached} (torch.hub.get_dir() honours $TORCH_HOME)") from None
+    except RuntimeError as exc:
+        text = str(exc)
+        if "invalid hash value" in text:
+            raise CheckpointError(f"{weights.url}: the download does not match its SHA-256 prefix; "
+                                  "nothing was cached, run again") from None
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+        raise CheckpointError(f"{cached}: unreadable cached weights ({first}); delete it to download "
+                              "it again") from None
+    except Exception as exc:  # a damaged cache file: zip or unpickling errors of many types
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise CheckpointError(f"{cached}: unreadable cached weights ({first}); delete it to download "
+                              "it again") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{cached}: not a state_dict (holds a {type(state).__name__})")
+    return state
+
+
 def is_training_checkpoint(state: dict) -> bool:
     return isinstance(state.get("model"), dict) and "config" in state and "classes" in state
 

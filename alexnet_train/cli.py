@@ -67,25 +67,26 @@ def train_parser() -> argparse.ArgumentParser:
 
 def _check_resume_config(saved: dict, cfg, log: Callable[[str], None]) -> None:
     """Refuse a resume whose model differs from the checkpoint's; report other changed keys."""
-    from .config import config_to_dict
+    from .config import Config, config_to_dict
 
     new = config_to_dict(cfg)
+    defaults = config_to_dict(Config())  # for keys added since the checkpoint was written
     for section, values in new.items():
         old_values = saved.get(section, {})
         for key, value in values.items():
-            old = old_values.get(key)
+            old = old_values.get(key, defaults[section][key])
             if old == value or section == "data" and key in ("train_dir", "val_dir") and old is not None:
                 continue
-            if section == "model" and key == "init":
-                # Only a fresh run draws weights: the checkpoint's are kept (and a config
+            if section == "model" and key in ("init", "weights"):
+                # Only a fresh run draws or loads weights: the checkpoint's are kept (and a config
                 # that changed its default init, as paper.yaml did, still resumes).
-                log(f"notice: model.init changed since the checkpoint: {old!r} -> {value!r}; "
+                log(f"notice: model.{key} changed since the checkpoint: {old!r} -> {value!r}; "
                     "it applies to fresh runs only, the checkpoint's weights are used")
                 continue
-            if section == "model":
+            if section == "model" or (section, key) == ("optim", "head_lr_mult"):
                 raise _ConfigProblem(
-                    f"model.{key}: is {value!r} but the checkpoint was trained with {old!r}; "
-                    "use the checkpoint's model settings or another --out"
+                    f"{section}.{key}: is {value!r} but the checkpoint was trained with {old!r}; "
+                    f"use the checkpoint's {section} settings or another --out"
                 )
             log(f"notice: {section}.{key} changed since the checkpoint: {old!r} -> {value!r}")
 
@@ -116,6 +117,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     from .data.datasets import TooManyBadImages
     from .distributed import DistInfo
     from .train import Interrupted, NonFiniteLoss, fit, versions
+    from .transfer import WeightsError, load_pretrained
 
     try:
         dist = DistInfo.from_env()
@@ -140,6 +142,9 @@ def train_main(argv: Sequence[str] | None = None) -> None:
             lock.acquire()
         cfg = with_demo_data(cfg, log)
         splits = resolve_splits(cfg.data)
+        if cfg.model.num_classes is None:  # a new head for whatever classes train_dir holds
+            cfg = replace(cfg, "model", num_classes=len(splits.classes))
+            log(f"model.num_classes: {len(splits.classes)}, the class folders of {cfg.data.train_dir}")
         if cfg.model.num_classes != len(splits.classes):
             raise ConfigError(f"model.num_classes: is {cfg.model.num_classes} but {cfg.data.train_dir} "
                               f"has {len(splits.classes)} class folders")
@@ -162,13 +167,21 @@ def train_main(argv: Sequence[str] | None = None) -> None:
             _check_resume_config(resume_state["config"], cfg, log)
             if list(resume_state["classes"]) != splits.classes:
                 raise ConfigError(f"{cfg.data.train_dir}: its classes differ from those of checkpoint {resume_path}")
-    except (ConfigError, DataError, _ConfigProblem) as exc:
+        pretrained = None
+        if resume_state is None and cfg.model.weights is not None:
+            pretrained = load_pretrained(cfg.model, splits.classes, cfg.data, log)
+        elif cfg.model.weights is not None:
+            log("model.weights: not read, the resumed checkpoint holds the weights")
+    except (ConfigError, DataError, _ConfigProblem, WeightsError) as exc:
+        lock.release()  # (the process exits anyway; an in-process caller may try again)
         _fail(prog, EXIT_CONFIG, str(exc))
     except ckpt.RunLocked as exc:
         _fail(prog, EXIT_LOCKED, str(exc))
     except ckpt.CheckpointError as exc:
+        lock.release()
         _fail(prog, EXIT_RUNTIME, str(exc))
     except OSError as exc:
+        lock.release()
         _fail(prog, EXIT_RUNTIME, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
     if dist.is_main and lock.fd is None:
         try:
@@ -207,7 +220,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
         tracker.text("config", dump_yaml(cfg))
         log(f"training {cfg.model.arch} on {len(splits.train)} images / {len(splits.classes)} classes, "
             f"validating on {len(splits.val)}; output in {out}")
-        result = fit(cfg, splits, out, tracker, dist, resume_state)
+        result = fit(cfg, splits, out, tracker, dist, resume_state, pretrained)
         if result.last is not None:
             log(f"done: {result.epochs_run} epochs, final val top-1 {result.last.top1:.2f}% "
                 f"top-5 {result.last.top5:.2f}%, best top-1 {result.best_top1:.2f}%; "
@@ -428,12 +441,14 @@ def summary_main(argv: Sequence[str] | None = None) -> None:
     _add_set(p)
     p.add_argument("--input-size", type=int, default=224, metavar="PX", help="square input size (default 224)")
     args = p.parse_args(argv)
-    from .config import ConfigError, load_config
+    from .config import ConfigError, load_config, replace
 
     try:
         cfg = load_config(args.config, args.overrides)
         if args.input_size < 63:
             raise ConfigError(f"--input-size: AlexNet's strides need at least 63 px, got {args.input_size}")
+        if cfg.model.num_classes is None:
+            cfg = replace(cfg, "model", num_classes=_count_class_folders(cfg.data.train_dir))
     except ConfigError as exc:
         _fail(prog, EXIT_CONFIG, str(exc))
     from .model import build_model, format_summary, layer_summary
@@ -443,6 +458,17 @@ def summary_main(argv: Sequence[str] | None = None) -> None:
     title = (f"AlexNet arch={m.arch} groups={m.groups} num_classes={m.num_classes} "
              f"input 3x{args.input_size}x{args.input_size}")
     print(format_summary(layer_summary(model, args.input_size), title))
+
+
+def _count_class_folders(train_dir: str | None) -> int:
+    """model.num_classes: null outside training: the class folders of data.train_dir."""
+    from .config import ConfigError
+
+    try:
+        return sum(1 for entry in os.scandir(train_dir or "") if entry.is_dir())
+    except OSError:
+        raise ConfigError(f"model.num_classes: null means the class folders of data.train_dir, but "
+                          f"{train_dir!r} cannot be read; pass --set model.num_classes=N") from None
 
 
 # --------------------------------------------------------------------------- alexnet-prepare
@@ -602,6 +628,8 @@ def data_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--classes", metavar="WNIDS",
                       help="keep only these classes: comma-separated wnids or a file of them (the README's "
                            "tiny-imagenet-10 is ten of them)")
+    tiny.add_argument("--train-per-class", type=int, metavar="N",
+                      help="keep only the first N training images of each class, by file name (val stays whole)")
     nette = sub.add_parser("imagenette", help="fast.ai's Imagenette (10 ImageNet classes, ~9.5k train / 3.9k val)")
     common(nette)
     nette.add_argument("--size", default="320", choices=["full", "320", "160"],
@@ -634,7 +662,7 @@ def data_main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.dataset == "tiny-imagenet":
             public.tiny_imagenet(args.dir, args.source, args.no_verify, args.keep_archive, log=_log,
-                                 classes=public.parse_classes(args.classes))
+                                 classes=public.parse_classes(args.classes), train_per_class=args.train_per_class)
         elif args.dataset == "imagenette":
             public.imagenette(args.dir, args.size, args.source, args.no_verify, args.keep_archive, log=_log)
         elif args.dataset == "imagenet-sample":

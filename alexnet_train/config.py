@@ -105,7 +105,8 @@ PAPER_FC = (4096, 4096)
 @dataclass(frozen=True)
 class ModelConfig:
     arch: Literal["paper", "torchvision", "custom"] = "paper"
-    num_classes: int = 1000
+    # null: the number of class folders in data.train_dir (what a fine-tuning config wants).
+    num_classes: Optional[int] = 1000
     # 2 = the paper's two-GPU towers: conv2, conv4 and conv5 see only their own half.
     groups: int = 1
     # paper: N(0, 0.01), bias 1 in conv2/4/5 and FC6/7; caffe: bvlc_alexnet's
@@ -119,9 +120,25 @@ class ModelConfig:
     conv_widths: Optional[tuple[int, ...]] = None
     fc_widths: Optional[tuple[int, ...]] = None
     lrn: Optional[bool] = None
+    # Start from trained weights instead of model.init: null (none), torchvision
+    # (torchvision's ImageNet weights, arch torchvision, via the torch hub cache) or
+    # the path of an alexnet-train checkpoint or a plain state_dict.  Layers are
+    # matched by name and shape; a last layer of another class count is drawn fresh.
+    weights: Optional[str] = None
+    # none: train every layer; features: only the FC layers (conv1-conv5 fixed);
+    # all_but_last: only the last layer (FC8).  Frozen parameters get no gradient,
+    # no weight decay and no momentum buffer.
+    freeze: Literal["none", "features", "all_but_last"] = "none"
 
     def __post_init__(self) -> None:
-        _positive(self, "num_classes", "groups")
+        _positive(self, "groups")
+        if self.num_classes is not None:
+            _positive(self, "num_classes")
+        if self.weights is not None and not self.weights.strip():
+            raise ConfigError("model.weights: empty; use null for no weights, torchvision, or a checkpoint path")
+        if self.weights == "torchvision" and self.arch != "torchvision":
+            raise ConfigError(f"model.weights: torchvision's ImageNet weights fit model.arch=torchvision only "
+                              f"(arch is {self.arch}); set model.arch=torchvision or give a checkpoint path")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: must be within [0, 1), got {self.dropout}")
         if self.arch == "torchvision" and self.groups != 1:
@@ -167,9 +184,11 @@ class OptimConfig:
     nesterov: bool = False
     # The paper decays every weight; False exempts biases (and LRN has none).
     decay_biases: bool = True
+    # The last layer (FC8, the one a fine-tune draws fresh) learns at lr * head_lr_mult.
+    head_lr_mult: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive(self, "lr")
+        _positive(self, "lr", "head_lr_mult")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"optim.momentum: must be within [0, 1), got {self.momentum}")
         if self.weight_decay < 0:

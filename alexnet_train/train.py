@@ -37,6 +37,7 @@ from .distributed import DistInfo, all_reduce_sum
 from .evaluate import EvalResult, evaluate
 from .model import build_model
 from .tracking import Tracker
+from .transfer import Pretrained, freeze
 
 
 class Interrupted(Exception):
@@ -148,12 +149,24 @@ def configure_cuda(tf32: bool) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool) -> list[dict]:
-    if decay_biases:
-        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
-    decay = [p for n, p in model.named_parameters() if not n.endswith(".bias")]
-    no_decay = [p for n, p in model.named_parameters() if n.endswith(".bias")]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool,
+                 split_head: bool = False) -> list[dict]:
+    """SGD groups over the trainable parameters (frozen ones get no decay and no momentum buffer).
+
+    Weights (and biases, with ``decay_biases``) decay; with ``split_head`` the last layer
+    (FC8, ``classifier.6``) gets groups of its own, marked ``head``, whose lr is the epoch's
+    lr times ``optim.head_lr_mult``.  Empty groups are left out.
+    """
+    from .transfer import HEAD
+
+    # Decaying group first: the order checkpoints written before the head split expect.
+    groups: dict[tuple[bool, bool], list] = {(h, d): [] for h in (False, True) for d in (True, False)}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            head = split_head and name.startswith(HEAD + ".")
+            groups[head, decay_biases or not name.endswith(".bias")].append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "head": head}
+            for (head, decay), params in groups.items() if params]
 
 
 def rng_state() -> dict:
@@ -261,7 +274,8 @@ class _StopFlag:
 
 class Trainer:
     def __init__(self, cfg: Config, splits: Splits, out_dir: Path, tracker: Tracker,
-                 dist: DistInfo | None = None, resume_state: dict | None = None) -> None:
+                 dist: DistInfo | None = None, resume_state: dict | None = None,
+                 pretrained: Pretrained | None = None) -> None:
         self.cfg, self.splits, self.out_dir, self.tracker = cfg, splits, out_dir, tracker
         self.dist = dist or DistInfo()
         self.device = resolve_device(cfg.train.device)
@@ -274,14 +288,28 @@ class Trainer:
         np.random.seed((seed + self.dist.rank) % 2**32)
         torch.manual_seed(seed + self.dist.rank)
 
-        self.model = build_model(cfg.model).to(self.device)
+        self.model = build_model(cfg.model)
+        # Where the weights came from; a resumed run keeps its checkpoint's record.
+        self.transfer = pretrained.record() if pretrained is not None else None
+        if pretrained is not None and resume_state is None:
+            pretrained.apply(self.model)
+        frozen = freeze(self.model, cfg.model.freeze)
+        if frozen:
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in self.model.parameters())
+            tracker.log(f"model.freeze={cfg.model.freeze}: {', '.join(frozen)} fixed; training "
+                        f"{trainable:,} of {total:,} parameters")
+        if cfg.optim.head_lr_mult != 1.0:
+            tracker.log(f"optim.head_lr_mult={cfg.optim.head_lr_mult:g}: fc8 learns at {cfg.optim.head_lr_mult:g} x lr")
+        self.model = self.model.to(self.device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.net = self._compile(self._wrap(self.model))
         self.optimizer = torch.optim.SGD(
-            param_groups(self.model, cfg.optim.weight_decay, cfg.optim.decay_biases),
+            param_groups(self.model, cfg.optim.weight_decay, cfg.optim.decay_biases,
+                         split_head=cfg.optim.head_lr_mult != 1.0),
             lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
         )
         self.policy = LrPolicy(cfg.schedule, cfg.optim.lr, cfg.train.epochs)
@@ -352,6 +380,7 @@ class Trainer:
         self.best_top1 = state["best_top1"]
         self.best_epoch = state["best_epoch"]
         self.accum = dict(state["accum"])
+        self.transfer = state.get("transfer", self.transfer)
         set_rng_state(state["rng"])
 
     def state(self) -> dict:
@@ -371,6 +400,7 @@ class Trainer:
             "classes": list(self.splits.classes),
             "versions": versions(),
             "val": self.last_eval.as_dict() if self.last_eval else None,
+            "transfer": self.transfer,
         }
 
     def save(self, names: tuple[str, ...] = ()) -> Path | None:
@@ -385,8 +415,9 @@ class Trainer:
         return last
 
     def _set_lr(self, lr: float) -> None:
+        # The multiplier comes from the config (like the base lr, it may change on resume).
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * (self.cfg.optim.head_lr_mult if group.get("head") else 1.0)
 
     def train_epoch(self, stop: _StopFlag) -> None:
         cfg = self.cfg
@@ -547,5 +578,5 @@ def _until(loader, stop: _StopFlag):
 
 
 def fit(cfg: Config, splits: Splits, out_dir: Path, tracker: Tracker, dist: DistInfo | None = None,
-        resume_state: dict | None = None) -> FitResult:
-    return Trainer(cfg, splits, out_dir, tracker, dist, resume_state).run()
+        resume_state: dict | None = None, pretrained: Pretrained | None = None) -> FitResult:
+    return Trainer(cfg, splits, out_dir, tracker, dist, resume_state, pretrained).run()

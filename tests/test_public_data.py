@@ -279,6 +279,30 @@ def test_class_subset(tmp_path, tiny_served, capsys):
     assert code == 1 and "choose another DIR" in err
 
 
+def test_train_per_class_keeps_the_first_n_training_images_and_all_of_val(tmp_path, tiny_served, capsys):
+    archive = tmp_path / "t.zip"
+    archive.write_bytes(tiny_served)
+    root = tmp_path / "few"
+    keep = [TINY_WNIDS[1], TINY_WNIDS[2]]
+    code, _, err = run_cli(["tiny-imagenet", str(root), "--from", str(archive), "--classes", ",".join(keep),
+                            "--train-per-class", "3"], capsys)
+    assert code == 0, err
+    for wnid in keep:  # the first three by file name, the same on every run
+        assert sorted(p.name for p in (root / "train" / wnid).iterdir()) == [f"{wnid}_{i}.JPEG" for i in range(3)]
+    val_classes, val_samples = scan_image_folder(str(root / "val"))
+    assert val_classes == sorted(keep) and len(val_samples) == TINY_VAL * 2
+    # more than a class has, or fewer than one: one line, nothing laid out
+    code, _, err = run_cli(["tiny-imagenet", str(tmp_path / "y"), "--from", str(archive),
+                            "--train-per-class", str(TINY_TRAIN + 1)], capsys)
+    assert code == 2 and f"has only {TINY_TRAIN} training images" in err and not (tmp_path / "y" / "train").exists()
+    code, _, err = run_cli(["tiny-imagenet", str(tmp_path / "z"), "--from", str(archive), "--train-per-class", "0"],
+                           capsys)
+    assert code == 2 and "--train-per-class" in err
+    # the full tree is another dataset: DIR made with a subset is not reused for it
+    code, _, err = run_cli(["tiny-imagenet", str(root), "--from", str(archive), "--classes", ",".join(keep)], capsys)
+    assert code == 1 and "choose another DIR" in err
+
+
 @pytest.mark.parametrize("damage", ["truncated", "not_a_zip", "bad_member"])
 def test_damaged_archive_is_one_line_naming_the_file(tmp_path, tiny_served, damage, capsys):
     archive = tmp_path / "tiny-imagenet-200.zip"

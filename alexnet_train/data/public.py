@@ -369,20 +369,24 @@ def _tiny_prefix(names: Sequence[str], archive: Path) -> str:
     raise PublicDataError(f"{archive}: no wnids.txt at the top; not Tiny ImageNet's tiny-imagenet-200.zip layout")
 
 
-def tiny_dataset_name(classes: Sequence[str] | None) -> str:
-    return "tiny-imagenet" if not classes else "tiny-imagenet:" + ",".join(sorted(classes))
+def tiny_dataset_name(classes: Sequence[str] | None, train_per_class: int | None = None) -> str:
+    name = "tiny-imagenet" if not classes else "tiny-imagenet:" + ",".join(sorted(classes))
+    return name if train_per_class is None else f"{name}:train_per_class={train_per_class}"
 
 
 def layout_tiny_imagenet(archive: Path, root: Path, log: Callable[[str], None],
-                         stream: IO[str] | None = None, classes: Sequence[str] | None = None) -> dict:
+                         stream: IO[str] | None = None, classes: Sequence[str] | None = None,
+                         train_per_class: int | None = None) -> dict:
     """Unpack the CS231n zip into ``root/train/<wnid>/``, ``root/val/<wnid>/`` and ``root/synset_words.txt``.
 
     The zip has ``train/<wnid>/images/*.JPEG`` (+ ``<wnid>_boxes.txt``),
     ``val/images/*.JPEG`` with ``val/val_annotations.txt`` (``file wnid x y w h``),
     an unlabelled ``test/`` (left out), ``wnids.txt`` and ``words.txt``.
-    ``classes`` (wnids) keeps only those classes, e.g. the ten of tiny-imagenet-10.
+    ``classes`` (wnids) keeps only those classes, e.g. the ten of tiny-imagenet-10;
+    ``train_per_class`` keeps the first N training images of each class (by file name),
+    for few-shot runs such as the README's fine-tuning proof.  Val is always whole.
     """
-    layout = Layout(root, tiny_dataset_name(classes))
+    layout = Layout(root, tiny_dataset_name(classes, train_per_class))
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -442,6 +446,15 @@ def layout_tiny_imagenet(archive: Path, root: Path, log: Callable[[str], None],
         if missing:
             raise PublicDataError(f"{archive}: no train/{missing[0]}/images/ for {len(missing)} class(es) "
                                   f"of wnids.txt; an incomplete archive")
+        if train_per_class is not None:
+            by_class: dict[str, list] = {}
+            for info, rel in sorted(members["train"], key=lambda m: m[1].as_posix()):
+                by_class.setdefault(rel.parts[0], []).append((info, rel))
+            short = sorted(w for w, files in by_class.items() if len(files) < train_per_class)
+            if short:
+                raise UsageError(f"--train-per-class {train_per_class}: class {short[0]} has only "
+                                 f"{len(by_class[short[0]])} training images in {archive}")
+            members["train"] = [m for files in by_class.values() for m in files[:train_per_class]]
         layout.check_free(["train", "val", "synset_words.txt"])
         for split in ("train", "val"):
             if layout.is_done(split):
@@ -830,12 +843,15 @@ def _fetch_and_lay_out(archive: Archive, layout: Layout, names: Sequence[str], t
 
 def tiny_imagenet(root: str | os.PathLike, source: str | None = None, no_verify: bool = False,
                   keep_archive: bool = False, log: Callable[[str], None] = print,
-                  stream: IO[str] | None = None, classes: Sequence[str] | None = None) -> dict:
+                  stream: IO[str] | None = None, classes: Sequence[str] | None = None,
+                  train_per_class: int | None = None) -> dict:
     root = Path(root)
-    return _fetch_and_lay_out(TINY_IMAGENET, Layout(root, tiny_dataset_name(classes)),
+    if train_per_class is not None and train_per_class < 1:
+        raise UsageError(f"--train-per-class: must be >= 1, got {train_per_class}")
+    return _fetch_and_lay_out(TINY_IMAGENET, Layout(root, tiny_dataset_name(classes, train_per_class)),
                               ("train", "val", "synset_words.txt"), "Tiny ImageNet", source, no_verify,
                               keep_archive, log, stream,
-                              lambda path: layout_tiny_imagenet(path, root, log, stream, classes))
+                              lambda path: layout_tiny_imagenet(path, root, log, stream, classes, train_per_class))
 
 
 def imagenette(root: str | os.PathLike, size: str = "320", source: str | None = None, no_verify: bool = False,
