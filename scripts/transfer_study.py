@@ -66,7 +66,7 @@ def study(config: str, out: Path, names: list[str], extra: list[str]) -> dict:
         reused = (vout / "last.pth").exists()
         cmd = [sys.executable, "-m", "alexnet_train", "train", "--config", config, "--out", str(vout)]
         if overrides or extra:
-            cmd += ["--set", *overrides, *extra]
+            cmd += ["--set", *extra, *overrides]  # the variant's own settings win
         train_s = run(cmd, log)
         run([sys.executable, "-m", "alexnet_train", "eval", str(vout / "last.pth"), "--ten-crop",
              "--json", str(vout / "eval.json")], log)
@@ -132,7 +132,8 @@ def main() -> None:
     p.add_argument("--grid", action="store_true", help="also run the recipes the config's was chosen from")
     p.add_argument("--only", nargs="+", metavar="VARIANT", choices=[*VARIANTS, *GRID],
                    help=f"run only these ({', '.join([*VARIANTS, *GRID])})")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides for every variant")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides for every variant (a variant's own settings win)")
     p.add_argument("--plot", default="docs/transfer.png")
     args = p.parse_args()
     names = args.only or ([*VARIANTS, *GRID] if args.grid else list(VARIANTS))

@@ -123,3 +123,33 @@ def test_learning_curve_trains_both_and_reuses_a_finished_run(tmp_path):
     assert "wall: ours reused" in out and "$ alexnet-train" not in out
     assert (out_dir / "last.pth").stat().st_mtime_ns == before
     assert json.loads((out_dir / "eval.json").read_text())["ten_crop"]["images"] == 6
+
+
+def test_transfer_study_fine_tunes_and_trains_from_scratch_on_the_same_images(tmp_path):
+    """Both variants run from one config (scratch drops the weights), ten-crop evals, summary.json and the table."""
+    from alexnet_train.cli import train_main
+
+    src_train = write_image_folder(tmp_path / "src" / "train", CLASSES, 6, seed=1)
+    src_val = write_image_folder(tmp_path / "src" / "val", CLASSES, 2, seed=2)
+    source = tmp_path / "source"
+    train_main(["--config", str(REPO / "configs" / "demo.yaml"), "--out", str(source),
+                "--set", *tiny_overrides(src_train, src_val, len(CLASSES), epochs=1)])
+    new = ["n09999991", "n09999992"]
+    train = write_image_folder(tmp_path / "new" / "train", new, 6, seed=3)
+    val = write_image_folder(tmp_path / "new" / "val", new, 2, seed=4)
+    sets = [s for s in tiny_overrides(train, val, len(new)) if not s.startswith(("train.epochs=", "model.num_classes="))]
+    sets += ["train.epochs=2", f"model.weights={source / 'last.pth'}"]
+    out_dir = tmp_path / "study"
+    out = run_script("transfer_study.py", "--config", str(REPO / "configs" / "tiny-imagenet-finetune.yaml"),
+                     "--out", str(out_dir), "--plot", str(tmp_path / "t.png"), "--set", *sets)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert list(summary) == ["finetune", "scratch"]
+    for name, row in summary.items():
+        assert row["epochs"] == 2 and len(row["val_top1"]) == 2
+        assert row["ten_crop"]["images"] == 4 and row["center"]["images"] == 4
+    ft = torch.load(out_dir / "finetune" / "last.pth", weights_only=True)
+    scratch = torch.load(out_dir / "scratch" / "last.pth", weights_only=True)
+    assert ft["transfer"]["weights"] == str(source / "last.pth") and ft["transfer"]["initialised"] == ["classifier.6"]
+    assert scratch["transfer"] is None and scratch["config"]["model"]["weights"] is None
+    assert ft["config"]["optim"]["head_lr_mult"] == 10 and scratch["config"]["optim"]["head_lr_mult"] == 1
+    assert re.search(r"^finetune\s+2\s+\d+\.\d%", out, flags=re.M) and "transfer gain" in out
