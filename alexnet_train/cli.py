@@ -464,11 +464,14 @@ def _count_class_folders(train_dir: str | None) -> int:
     """model.num_classes: null outside training: the class folders of data.train_dir."""
     from .config import ConfigError
 
+    if train_dir is None:
+        raise ConfigError("model.num_classes: null counts the class folders of data.train_dir, which is not set; "
+                          "pass --set model.num_classes=N or data.train_dir=DIR")
     try:
-        return sum(1 for entry in os.scandir(train_dir or "") if entry.is_dir())
-    except OSError:
-        raise ConfigError(f"model.num_classes: null means the class folders of data.train_dir, but "
-                          f"{train_dir!r} cannot be read; pass --set model.num_classes=N") from None
+        return sum(1 for entry in os.scandir(train_dir) if entry.is_dir())
+    except OSError as exc:
+        raise ConfigError(f"model.num_classes: null counts the class folders of data.train_dir, but {train_dir} "
+                          f"cannot be read ({exc.strerror}); pass --set model.num_classes=N") from None
 
 
 # --------------------------------------------------------------------------- alexnet-prepare

@@ -35,9 +35,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 GRID: dict[str, tuple[str, list[str]]] = {
     "scratch-4x": ("from scratch, 4x the epochs", SCRATCH + ["train.epochs=120"]),
     "ft-all-lr0.01": ("fine-tune all layers, lr 0.01", ["model.freeze=none", "optim.lr=0.01", "optim.head_lr_mult=1"]),
-    "ft-all-lr0.001": ("fine-tune all layers, lr 0.001", ["model.freeze=none", "optim.lr=0.001", "optim.head_lr_mult=1"]),
-    "ft-all-lr0.001-head10": ("fine-tune all layers, lr 0.001, fc8 x10",
-                              ["model.freeze=none", "optim.lr=0.001", "optim.head_lr_mult=10"]),
+    "ft-all-lr0.001": ("fine-tune all layers, lr 0.001, fc8 x1",
+                       ["model.freeze=none", "optim.lr=0.001", "optim.head_lr_mult=1"]),
     "ft-fc-lr0.01": ("conv1-5 frozen, fc6-8 trained, lr 0.01",
                      ["model.freeze=features", "optim.lr=0.01", "optim.head_lr_mult=1"]),
     "ft-fc8-lr0.01": ("all but fc8 frozen (linear probe), lr 0.01",

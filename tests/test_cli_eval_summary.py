@@ -214,6 +214,20 @@ def test_summary_prints_parameter_totals(args, total, capsys):
     assert any("256x6x6" in ln.split() for ln in text.splitlines()), text
 
 
+def test_summary_of_finetune_yaml_counts_the_class_folders_for_num_classes_null(capsys, tmp_path):
+    for name in ("a", "b", "c", "d", "e"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    (tmp_path / "train" / "notes.txt").write_text("not a class")
+    summary_main(["--config", str(CONFIGS / "finetune.yaml"), "--set", f"data.train_dir={tmp_path / 'train'}"])
+    text = capsys.readouterr().out
+    assert "arch=torchvision groups=1 num_classes=5 " in text
+    # torchvision's AlexNet with a 5-way fc8: 61,100,840 - 995 * (4096 + 1)
+    assert "parameters: 57,024,325 " in text
+    code, err = exits(capsys, summary_main, "--config", str(CONFIGS / "finetune.yaml"))
+    assert code == 2
+    one_line(err, "alexnet-summary", "model.num_classes", "data.train_dir", "not set")
+
+
 def test_summary_bad_key_exits_2(capsys):
     code, err = exits(capsys, summary_main, "--config", str(CONFIGS / "paper.yaml"), "--set", "model.foo=1")
     assert code == 2
