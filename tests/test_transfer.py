@@ -499,3 +499,27 @@ def test_transfer_settings_defaults_and_null_class_count():
         load_config(DEMO_CONFIG, ["model.weights=torchvision"])
     assert load_config(DEMO_CONFIG, ["model.arch=torchvision", "model.groups=1",
                                      "model.weights=torchvision"]).model.weights == "torchvision"
+
+
+def test_a_two_process_ddp_finetune_keeps_frozen_layers_and_agrees_across_ranks(trees, source, tmp_path):
+    """torchrun, gloo: every rank loads the weights; frozen convs stay the source's, fc8 is one model's."""
+    train, val = trees["new"]
+    out = tmp_path / "OUT"
+    proc = subprocess.run([console_script("torchrun"), "--standalone", "--nproc_per_node", "2",
+                           console_script("alexnet-train"),
+                           *train_args(train, val, out, f"model.weights={source}", "model.freeze=features",
+                                       "optim.head_lr_mult=5", "dist.mode=ddp")],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("weights: 7 layers loaded, 1 initialised") == 1  # the log is rank 0's
+    state, src = load(out / "last.pth"), load(source)["model"]
+    for key in keys_of(CONV):
+        assert torch.equal(state["model"][key], src[key]), key
+    assert not any(torch.equal(state["model"][k], src[k]) for k in keys_of(FC67))
+    assert_optimizer_state_only_for(state, keys_of(FC67 + [HEAD]))
+    # both ranks trained one model: the val result of rank 0's checkpoint is the DDP run's
+    rows = read_metrics(out)
+    done = subprocess.run([console_script("alexnet-eval"), str(out / "last.pth"), "--device", "cpu",
+                           "--json", str(tmp_path / "e.json")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["center"]["top1"] == pytest.approx(rows[-1]["val_top1"])
