@@ -144,12 +144,14 @@ def test_transfer_study_fine_tunes_and_trains_from_scratch_on_the_same_images(tm
                      "--out", str(out_dir), "--plot", str(tmp_path / "t.png"), "--set", *sets)
     summary = json.loads((out_dir / "summary.json").read_text())
     assert list(summary) == ["finetune", "scratch"]
-    for name, row in summary.items():
+    for name, variant in summary.items():
+        row = variant["seeds"]["0"]
         assert row["epochs"] == 2 and len(row["val_top1"]) == 2
         assert row["ten_crop"]["images"] == 4 and row["center"]["images"] == 4
     ft = torch.load(out_dir / "finetune" / "last.pth", weights_only=True)
     scratch = torch.load(out_dir / "scratch" / "last.pth", weights_only=True)
     assert ft["transfer"]["weights"] == str(source / "last.pth") and ft["transfer"]["initialised"] == ["classifier.6"]
     assert scratch["transfer"] is None and scratch["config"]["model"]["weights"] is None
-    assert ft["config"]["optim"]["head_lr_mult"] == 10 and scratch["config"]["optim"]["head_lr_mult"] == 1
-    assert re.search(r"^finetune\s+2\s+\d+\.\d%", out, flags=re.M) and "transfer gain" in out
+    assert ft["config"]["model"]["freeze"] == "features" and scratch["config"]["model"]["freeze"] == "none"
+    assert ft["model"]["features.0.weight"].equal(torch.load(source / "last.pth", weights_only=True)["model"]["features.0.weight"])
+    assert re.search(r"^finetune\s+2\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d", out, flags=re.M) and "transfer gain" in out
