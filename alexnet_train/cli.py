@@ -461,17 +461,18 @@ def summary_main(argv: Sequence[str] | None = None) -> None:
 
 
 def _count_class_folders(train_dir: str | None) -> int:
-    """model.num_classes: null outside training: the class folders of data.train_dir."""
+    """model.num_classes: null outside training: the class folders of data.train_dir, as training counts them."""
     from .config import ConfigError
+    from .data.datasets import DataError, class_folders
 
     if train_dir is None:
         raise ConfigError("model.num_classes: null counts the class folders of data.train_dir, which is not set; "
                           "pass --set model.num_classes=N or data.train_dir=DIR")
     try:
-        return sum(1 for entry in os.scandir(train_dir) if entry.is_dir())
-    except OSError as exc:
-        raise ConfigError(f"model.num_classes: null counts the class folders of data.train_dir, but {train_dir} "
-                          f"cannot be read ({exc.strerror}); pass --set model.num_classes=N") from None
+        return len(class_folders(train_dir))
+    except DataError as exc:
+        raise ConfigError(f"model.num_classes: null counts the class folders of data.train_dir, but {exc}; "
+                          "pass --set model.num_classes=N") from None
 
 
 # --------------------------------------------------------------------------- alexnet-prepare

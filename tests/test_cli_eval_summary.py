@@ -218,6 +218,7 @@ def test_summary_of_finetune_yaml_counts_the_class_folders_for_num_classes_null(
     for name in ("a", "b", "c", "d", "e"):
         (tmp_path / "train" / name).mkdir(parents=True)
     (tmp_path / "train" / "notes.txt").write_text("not a class")
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()  # hidden: not a class for training either
     summary_main(["--config", str(CONFIGS / "finetune.yaml"), "--set", f"data.train_dir={tmp_path / 'train'}"])
     text = capsys.readouterr().out
     assert "arch=torchvision groups=1 num_classes=5 " in text

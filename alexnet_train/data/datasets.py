@@ -88,7 +88,8 @@ def _images_under(folder: str) -> list[str]:
     return found
 
 
-def _class_folders(root: str) -> list[str]:
+def class_folders(root: str) -> list[str]:
+    """The sorted class folder names of an ImageFolder root (hidden folders are not classes)."""
     if not os.path.isdir(root):
         raise DataError(f"{root}: data directory not found")
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
@@ -96,7 +97,7 @@ def _class_folders(root: str) -> list[str]:
 
 def scan_image_folder(root: str) -> tuple[list[str], list[Sample]]:
     """(sorted class names, samples) of a ``root/<class>/<image>`` tree."""
-    classes = _class_folders(root)
+    classes = class_folders(root)
     if not classes:
         raise DataError(f"{root}: no class folders (expected ROOT/<class>/<image files>)")
     samples: list[Sample] = []
@@ -190,7 +191,7 @@ def labelled_samples(root: str, classes: Sequence[str], labels_file: str | None 
     flat folder, as ILSVRC ships val), ``labels_file`` gives each file's wnid.
     """
     index = {name: i for i, name in enumerate(classes)}
-    subfolders = _class_folders(root)
+    subfolders = class_folders(root)
     if labels_file is None:
         if not subfolders:
             raise DataError(
