@@ -26,7 +26,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import DataConfig, ModelConfig, config_from_dict
-from .model import AlexNet
+from .model import AlexNet, build_model
 
 HEAD = "classifier.6"  # FC8: the layer a fine-tune draws fresh
 STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel and torch.compile wrappers
@@ -162,9 +162,10 @@ def match(model: AlexNet, source: Source, spec: str, target_classes: Sequence[st
                            f"which this model (arch {arch}) has no tensor for")
     tensors: dict[str, torch.Tensor] = {}
     layers: list[LayerLoad] = []
-    modules = dict.fromkeys(key.rsplit(".", 1)[0] for key in target)
-    for module in modules:
-        keys = [k for k in target if k.rsplit(".", 1)[0] == module]
+    modules: dict[str, list[str]] = {}
+    for key in target:
+        modules.setdefault(key.rsplit(".", 1)[0], []).append(key)
+    for module, keys in modules.items():
         label = labels.get(module, module)
         shapes = ", ".join(f"{k.rsplit('.', 1)[1]} {_shape(target[k])}" for k in keys)
         head_reason = ""
@@ -215,16 +216,11 @@ def load_pretrained(model_cfg: ModelConfig, target_classes: Sequence[str] | None
         return None
     source = read_source(model_cfg.weights, log)
     with torch.device("meta"):  # shapes only: nothing allocated
-        shell = AlexNet(model_cfg.num_classes, *_arch_args(model_cfg))
+        shell = build_model(model_cfg)
     pretrained = match(shell, source, model_cfg.weights, target_classes, model_cfg.arch)
     for line in pretrained.report(model_cfg.init) + preprocessing_notices(source.data, data):
         log(line)
     return pretrained
-
-
-def _arch_args(cfg: ModelConfig) -> tuple:
-    conv, fc, lrn = cfg.widths()
-    return conv, fc, lrn, cfg.groups, cfg.dropout
 
 
 def frozen_names(model: AlexNet, mode: str) -> list[str]:
@@ -241,12 +237,10 @@ def frozen_names(model: AlexNet, mode: str) -> list[str]:
 def freeze(model: AlexNet, mode: str) -> list[str]:
     """Set requires_grad=False on the parameters ``mode`` fixes; return their layers' labels."""
     names = set(frozen_names(model, mode))
+    labels = layer_labels(model)
+    fixed = []
     for name, param in model.named_parameters():
         param.requires_grad_(name not in names)
-    labels = layer_labels(model)
-    return list(dict.fromkeys(labels[n.rsplit(".", 1)[0]] for n in sorted(names, key=_order(model))))
-
-
-def _order(model: nn.Module) -> Callable[[str], int]:
-    index = {n: i for i, (n, _) in enumerate(model.named_parameters())}
-    return lambda name: index[name]
+        if name in names:
+            fixed.append(labels[name.rsplit(".", 1)[0]])
+    return list(dict.fromkeys(fixed))
