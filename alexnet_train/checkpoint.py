@@ -132,16 +132,12 @@ def load_hub_weights(weights: Any, log: Callable[[str], None] = print) -> dict:
         raise CheckpointError(
             f"{weights.url}: cannot download torchvision's weights ({reason}); on a machine without "
             f"internet, copy that file to {cached} (torch.hub.get_dir() honours $TORCH_HOME)") from None
-    except RuntimeError as exc:
+    except Exception as exc:  # a bad download's hash, or a damaged cache file (zip or unpickling errors)
         text = str(exc)
-        if "invalid hash value" in text:
+        if isinstance(exc, RuntimeError) and "invalid hash value" in text:
             raise CheckpointError(f"{weights.url}: the download does not match its SHA-256 prefix; "
                                   "nothing was cached, run again") from None
         first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
-        raise CheckpointError(f"{cached}: unreadable cached weights ({first}); delete it to download "
-                              "it again") from None
-    except Exception as exc:  # a damaged cache file: zip or unpickling errors of many types
-        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise CheckpointError(f"{cached}: unreadable cached weights ({first}); delete it to download "
                               "it again") from None
     if not isinstance(state, dict):

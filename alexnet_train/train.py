@@ -37,7 +37,7 @@ from .distributed import DistInfo, all_reduce_sum
 from .evaluate import EvalResult, evaluate
 from .model import build_model
 from .tracking import Tracker
-from .transfer import Pretrained, freeze
+from .transfer import HEAD, Pretrained, freeze
 
 
 class Interrupted(Exception):
@@ -157,8 +157,6 @@ def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool,
     (FC8, ``classifier.6``) gets groups of its own, marked ``head``, whose lr is the epoch's
     lr times ``optim.head_lr_mult``.  Empty groups are left out.
     """
-    from .transfer import HEAD
-
     # Decaying group first: the order checkpoints written before the head split expect.
     groups: dict[tuple[bool, bool], list] = {(h, d): [] for h in (False, True) for d in (True, False)}
     for name, param in model.named_parameters():
