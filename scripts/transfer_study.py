@@ -109,7 +109,10 @@ def print_table(results: dict) -> None:
           f"{'epoch 1':>20}")
     for name, r in results.items():
         runs = list(r["seeds"].values())
-        pick = lambda *keys: [_get(run, keys) for run in runs]  # noqa: E731
+
+        def pick(split: str, metric: str) -> list[float]:
+            return [run[split][metric] for run in runs]
+
         print(f"{name:<24}{runs[0]['epochs']:>7}{_stat(pick('center', 'top1')):>20}"
               f"{_mean(pick('center', 'top5')):>8.1f}{_stat(pick('ten_crop', 'top1')):>20}"
               f"{_mean(pick('ten_crop', 'top5')):>8.1f}{_stat([run['val_top1'][0] for run in runs]):>20}")
@@ -118,13 +121,6 @@ def print_table(results: dict) -> None:
             return _mean([run["ten_crop"]["top1"] for run in results[name]["seeds"].values()])
 
         print(f"\ntransfer gain (ten-crop top-1, fine-tune - scratch): {mean('finetune') - mean('scratch'):+.1f} points")
-
-
-def _get(run: dict, keys: tuple) -> float:
-    value = run
-    for key in keys:
-        value = value[key]
-    return value
 
 
 def plot(results: dict, path: Path, title: str) -> None:
