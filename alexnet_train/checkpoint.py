@@ -39,10 +39,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class WriteError(RuntimeError):
+    """A file of the run could not be written (a full disk, a read-only mount ...).
+
+    The message names the file and the cause; the file's previous version, if any, is intact.
+    """
+
+
+def write_error(path: str | os.PathLike, exc: BaseException) -> WriteError:
+    """A one-line WriteError for ``exc`` raised while writing ``path``.
+
+    torch's zip writer turns the OSError of a full disk into ``RuntimeError: [enforce fail at
+    inline_container.cc ...]``; the OSError it hides is found on the exception's chain.
+    """
+    seen = exc
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(seen, OSError):
+        cause = seen.strerror or str(seen) or type(seen).__name__
+    else:
+        cause = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    return WriteError(f"{path}: cannot write ({cause})")
+
+
 def atomic_write_bytes(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
     """Call ``write(fileobj)`` on a temporary sibling, fsync it, then rename it over ``path``.
 
-    A kill at any instant leaves either the old file or the new one, whole.
+    A kill at any instant leaves either the old file or the new one, whole.  Any failure
+    to write (a full disk, say) removes the temporary file, keeps the old one and raises
+    :class:`WriteError` naming ``path``.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -52,8 +77,15 @@ def atomic_write_bytes(path: str | os.PathLike, write: Callable[[Any], None]) ->
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, WriteError):
+            kept = "; the previous version is kept" if path.exists() else ""
+            err = write_error(path, exc)
+            raise WriteError(f"{err}{kept}") from None
         raise
     _fsync_dir(path.parent)
 
@@ -193,11 +225,20 @@ class RunLocked(RuntimeError):
 
 
 class RunLock:
-    """An exclusive ``flock`` on ``OUT/.lock``, held while a run writes into OUT.
+    """An exclusive POSIX record lock on ``OUT/.lock``, held while a run writes into OUT.
 
-    The kernel drops the lock when its process dies, however it dies, so a lock file
-    left by a crashed run never blocks the next one.
+    A POSIX lock (``fcntl(F_SETLK)``) belongs to the process that took it: a child made
+    by ``fork`` (a DataLoader worker) does not inherit it, and the kernel drops it the
+    moment that process dies, however it dies.  So a restart right after ``kill -9`` is
+    never refused by workers still shutting down, and a lock file left by a crashed run
+    never blocks the next one.  (An ``flock`` would be shared with every forked worker.)
+
+    POSIX locks do not conflict inside one process, and closing any descriptor of the
+    file drops them, so this process's own locks are kept in :attr:`held` and checked
+    before the file is opened.
     """
+
+    held: set[Path] = set()  # lock files held by this process
 
     def __init__(self, out_dir: str | os.PathLike) -> None:
         self.path = Path(out_dir) / ".lock"
@@ -208,9 +249,13 @@ class RunLock:
             import fcntl
         except ImportError:  # not POSIX: no locking
             return self
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        key = self.path.resolve()
+        if key in RunLock.held:
+            raise RunLocked(f"{self.path}: another alexnet-train (pid {os.getpid()} on {os.uname().nodename}, "
+                            f"this process) is running in {self.path.parent}")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
@@ -218,12 +263,20 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
         self.fd = fd
+        RunLock.held.add(key)
         return self
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing drops the flock
+            os.close(self.fd)  # closing drops the lock
             self.fd = None
+            RunLock.held.discard(self.path.resolve())
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
 def prune_epoch_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> None:

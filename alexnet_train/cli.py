@@ -2,8 +2,12 @@
 
 Exit codes: 0 done; 1 runtime failure (one line naming the file or setting);
 2 bad usage or config (nothing written); 75 another alexnet-train holds the
-output directory (EX_TEMPFAIL: try again later); 130 / 143 interrupted by
-SIGINT / SIGTERM after saving a resumable checkpoint (128 + signal number).
+output directory (EX_TEMPFAIL: try again later); 130 / 143 / 138 interrupted
+by SIGINT / SIGTERM / SIGUSR1 after saving a resumable checkpoint (128 + signal
+number; 138 is Slurm's warning before a time limit or preemption: requeue).
+The run itself (lock, resume, launch environment, signals) is
+:mod:`alexnet_train.lifecycle`; this module only parses argv and maps its
+exceptions to these codes.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import NoReturn, Sequence
 
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
@@ -65,36 +69,6 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_resume_config(saved: dict, cfg, log: Callable[[str], None]) -> None:
-    """Refuse a resume whose model differs from the checkpoint's; report other changed keys."""
-    from .config import Config, config_to_dict
-
-    new = config_to_dict(cfg)
-    defaults = config_to_dict(Config())  # for keys added since the checkpoint was written
-    for section, values in new.items():
-        old_values = saved.get(section, {})
-        for key, value in values.items():
-            old = old_values.get(key, defaults[section][key])
-            if old == value or section == "data" and key in ("train_dir", "val_dir") and old is not None:
-                continue
-            if section == "model" and key in ("init", "weights"):
-                # Only a fresh run draws or loads weights: the checkpoint's are kept (and a config
-                # that changed its default init, as paper.yaml did, still resumes).
-                log(f"notice: model.{key} changed since the checkpoint: {old!r} -> {value!r}; "
-                    "it applies to fresh runs only, the checkpoint's weights are used")
-                continue
-            if section == "model" or (section, key) == ("optim", "head_lr_mult"):
-                raise _ConfigProblem(
-                    f"{section}.{key}: is {value!r} but the checkpoint was trained with {old!r}; "
-                    f"use the checkpoint's {section} settings or another --out"
-                )
-            log(f"notice: {section}.{key} changed since the checkpoint: {old!r} -> {value!r}")
-
-
-class _ConfigProblem(Exception):
-    pass
-
-
 def train_main(argv: Sequence[str] | None = None) -> None:
     prog = "alexnet-train"
     args = train_parser().parse_args(argv)
@@ -110,151 +84,29 @@ def train_main(argv: Sequence[str] | None = None) -> None:
         print(dump_yaml(cfg), end="")
         return
 
-    import torch
-
     from . import checkpoint as ckpt
-    from .data import BadImageError, DataError, resolve_splits, with_demo_data
+    from .data import BadImageError, DataError
     from .data.datasets import TooManyBadImages
-    from .distributed import DistInfo
-    from .train import Interrupted, NonFiniteLoss, fit, versions
-    from .transfer import WeightsError, load_pretrained
+    from .lifecycle import run_training
+    from .train import Interrupted, NonFiniteLoss, versions
+    from .transfer import WeightsError
 
+    provenance = "# resolved config of this run; alexnet-train --config this-file reproduces it\n"
+    provenance += "# " + ", ".join(f"{k} {v}" for k, v in versions().items())
+    provenance += f"\n# git {git_sha() or 'unknown'}\n"
     try:
-        dist = DistInfo.from_env()
-    except ValueError as exc:
-        _fail(prog, EXIT_CONFIG, str(exc))
-    if cfg.dist.mode == "ddp" and "WORLD_SIZE" not in os.environ:
-        _fail(prog, EXIT_CONFIG, "dist.mode: ddp needs torchrun (e.g. torchrun --nproc_per_node 2 "
-                                 "$(command -v alexnet-train) --config ...)")
-    if cfg.dist.mode != "ddp" and dist.distributed:
-        _fail(prog, EXIT_CONFIG, f"launched by torchrun with {dist.world_size} processes but dist.mode is "
-                                 f"{cfg.dist.mode!r}; set dist.mode=ddp")
-    log = _log if dist.is_main else (lambda _m: None)
-    out = Path(cfg.train.out_dir)
-    for key in cfg.model.ignored_keys():
-        log(f"notice: {key} is ignored: it applies only to model.arch=custom (arch is {cfg.model.arch})")
-
-    # Everything that can be wrong with the config or data is checked before OUT is touched.
-    # An existing OUT is locked first, so no other run writes it while we read it.
-    lock = ckpt.RunLock(out)
-    try:
-        if dist.is_main and out.is_dir():
-            lock.acquire()
-        cfg = with_demo_data(cfg, log)
-        splits = resolve_splits(cfg.data)
-        if cfg.model.num_classes is None:  # a new head for whatever classes train_dir holds
-            cfg = replace(cfg, "model", num_classes=len(splits.classes))
-            log(f"model.num_classes: {len(splits.classes)}, the class folders of {cfg.data.train_dir}")
-        if cfg.model.num_classes != len(splits.classes):
-            raise ConfigError(f"model.num_classes: is {cfg.model.num_classes} but {cfg.data.train_dir} "
-                              f"has {len(splits.classes)} class folders")
-        resume_state = None
-        if args.resume == "auto":
-            found = ckpt.find_resume(out, log=log)
-            if found is not None:
-                resume_path, resume_state = found
-        elif args.resume == "none":
-            existing = [p for p in [out / "last.pth", *ckpt.epoch_checkpoints(out)] if p.exists()]
-            if existing:
-                raise ConfigError(f"{existing[0]}: {out} already holds a run; pass --resume auto to continue it "
-                                  "or choose another --out")
-        else:
-            resume_path = Path(args.resume)
-            resume_state = ckpt.load_checkpoint(resume_path)
-            if not ckpt.is_training_checkpoint(resume_state):
-                raise ConfigError(f"{resume_path}: not a training checkpoint of alexnet-train")
-        if resume_state is not None:
-            _check_resume_config(resume_state["config"], cfg, log)
-            if list(resume_state["classes"]) != splits.classes:
-                raise ConfigError(f"{cfg.data.train_dir}: its classes differ from those of checkpoint {resume_path}")
-        pretrained = None
-        if resume_state is None and cfg.model.weights is not None:
-            pretrained = load_pretrained(cfg.model, splits.classes, cfg.data, log)
-        elif cfg.model.weights is not None:
-            log("model.weights: not read, the resumed checkpoint holds the weights")
-    except (ConfigError, DataError, _ConfigProblem, WeightsError) as exc:
-        lock.release()  # (the process exits anyway; an in-process caller may try again)
+        run_training(cfg, args.resume, _log, provenance)
+    except Interrupted as exc:
+        _log(str(exc))
+        sys.exit(128 + exc.signum)
+    except (ConfigError, DataError, WeightsError) as exc:
         _fail(prog, EXIT_CONFIG, str(exc))
     except ckpt.RunLocked as exc:
         _fail(prog, EXIT_LOCKED, str(exc))
-    except ckpt.CheckpointError as exc:
-        lock.release()
+    except (ckpt.CheckpointError, ckpt.WriteError, NonFiniteLoss, BadImageError, TooManyBadImages) as exc:
         _fail(prog, EXIT_RUNTIME, str(exc))
-    except OSError as exc:
-        lock.release()
+    except OSError as exc:  # a read that failed (a vanished file, an I/O error)
         _fail(prog, EXIT_RUNTIME, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
-    if dist.is_main and lock.fd is None:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            lock.acquire()
-        except ckpt.RunLocked as exc:  # another run created OUT meanwhile
-            _fail(prog, EXIT_LOCKED, str(exc))
-        except OSError as exc:
-            _fail(prog, EXIT_RUNTIME, f"{out}: cannot create the output directory ({exc.strerror or exc})")
-
-    if cfg.dist.mode == "ddp":
-        import torch.distributed as tdist
-
-        backend = cfg.dist.backend
-        if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() and cfg.train.device != "cpu" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(dist.local_rank)
-        tdist.init_process_group(backend)
-
-    from .tracking import Tracker
-
-    tracker = None
-    try:
-        if dist.is_main:
-            header = "# resolved config of this run; alexnet-train --config this-file reproduces it\n"
-            header += "# " + ", ".join(f"{k} {v}" for k, v in versions().items())
-            header += f"\n# git {git_sha() or 'unknown'}\n"
-            text = header + dump_yaml(cfg)
-            ckpt.atomic_write_bytes(out / "config.yaml", lambda fh: fh.write(text.encode()))
-            _trim_metrics(out / "metrics.jsonl", resume_state["epoch"] if resume_state else 0)
-        tracker = Tracker(out, enabled=dist.is_main)
-        if resume_state is not None:
-            log(f"resuming from {resume_path} (epoch {resume_state['epoch'] + 1}, "
-                f"step {resume_state['step_in_epoch']} of that epoch)")
-        tracker.text("config", dump_yaml(cfg))
-        log(f"training {cfg.model.arch} on {len(splits.train)} images / {len(splits.classes)} classes, "
-            f"validating on {len(splits.val)}; output in {out}")
-        result = fit(cfg, splits, out, tracker, dist, resume_state, pretrained)
-        if result.last is not None:
-            log(f"done: {result.epochs_run} epochs, final val top-1 {result.last.top1:.2f}% "
-                f"top-5 {result.last.top5:.2f}%, best top-1 {result.best_top1:.2f}%; "
-                f"checkpoints in {out}")
-        else:
-            log(f"done: nothing to do, {out} already holds {result.epochs_run} epochs")
-    except Interrupted as exc:
-        log(str(exc))
-        sys.exit(128 + exc.signum)
-    except (NonFiniteLoss, BadImageError, TooManyBadImages, ckpt.CheckpointError) as exc:
-        _fail(prog, EXIT_RUNTIME, str(exc))
-    except OSError as exc:
-        _fail(prog, EXIT_RUNTIME, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
-    finally:
-        if tracker is not None:
-            tracker.close()
-        lock.release()
-        if cfg.dist.mode == "ddp":
-            import torch.distributed as tdist
-
-            if tdist.is_initialized():
-                tdist.destroy_process_group()
-
-
-def _trim_metrics(path: Path, epochs_done: int) -> None:
-    """Keep only the rows of epochs the resumed checkpoint already holds (a crash may have left one more)."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    keep = [line for line in rows if json.loads(line).get("epoch", 0) <= epochs_done]
-    if len(keep) != len(rows):
-        from .checkpoint import atomic_write_bytes
-
-        atomic_write_bytes(path, lambda fh: fh.write("".join(line + "\n" for line in keep).encode()))
 
 
 # --------------------------------------------------------------------------- alexnet-eval
@@ -313,18 +165,20 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
     from .data.datasets import BadImages, ImageDataset, TooManyBadImages, check_dir, labelled_samples
     from .data.loaders import EpochSampler, make_loader
     from .data.transforms import BatchPreprocess, CenterPreset, TenCropPreset
-    from .distributed import DistInfo, all_reduce_sum
+    from .distributed import all_reduce_sum
     from .evaluate import evaluate_crops
     from .inference import load_for_inference
+    from .lifecycle import join_process_group, launch_environment, leave_process_group
     from .tracking import Tracker
 
     try:
-        dist = DistInfo.from_env()
-    except ValueError as exc:
+        dist = launch_environment()
+    except ConfigError as exc:
         _fail(prog, EXIT_CONFIG, str(exc))
     try:
         if args.device == "auto":
-            device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
+            device = torch.device(f"cuda:{dist.local_rank % torch.cuda.device_count()}"
+                                  if torch.cuda.is_available() else "cpu")
         else:
             device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -349,9 +203,7 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
         _fail(prog, EXIT_CONFIG, f"--device: {exc}")
 
     if dist.distributed:
-        import torch.distributed as tdist
-
-        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        join_process_group(dist, "auto", device.type)
     data_cfg = loaded.data
     batch_size = args.batch_size or data_cfg.batch_size
     workers = data_cfg.workers if args.workers is None else args.workers
@@ -397,10 +249,7 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
         gathered: list = [None] * dist.world_size
         tdist.all_gather_object(gathered, rows)
         rows = [row for part in gathered for row in part]
-    if dist.distributed:
-        import torch.distributed as tdist
-
-        tdist.destroy_process_group()
+    leave_process_group()
     if not dist.is_main:
         return
     seconds = time.monotonic() - started

@@ -246,10 +246,15 @@ class TrainConfig:
     # On CUDA, float32 matrix products and convolutions on TF32 tensor cores (10-bit
     # mantissa; PyTorch's own default leaves matmuls in full float32).
     tf32: bool = True
+    # A resumable mid-epoch last.pth at least every N minutes / N steps (0: off), so a kill -9,
+    # the OOM killer or a lost spot VM costs at most that much training.  The minutes are
+    # checked at log-interval steps (which all DDP ranks share).
+    checkpoint_minutes: float = 0.0
+    checkpoint_steps: int = 0
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "log_interval")
-        for key in ("keep_last", "threads", "seed"):
+        for key in ("keep_last", "threads", "seed", "checkpoint_minutes", "checkpoint_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         if not self.out_dir:

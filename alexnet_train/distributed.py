@@ -1,14 +1,19 @@
-"""Process topology from torchrun's environment, and model wrapping.
+"""Process topology from the launch environment (torchrun, Slurm's srun, or none), and collectives.
 
 Usage::
 
-    dist = DistInfo.from_env()      # rank 0 of 1 when not launched by torchrun
+    dist = DistInfo.from_env()      # rank 0 of 1 when launched by neither torchrun nor srun
+    dist.launcher, dist.init_method # "torchrun" / "env://"; "slurm" / "tcp://node01:21234"
     if dist.is_main: write_logs()
     totals = all_reduce_sum(totals)  # exact metrics over the shards of a val set
+
+The launchers are one table (:data:`LAUNCHERS`), read in order: torchrun's
+variables win where both are set (torchrun started inside a Slurm job).
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -16,10 +21,35 @@ import torch
 
 
 @dataclass(frozen=True)
+class Launcher:
+    """Where one launcher keeps rank, world size and local rank; ``marker`` says it is present."""
+
+    name: str
+    marker: str
+    rank: str
+    world_size: str
+    local_rank: str
+
+
+# srun sets SLURM_STEP_ID only in the tasks of a job step; a batch script (and what it starts
+# without srun) has SLURM_PROCID=0 and SLURM_NTASKS of the whole allocation but no step, so
+# it must not wait for tasks that were never launched.
+LAUNCHERS = (
+    Launcher("torchrun", marker="WORLD_SIZE", rank="RANK", world_size="WORLD_SIZE", local_rank="LOCAL_RANK"),
+    Launcher("slurm", marker="SLURM_STEP_ID", rank="SLURM_PROCID", world_size="SLURM_NTASKS",
+             local_rank="SLURM_LOCALID"),
+)
+
+SLURM_BASE_PORT = 20000  # + job id mod 10000: below Linux's ephemeral range (32768-60999)
+
+
+@dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launcher: str = "none"  # "none" | "torchrun" | "slurm"
+    init_method: str = "env://"
 
     @property
     def is_main(self) -> bool:
@@ -31,16 +61,50 @@ class DistInfo:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "DistInfo":
-        """Read RANK / WORLD_SIZE / LOCAL_RANK as torchrun sets them (pure: no process group)."""
+        """The first launcher of :data:`LAUNCHERS` whose marker is set (pure: no process group)."""
         env = os.environ if env is None else env
+        for launcher in LAUNCHERS:
+            if launcher.marker not in env:
+                continue
+            try:
+                values = [int(env.get(key, default)) for key, default in
+                          ((launcher.rank, "0"), (launcher.world_size, "1"), (launcher.local_rank, "0"))]
+            except ValueError as exc:
+                raise ValueError(f"{launcher.name} environment: {exc}") from None
+            rank, world_size, local_rank = values
+            if not 0 <= rank < world_size:
+                raise ValueError(f"{launcher.name} environment: rank {rank} is outside world size {world_size}")
+            init = "env://" if launcher.name == "torchrun" else slurm_init_method(env)
+            return cls(rank, world_size, local_rank, launcher.name, init)
+        return cls()
+
+
+def slurm_init_method(env: Mapping[str, str]) -> str:
+    """``tcp://HOST:PORT`` of rank 0 in a Slurm step; MASTER_ADDR / MASTER_PORT override either part."""
+    nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    host = env.get("MASTER_ADDR") or (first_host(nodes) if nodes else "127.0.0.1")
+    port = env.get("MASTER_PORT")
+    if port is None:
         try:
-            return cls(
-                rank=int(env.get("RANK", 0)),
-                world_size=int(env.get("WORLD_SIZE", 1)),
-                local_rank=int(env.get("LOCAL_RANK", 0)),
-            )
-        except ValueError as exc:
-            raise ValueError(f"torchrun environment: {exc}") from None
+            port = str(SLURM_BASE_PORT + int(env.get("SLURM_JOB_ID", "0")) % 10000)
+        except ValueError:
+            raise ValueError(f"slurm environment: SLURM_JOB_ID is {env['SLURM_JOB_ID']!r}, not a number") from None
+    return f"tcp://{host}:{port}"
+
+
+_HOSTLIST = re.compile(r"([^,\[]*)(?:\[([^\]]*)\])?")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm host list: ``gpu[07-12,15],login1`` -> ``gpu07``."""
+    match = _HOSTLIST.match(nodelist.strip())
+    prefix, ranges = match.group(1), match.group(2)
+    if not prefix and not ranges:
+        raise ValueError(f"slurm environment: cannot read the node list {nodelist!r}")
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]  # zero padding is part of the name: keep it
+    return prefix + first
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -49,3 +113,20 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
     tdist.all_reduce(t)
     return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``t`` over all processes (in place): what every rank agrees on."""
+    import torch.distributed as tdist
+
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return t
+
+
+def all_gather(value: object, world_size: int) -> list:
+    """``value`` of every rank, in rank order (any picklable object)."""
+    import torch.distributed as tdist
+
+    gathered: list = [None] * world_size
+    tdist.all_gather_object(gathered, value)
+    return gathered

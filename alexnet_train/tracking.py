@@ -12,17 +12,23 @@ Usage::
 
 On a TTY progress is a tqdm bar; otherwise (cron, batch jobs, pipes) it is a
 plain line every ``log_interval`` steps.  Only this module writes TensorBoard.
+A file that cannot be written (metrics.jsonl, an event file: a full disk, say)
+raises :class:`~alexnet_train.checkpoint.WriteError` naming it.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import torch
+
+from .checkpoint import write_error
 
 
 def _fmt(value: Any) -> str:
@@ -81,7 +87,20 @@ class Tracker:
         if enabled and tensorboard and self.out_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(self.out_dir / "tb"))
+            _quiet_event_writer_thread()
+            try:
+                self.writer = SummaryWriter(log_dir=str(self.out_dir / "tb"))
+            except (OSError, RuntimeError) as exc:
+                raise write_error(self.out_dir / "tb", exc) from None
+
+    def _tb(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """One TensorBoard call; a failed write (surfaced by any later call) becomes a WriteError."""
+        try:
+            call(*args, **kwargs)
+        except (OSError, RuntimeError) as exc:
+            event_file = getattr(getattr(self.writer.file_writer, "event_writer", None), "_file_name", None)
+            self.writer = None  # it cannot write any more; close() must not try again
+            raise write_error(event_file or self.out_dir / "tb", exc) from None
 
     def log(self, message: str) -> None:
         if not self.enabled:
@@ -98,12 +117,12 @@ class Tracker:
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None and math.isfinite(value):
-            self.writer.add_scalar(tag, value, step)
+            self._tb(self.writer.add_scalar, tag, value, step)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         if self.writer is not None:
             # TensorBoard renders text as markdown; indenting keeps YAML as a code block.
-            self.writer.add_text(tag, "    " + text.replace("\n", "\n    "), step)
+            self._tb(self.writer.add_text, tag, "    " + text.replace("\n", "\n    "), step)
 
     def filters(self, tag: str, weight: torch.Tensor, step: int) -> None:
         """conv1's filters as an image grid (the paper's Figure 3)."""
@@ -118,31 +137,63 @@ class Tracker:
         hi = w.amax(dim=(1, 2, 3), keepdim=True)
         w = (w - lo) / (hi - lo).clamp_min(1e-12)
         grid = make_grid(w, nrow=int(math.ceil(math.sqrt(w.shape[0]))), padding=1, pad_value=1.0)
-        self.writer.add_image(tag, grid, step)
+        self._tb(self.writer.add_image, tag, grid, step)
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
         if self.writer is None:
             return
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        self.writer.add_hparams(flat, metrics, run_name="hparams")
+        self._tb(self.writer.add_hparams, flat, metrics, run_name="hparams")
 
     def epoch_metrics(self, row: dict) -> None:
         if not self.enabled or self.out_dir is None:
             return
-        with open(self.out_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        path = self.out_dir / "metrics.jsonl"
+        line = (json.dumps(row) + "\n").encode()
+        # One write of the whole line; on failure the file is cut back, so no half row is left.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                if os.write(fd, line) != len(line):
+                    raise OSError(28, os.strerror(28))  # a short write: the disk filled up
+                os.fsync(fd)
+            except OSError as exc:
+                os.ftruncate(fd, size)
+                raise write_error(path, exc) from None
+        finally:
+            os.close(fd)
         for key, value in row.items():
             if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.scalar(f"epoch/{key}", float(value), row["epoch"])
 
     def flush(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
+            self._tb(self.writer.flush)
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            writer, self.writer = self.writer, None
+            try:
+                writer.close()
+            except (OSError, RuntimeError) as exc:
+                raise write_error(self.out_dir / "tb", exc) from None
+
+
+def _quiet_event_writer_thread() -> None:
+    """TensorBoard's writer thread prints a traceback when its write fails, then hands the
+    error to the next call on the writer, which :meth:`Tracker._tb` turns into one line."""
+    previous = threading.excepthook
+    if getattr(previous, "_alexnet_train", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook._alexnet_train = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:

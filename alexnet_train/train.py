@@ -6,12 +6,16 @@ Usage::
     policy.lr                        # lr for the next epoch
     policy.epoch_end(val_error=42.0) # -> ["lr 0.01 -> 0.001 (no improvement for 5 epochs)"]
 
-    result = fit(cfg, splits, out_dir, tracker, resume_state=None)
+    result = fit(cfg, splits, out_dir, tracker, stop=stop_signals, resume_state=None)
 
 ``fit`` runs epochs of SGD and validation, writes checkpoints through
 :mod:`alexnet_train.checkpoint` and everything visible through
-:mod:`alexnet_train.tracking`.  A SIGINT/SIGTERM finishes the current step,
-saves a resumable checkpoint and raises :class:`Interrupted`.
+:mod:`alexnet_train.tracking`.  When ``stop.signum`` is set (the run's
+lifecycle turns SIGINT/SIGTERM/SIGUSR1 into it) the current step finishes, a
+resumable checkpoint is saved and :class:`Interrupted` is raised; under DDP
+the ranks agree on it at log-interval steps (or after validation), so all stop
+at the same step.  ``train.checkpoint_steps`` / ``train.checkpoint_minutes``
+save a resumable mid-epoch ``last.pth`` as well.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +37,7 @@ from .config import Config, ScheduleConfig, config_to_dict
 from .data.datasets import BadImages
 from .data.loaders import Loaders, Splits, build_loaders
 from .data.transforms import BatchPreprocess
-from .distributed import DistInfo, all_reduce_sum
+from .distributed import DistInfo, all_gather, all_reduce_max, all_reduce_sum
 from .evaluate import EvalResult, evaluate
 from .model import build_model
 from .tracking import Tracker
@@ -41,7 +45,7 @@ from .transfer import HEAD, Pretrained, freeze
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; a resumable checkpoint was saved first."""
+    """SIGINT/SIGTERM/SIGUSR1 arrived; a resumable checkpoint was saved first."""
 
     def __init__(self, signum: int, path: Path | None) -> None:
         super().__init__(f"interrupted by {signal.Signals(signum).name}; resumable checkpoint: {path}")
@@ -51,6 +55,12 @@ class Interrupted(Exception):
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN/inf; nothing was saved from the bad state."""
+
+
+class StopRequest:
+    """What the trainer reads between steps: the signal number of a stop request, or None."""
+
+    signum: int | None = None
 
 
 class LrPolicy:
@@ -242,38 +252,10 @@ class FitResult:
     stopped_early: bool
 
 
-class _StopFlag:
-    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one aborts."""
-
-    def __init__(self, log: Callable[[str], None]) -> None:
-        self.signum: int | None = None
-        self.log = log
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        self.log(f"{signal.Signals(signum).name} received: saving a resumable checkpoint after this step "
-                 "(send it again to abort at once)")
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 class Trainer:
     def __init__(self, cfg: Config, splits: Splits, out_dir: Path, tracker: Tracker,
                  dist: DistInfo | None = None, resume_state: dict | None = None,
-                 pretrained: Pretrained | None = None) -> None:
+                 pretrained: Pretrained | None = None, resume_path: Path | None = None) -> None:
         self.cfg, self.splits, self.out_dir, self.tracker = cfg, splits, out_dir, tracker
         self.dist = dist or DistInfo()
         self.device = resolve_device(cfg.train.device)
@@ -322,8 +304,12 @@ class Trainer:
         self.bad = BadImages(cfg.data.on_bad_image, cfg.data.max_bad_fraction,
                              {"train": len(splits.train), "val": len(splits.val)}, tracker.log)
         self.last_eval: EvalResult | None = None
+        # What a failure can truthfully say is on disk (a NaN in the first epoch has nothing).
+        self.last_saved: str | None = None
+        self.saved_at = time.monotonic()  # for train.checkpoint_minutes
         if resume_state is not None:
             self._restore(resume_state)
+            self.last_saved = f"the checkpoint this run resumed from, {resume_path} ({self._position()}), is kept"
 
     @staticmethod
     def _fresh_accum() -> dict:
@@ -379,9 +365,18 @@ class Trainer:
         self.best_epoch = state["best_epoch"]
         self.accum = dict(state["accum"])
         self.transfer = state.get("transfer", self.transfer)
-        set_rng_state(state["rng"])
+        # Each rank continues its own random streams (dropout differs per rank); a checkpoint
+        # from another world size, or from before per-rank states, gives every rank rank 0's.
+        ranks = state.get("rng_ranks") or []
+        set_rng_state(ranks[self.dist.rank] if len(ranks) == self.dist.world_size else state["rng"])
 
-    def state(self) -> dict:
+    def _position(self) -> str:
+        if self.step_in_epoch == 0:
+            return f"after epoch {self.epoch}" if self.epoch else "before the first step"
+        return f"epoch {self.epoch + 1}, step {self.step_in_epoch}"
+
+    def state(self, rng_ranks: list | None = None) -> dict:
+        rng_ranks = rng_ranks or [rng_state()]
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -393,7 +388,8 @@ class Trainer:
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "accum": dict(self.accum),
-            "rng": rng_state(),
+            "rng": rng_ranks[0],
+            "rng_ranks": rng_ranks,
             "config": config_to_dict(self.cfg),
             "classes": list(self.splits.classes),
             "versions": versions(),
@@ -401,23 +397,47 @@ class Trainer:
             "transfer": self.transfer,
         }
 
-    def save(self, names: tuple[str, ...] = ()) -> Path | None:
-        """Write last.pth atomically and copy it to each of ``names`` (rank 0 only)."""
-        if not self.dist.is_main:
-            return None
+    def save(self, names: tuple[str, ...] = ()) -> Path:
+        """Write last.pth atomically and copy it to each of ``names``.
+
+        Every rank calls it at the same step: rank 0 writes the random states of all ranks,
+        and all ranks learn whether it could (a WriteError on rank 0 stops them all).
+        """
         last = self.out_dir / "last.pth"
-        ckpt.save_checkpoint(self.state(), last)
-        for name in names:
-            ckpt.copy_file(last, self.out_dir / name)
-        ckpt.prune_epoch_checkpoints(self.out_dir, self.cfg.train.keep_last)
+        rng = rng_state()
+        ranks = all_gather(rng, self.dist.world_size) if self.dist.distributed else [rng]
+        failure: ckpt.WriteError | None = None
+        if self.dist.is_main:
+            try:
+                ckpt.save_checkpoint(self.state(ranks), last)
+                for name in names:
+                    ckpt.copy_file(last, self.out_dir / name)
+                ckpt.prune_epoch_checkpoints(self.out_dir, self.cfg.train.keep_last)
+            except ckpt.WriteError as exc:
+                failure = exc
+        if self.dist.distributed and self._agree(float(failure is not None))[0] and failure is None:
+            failure = ckpt.WriteError(f"{last}: rank 0 could not write the checkpoint (its error says why)")
+        if failure is not None:
+            raise failure
+        self.saved_at = time.monotonic()
+        self.last_saved = f"the last good checkpoint, {last} ({self._position()}), is kept"
         return last
+
+    def _agree(self, *values: float) -> list[float]:
+        """The maximum of each value over all ranks (the values themselves in one process)."""
+        if not self.dist.distributed:
+            return list(values)
+        import torch.distributed as tdist
+
+        device = self.device if tdist.get_backend() == "nccl" else torch.device("cpu")
+        return all_reduce_max(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
     def _set_lr(self, lr: float) -> None:
         # The multiplier comes from the config (like the base lr, it may change on resume).
         for group in self.optimizer.param_groups:
             group["lr"] = lr * (self.cfg.optim.head_lr_mult if group.get("head") else 1.0)
 
-    def train_epoch(self, stop: _StopFlag) -> None:
+    def train_epoch(self, stop: StopRequest) -> None:
         cfg = self.cfg
         loader = self.loaders.train
         loader.sampler.set_epoch(self.epoch, start=self.step_in_epoch * loader.batch_size)
@@ -431,6 +451,7 @@ class Trainer:
         window_start = time.perf_counter()
         window_data = 0.0
         warned_wait = False
+        ckpt_steps, ckpt_seconds = cfg.train.checkpoint_steps, 60.0 * cfg.train.checkpoint_minutes
         with self.tracker.progress(total, f"epoch {self.epoch + 1}/{cfg.train.epochs} train", interval,
                                    initial=self.step_in_epoch) as bar:
             fetch_start = time.perf_counter()
@@ -461,43 +482,67 @@ class Trainer:
                 window_data += data_time
                 self.step_in_epoch += 1
                 self.global_step += 1
-                if self.step_in_epoch % interval == 0 or self.step_in_epoch == total or stop.signum is not None:
+                at_end = self.step_in_epoch == total
+                steps_due = bool(ckpt_steps) and self.global_step % ckpt_steps == 0 and not at_end
+                # One process acts on a signal at once; DDP ranks only at the steps they share.
+                local_stop = stop.signum is not None and not self.dist.distributed
+                if self.step_in_epoch % interval == 0 or at_end or steps_due or local_stop:
                     loss_sum = float(window_loss)  # the one host sync per interval
-                    if not math.isfinite(loss_sum):
+                    time_due = bool(ckpt_seconds) and not at_end and time.monotonic() - self.saved_at >= ckpt_seconds
+                    signum, time_due, nonfinite = self._agree(stop.signum or 0, time_due,
+                                                              not math.isfinite(loss_sum))
+                    if nonfinite:
                         raise NonFiniteLoss(
-                            f"training loss is {loss_sum} at epoch {self.epoch + 1}, step {self.step_in_epoch} "
-                            f"(global step {self.global_step}), lr {lr:.4g}; stopped without saving, "
-                            f"the last good checkpoint is kept in {self.out_dir}"
+                            f"training loss is {loss_sum if not math.isfinite(loss_sum) else 'not finite'} at "
+                            f"epoch {self.epoch + 1}, step {self.step_in_epoch} (global step {self.global_step}), "
+                            f"lr {lr:.4g}; stopped without saving; "
+                            + (self.last_saved or f"no checkpoint was written yet, {self.out_dir} holds none of "
+                               "this run (lower optim.lr, or check the data)")
                         )
-                    elapsed = time.perf_counter() - window_start
-                    self.accum["loss_sum"] += loss_sum
-                    self.accum["images"] += window_images
-                    self.accum["seconds"] += elapsed
-                    self.accum["data_seconds"] += window_data
-                    ips = window_images * self.dist.world_size / max(elapsed, 1e-9)
-                    wait = window_data / max(elapsed, 1e-9)
-                    self.tracker.scalar("train/loss", loss_sum / window_images, self.global_step)
-                    self.tracker.scalar("train/lr", lr, self.global_step)
-                    self.tracker.scalar("train/images_per_s", ips, self.global_step)
-                    self.tracker.scalar("train/data_wait_fraction", wait, self.global_step)
-                    bar.set(loss=loss_sum / window_images, lr=lr, img_s=ips, data_wait=wait)
-                    if wait > 0.25 and not warned_wait and self.device.type == "cuda":
+                    wait = self._log_window(loss_sum, window_images, time.perf_counter() - window_start,
+                                            window_data, lr, bar)
+                    if not warned_wait and wait > 0.25 and self.device.type == "cuda":
                         warned_wait = True
                         self.tracker.log(
-                            f"warning: the GPU waited for data {100 * wait:.0f}% of the last {interval} steps: "
-                            f"the loader is the bottleneck; read the 256 px copy made by alexnet-prepare "
-                            f"and/or raise data.workers (now {cfg.data.workers})"
+                            f"warning: the GPU waited for data {100 * wait:.0f}% of the last "
+                            f"{interval} steps: the loader is the bottleneck; read the 256 px copy made by "
+                            f"alexnet-prepare and/or raise data.workers (now {cfg.data.workers})"
                         )
                     window_loss.zero_()
                     window_images, window_data = 0, 0.0
                     window_start = time.perf_counter()
-                bar.update(1)
-                if stop.signum is not None:
-                    raise Interrupted(stop.signum, self.save())
+                    bar.update(1)
+                    if signum:
+                        raise Interrupted(int(signum), self.save())
+                    if steps_due or time_due:
+                        started = time.perf_counter()
+                        path = self.save()
+                        self.tracker.log(f"checkpoint: {path} at epoch {self.epoch + 1}, step {self.step_in_epoch} "
+                                         f"({time.perf_counter() - started:.1f} s)")
+                else:
+                    bar.update(1)
                 fetch_start = time.perf_counter()
 
-    def validate(self, stop: _StopFlag) -> EvalResult | None:
+    def _log_window(self, loss_sum: float, images: int, elapsed: float, data: float, lr: float, bar) -> float:
+        """Add one log interval's sums to the epoch's and show them; return the data-wait fraction."""
+        self.accum["loss_sum"] += loss_sum
+        self.accum["images"] += images
+        self.accum["seconds"] += elapsed
+        self.accum["data_seconds"] += data
+        ips = images * self.dist.world_size / max(elapsed, 1e-9)
+        wait = data / max(elapsed, 1e-9)
+        self.tracker.scalar("train/loss", loss_sum / max(1, images), self.global_step)
+        self.tracker.scalar("train/lr", lr, self.global_step)
+        self.tracker.scalar("train/images_per_s", ips, self.global_step)
+        self.tracker.scalar("train/data_wait_fraction", wait, self.global_step)
+        bar.set(loss=loss_sum / max(1, images), lr=lr, img_s=ips, data_wait=wait)
+        return wait
+
+    def validate(self, stop: StopRequest) -> EvalResult | None:
         loader = self.loaders.val
+        if self.dist.distributed:
+            # Ranks hold unequal val shards: none may leave early; the stop is agreed after it.
+            stop = StopRequest()
         with self.tracker.progress(len(loader), f"epoch {self.epoch + 1}/{self.cfg.train.epochs} val",
                                    self.cfg.train.log_interval) as bar:
             try:
@@ -509,53 +554,54 @@ class Trainer:
                     return None
                 raise
 
-    def run(self) -> FitResult:
+    def run(self, stop: StopRequest | None = None) -> FitResult:
         cfg, tracker = self.cfg, self.tracker
-        with _StopFlag(tracker.log) as stop:
-            while self.epoch < cfg.train.epochs and not self.policy.should_stop:
-                lr = self.policy.lr
-                self.train_epoch(stop)
-                result = self.validate(stop)
-                if stop.signum is not None:
-                    # Validation abandoned: the epoch's training is saved, validation reruns on resume.
-                    raise Interrupted(stop.signum, self.save())
-                self.last_eval = result
-                acc = self.accum
-                train_loss = acc["loss_sum"] / max(1, acc["images"])
-                images_per_s = acc["images"] * self.dist.world_size / max(acc["seconds"], 1e-9)
-                data_wait = acc["data_seconds"] / max(acc["seconds"], 1e-9)
-                events = self.policy.epoch_end(100.0 - result.top1)
-                epoch = self.epoch + 1
-                improved = result.top1 > self.best_top1
-                if improved:
-                    self.best_top1, self.best_epoch = result.top1, epoch
-                row = {
-                    "epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": result.loss,
-                    "val_top1": result.top1, "val_top5": result.top5, "val_images": result.images,
-                    "bad_images": acc["bad_images"], "images_per_s": images_per_s, "data_wait": data_wait,
-                }
-                tracker.log(
-                    f"epoch {epoch}/{cfg.train.epochs}: lr {lr:.4g} train_loss {train_loss:.4f} "
-                    f"val_loss {result.loss:.4f} val_top1 {result.top1:.2f}% val_top5 {result.top5:.2f}% "
-                    f"({result.images} images) {images_per_s:.1f} img/s, data wait {100 * data_wait:.0f}%"
-                    + (f", {acc['bad_images']} unreadable images skipped" if acc["bad_images"] else "")
-                    + (" *best*" if improved else "")
-                )
-                for event in events:
-                    tracker.log(event)
-                    tracker.text("schedule/events", event, epoch)
-                tracker.epoch_metrics(row)
-                tracker.filters("conv1/filters", self.model.convs()[0].weight, epoch)
-                tracker.flush()
-                self.epoch += 1
-                self.step_in_epoch = 0
-                self.accum = self._fresh_accum()
-                names = [f"epoch-{epoch:03d}.pth"] if cfg.train.keep_last else []
-                if improved:
-                    names.append("best.pth")
-                self.save(tuple(names))
-                if stop.signum is not None:
-                    raise Interrupted(stop.signum, self.out_dir / "last.pth")
+        stop = stop or StopRequest()
+        while self.epoch < cfg.train.epochs and not self.policy.should_stop:
+            lr = self.policy.lr
+            self.train_epoch(stop)
+            result = self.validate(stop)
+            if result is None or stop.signum is not None and not self.dist.distributed:
+                # Validation abandoned: the epoch's training is saved, validation reruns on resume.
+                raise Interrupted(stop.signum, self.save())
+            self.last_eval = result
+            acc = self.accum
+            train_loss = acc["loss_sum"] / max(1, acc["images"])
+            images_per_s = acc["images"] * self.dist.world_size / max(acc["seconds"], 1e-9)
+            data_wait = acc["data_seconds"] / max(acc["seconds"], 1e-9)
+            events = self.policy.epoch_end(100.0 - result.top1)
+            epoch = self.epoch + 1
+            improved = result.top1 > self.best_top1
+            if improved:
+                self.best_top1, self.best_epoch = result.top1, epoch
+            row = {
+                "epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": result.loss,
+                "val_top1": result.top1, "val_top5": result.top5, "val_images": result.images,
+                "bad_images": acc["bad_images"], "images_per_s": images_per_s, "data_wait": data_wait,
+            }
+            tracker.log(
+                f"epoch {epoch}/{cfg.train.epochs}: lr {lr:.4g} train_loss {train_loss:.4f} "
+                f"val_loss {result.loss:.4f} val_top1 {result.top1:.2f}% val_top5 {result.top5:.2f}% "
+                f"({result.images} images) {images_per_s:.1f} img/s, data wait {100 * data_wait:.0f}%"
+                + (f", {acc['bad_images']} unreadable images skipped" if acc["bad_images"] else "")
+                + (" *best*" if improved else "")
+            )
+            for event in events:
+                tracker.log(event)
+                tracker.text("schedule/events", event, epoch)
+            tracker.epoch_metrics(row)
+            tracker.filters("conv1/filters", self.model.convs()[0].weight, epoch)
+            tracker.flush()
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.accum = self._fresh_accum()
+            names = [f"epoch-{epoch:03d}.pth"] if cfg.train.keep_last else []
+            if improved:
+                names.append("best.pth")
+            last = self.save(tuple(names))
+            signum = int(self._agree(stop.signum or 0)[0])
+            if signum:
+                raise Interrupted(signum, last)
         if self.last_eval is not None:
             tracker.hparams(
                 {"arch": cfg.model.arch, "groups": cfg.model.groups, "init": cfg.model.init, "lr": cfg.optim.lr,
@@ -567,7 +613,7 @@ class Trainer:
         return FitResult(self.epoch, self.best_top1, self.last_eval, self.policy.should_stop)
 
 
-def _until(loader, stop: _StopFlag):
+def _until(loader, stop: StopRequest):
     """Iterate ``loader`` until a stop signal arrives."""
     for batch in loader:
         if stop.signum is not None:
@@ -576,5 +622,6 @@ def _until(loader, stop: _StopFlag):
 
 
 def fit(cfg: Config, splits: Splits, out_dir: Path, tracker: Tracker, dist: DistInfo | None = None,
-        resume_state: dict | None = None, pretrained: Pretrained | None = None) -> FitResult:
-    return Trainer(cfg, splits, out_dir, tracker, dist, resume_state, pretrained).run()
+        resume_state: dict | None = None, pretrained: Pretrained | None = None,
+        stop: StopRequest | None = None, resume_path: Path | None = None) -> FitResult:
+    return Trainer(cfg, splits, out_dir, tracker, dist, resume_state, pretrained, resume_path).run(stop)

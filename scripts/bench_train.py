@@ -47,7 +47,8 @@ from alexnet_train.distributed import DistInfo
 from alexnet_train.evaluate import topk_correct
 from alexnet_train.model import build_model
 from alexnet_train.tracking import Tracker
-from alexnet_train.train import Trainer, _StopFlag
+from alexnet_train.lifecycle import StopSignals
+from alexnet_train.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +124,7 @@ def our_loop(cfg, data: str, steps: int, warmup: int) -> float:
             return result
 
         trainer.optimizer.step = step_hook
-        with _StopFlag(lambda m: None) as stop:
+        with StopSignals(lambda m: None) as stop:
             trainer.train_epoch(stop)
     return steps * cfg.data.batch_size / (timings["end"] - timings["start"])
 

@@ -10,6 +10,8 @@ Usage::
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -83,11 +85,40 @@ def resolve_splits(cfg: DataConfig, need_train: bool = True) -> Splits:
 def worker_init(_worker_id: int) -> None:
     # PIL decodes on one thread; torch's intra-op pool in every worker only oversubscribes the cores.
     torch.set_num_threads(1)
+    # Stopping is the main process's decision: `pkill -f alexnet-train`, Ctrl-C (to the whole
+    # process group) or Slurm's scancel --signal reach the workers too, and a worker killed by
+    # one is a crash report instead of a saved checkpoint.  The main process ends its workers.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker the moment the main process dies (``kill -9`` included).
+
+    Without it workers notice a dead parent only at their next status check, seconds later.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if _loader_pid is not None and os.getppid() != _loader_pid:  # it died before prctl took effect
+        os._exit(1)
+
+
+_loader_pid: int | None = None  # the process that made the loaders (its workers' parent)
 
 
 def make_loader(
     dataset: ImageDataset, sampler: EpochSampler, batch_size: int, workers: int, pin_memory: bool
 ) -> DataLoader:
+    global _loader_pid
+    _loader_pid = os.getpid()
     return DataLoader(
         dataset,
         batch_size=batch_size,

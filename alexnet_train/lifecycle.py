@@ -1,0 +1,271 @@
+"""A training run's lifecycle, between the argv parser and the trainer.
+
+Usage::
+
+    result = run_training(cfg, resume="auto", log=print)   # cli maps its exceptions to exit codes
+    dist = launch_environment(cfg.dist.mode)              # torchrun / srun / one process, checked
+    join_process_group(dist, backend="auto", device="cpu")  # and leave_process_group() after
+
+In order, :func:`run_training` reads the launch environment, locks OUT (a lock
+that dies with this process and is never shared with its loader workers),
+decides where to resume from, checks everything that can be wrong before OUT
+is written, joins the process group, writes config.yaml, and trains with
+SIGINT / SIGTERM / SIGUSR1 turned into a stop request (:class:`StopSignals`);
+however it ends, it leaves the process group and releases the lock.
+
+Errors it raises, for the caller to map: ConfigError / DataError / WeightsError
+(bad config or data, nothing written), RunLocked (another run holds OUT),
+CheckpointError / WriteError / NonFiniteLoss / BadImageError / TooManyBadImages
+(runtime failures, one line naming the file or setting), Interrupted (a signal;
+a resumable checkpoint was saved).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, config_to_dict, dump_yaml, replace
+from .distributed import DistInfo
+
+Log = Callable[[str], None]
+
+# Signals that stop a run after saving; the exit code is 128 + the number.
+STOP_SIGNALS = {
+    signal.SIGINT: "",
+    signal.SIGTERM: "",
+    signal.SIGUSR1: " (Slurm's warning before a time limit or preemption)",
+}
+
+
+class StopSignals:
+    """Turns the first stop signal into ``signum`` (read by the trainer between steps).
+
+    A second one aborts at once with KeyboardInterrupt (checkpoints are written
+    atomically, so the previous one stays whole).
+    """
+
+    def __init__(self, log: Log) -> None:
+        self.signum: int | None = None
+        self.log = log
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        for sig in STOP_SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.log(f"{signal.Signals(signum).name} received{STOP_SIGNALS[signal.Signals(signum)]}: saving a "
+                 "resumable checkpoint after this step (send it again to abort at once)")
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def launch_environment(mode: str | None = None) -> DistInfo:
+    """The process's place in the launch (torchrun, srun or none), checked against ``dist.mode``.
+
+    ``mode`` None (evaluation) accepts any launch.  ConfigError says what to change.
+    """
+    try:
+        dist = DistInfo.from_env()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if mode == "ddp" and dist.launcher == "none":
+        raise ConfigError("dist.mode: ddp needs a launcher: torchrun (e.g. torchrun --nproc_per_node 2 "
+                          "$(command -v alexnet-train) --config ...) or Slurm's srun")
+    if mode is not None and mode != "ddp" and dist.distributed:
+        raise ConfigError(f"launched by {dist.launcher} with {dist.world_size} processes but dist.mode is "
+                          f"{mode!r}; set dist.mode=ddp")
+    return dist
+
+
+def join_process_group(dist: DistInfo, backend: str, device: str) -> None:
+    """Join the group of ``dist.world_size`` processes (any launch under dist.mode=ddp)."""
+    import torch
+    import torch.distributed as tdist
+
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+    if backend == "nccl":
+        # Slurm's --gpus-per-task may leave each task one visible GPU.
+        torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
+    tdist.init_process_group(backend, init_method=dist.init_method, rank=dist.rank, world_size=dist.world_size)
+
+
+def leave_process_group() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- resume decision
+
+
+@dataclass
+class ResumePoint:
+    path: Path
+    state: dict
+
+
+def decide_resume(resume: str, out: Path, log: Log) -> ResumePoint | None:
+    """``--resume``: auto (OUT's newest readable checkpoint, if any), none (a fresh run; refused
+    over an existing one) or a file."""
+    if resume == "auto":
+        found = ckpt.find_resume(out, log=log)
+        return ResumePoint(*found) if found is not None else None
+    if resume == "none":
+        existing = [p for p in [out / "last.pth", *ckpt.epoch_checkpoints(out)] if p.exists()]
+        if existing:
+            raise ConfigError(f"{existing[0]}: {out} already holds a run; pass --resume auto to continue it "
+                              "or choose another --out")
+        return None
+    path = Path(resume)
+    state = ckpt.load_checkpoint(path)
+    if not ckpt.is_training_checkpoint(state):
+        raise ConfigError(f"{path}: not a training checkpoint of alexnet-train")
+    return ResumePoint(path, state)
+
+
+def check_resume_config(saved: dict, cfg: Config, log: Log) -> None:
+    """Refuse a resume whose model differs from the checkpoint's; report other changed keys."""
+    new = config_to_dict(cfg)
+    defaults = config_to_dict(Config())  # for keys added since the checkpoint was written
+    for section, values in new.items():
+        old_values = saved.get(section, {})
+        for key, value in values.items():
+            old = old_values.get(key, defaults[section][key])
+            if old == value or section == "data" and key in ("train_dir", "val_dir") and old is not None:
+                continue
+            if section == "model" and key in ("init", "weights"):
+                # Only a fresh run draws or loads weights: the checkpoint's are kept (and a config
+                # that changed its default init, as paper.yaml did, still resumes).
+                log(f"notice: model.{key} changed since the checkpoint: {old!r} -> {value!r}; "
+                    "it applies to fresh runs only, the checkpoint's weights are used")
+                continue
+            if section == "model" or (section, key) == ("optim", "head_lr_mult"):
+                raise ConfigError(
+                    f"{section}.{key}: is {value!r} but the checkpoint was trained with {old!r}; "
+                    f"use the checkpoint's {section} settings or another --out"
+                )
+            log(f"notice: {section}.{key} changed since the checkpoint: {old!r} -> {value!r}")
+
+
+def trim_metrics(path: Path, epochs_done: int) -> None:
+    """Keep only the rows of epochs the resumed checkpoint already holds.
+
+    A crash may have left one more row, or (a full disk, before rows were written in one
+    piece) half of one: both go.
+    """
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    keep = []
+    for line in rows:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("epoch", 0) <= epochs_done:
+            keep.append(line)
+    if len(keep) != len(rows):
+        ckpt.atomic_write_bytes(path, lambda fh: fh.write("".join(line + "\n" for line in keep).encode()))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance: str = ""):
+    """Train ``cfg`` from start or from where OUT stopped; returns the trainer's FitResult.
+
+    ``provenance`` heads OUT/config.yaml (versions, git SHA).
+    """
+    from .data import resolve_splits, with_demo_data
+    from .tracking import Tracker
+    from .train import fit
+    from .transfer import load_pretrained
+
+    dist = launch_environment(cfg.dist.mode)
+    say = log if dist.is_main else (lambda _m: None)
+    out = Path(cfg.train.out_dir)
+    for key in cfg.model.ignored_keys():
+        say(f"notice: {key} is ignored: it applies only to model.arch=custom (arch is {cfg.model.arch})")
+
+    # Everything that can be wrong with the config or data is checked before OUT is touched.
+    # An existing OUT is locked first, so no other run writes it while we read it.
+    with ckpt.RunLock(out) as lock:
+        if dist.is_main and out.is_dir():
+            lock.acquire()
+        cfg = with_demo_data(cfg, say)
+        splits = resolve_splits(cfg.data)
+        if cfg.model.num_classes is None:  # a new head for whatever classes train_dir holds
+            cfg = replace(cfg, "model", num_classes=len(splits.classes))
+            say(f"model.num_classes: {len(splits.classes)}, the class folders of {cfg.data.train_dir}")
+        if cfg.model.num_classes != len(splits.classes):
+            raise ConfigError(f"model.num_classes: is {cfg.model.num_classes} but {cfg.data.train_dir} "
+                              f"has {len(splits.classes)} class folders")
+        point = decide_resume(resume, out, say)
+        if point is not None:
+            check_resume_config(point.state["config"], cfg, say)
+            if list(point.state["classes"]) != splits.classes:
+                raise ConfigError(f"{cfg.data.train_dir}: its classes differ from those of checkpoint {point.path}")
+        pretrained = None
+        if point is None and cfg.model.weights is not None:
+            pretrained = load_pretrained(cfg.model, splits.classes, cfg.data, say)
+        elif cfg.model.weights is not None:
+            say("model.weights: not read, the resumed checkpoint holds the weights")
+        if dist.is_main and lock.fd is None:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ckpt.WriteError(f"{out}: cannot create the output directory ({exc.strerror or exc})") from None
+            lock.acquire()  # RunLocked if another run created OUT meanwhile
+
+        if cfg.dist.mode == "ddp":
+            say(f"dist: rank {dist.rank} of {dist.world_size} from {dist.launcher}"
+                + (f", rendezvous {dist.init_method}" if dist.launcher == "slurm" else ""))
+            join_process_group(dist, cfg.dist.backend, cfg.train.device)
+        tracker = None
+        try:
+            if dist.is_main:
+                text = provenance + dump_yaml(cfg)
+                ckpt.atomic_write_bytes(out / "config.yaml", lambda fh: fh.write(text.encode()))
+                trim_metrics(out / "metrics.jsonl", point.state["epoch"] if point else 0)
+            tracker = Tracker(out, enabled=dist.is_main)
+            if point is not None:
+                say(f"resuming from {point.path} (epoch {point.state['epoch'] + 1}, "
+                    f"step {point.state['step_in_epoch']} of that epoch)")
+            tracker.text("config", dump_yaml(cfg))
+            say(f"training {cfg.model.arch} on {len(splits.train)} images / {len(splits.classes)} classes, "
+                f"validating on {len(splits.val)}; output in {out}")
+            with StopSignals(tracker.log) as stop:
+                result = fit(cfg, splits, out, tracker, dist, point.state if point else None, pretrained,
+                             stop=stop, resume_path=point.path if point else None)
+            if result.last is not None:
+                say(f"done: {result.epochs_run} epochs, final val top-1 {result.last.top1:.2f}% "
+                    f"top-5 {result.last.top5:.2f}%, best top-1 {result.best_top1:.2f}%; checkpoints in {out}")
+            else:
+                say(f"done: nothing to do, {out} already holds {result.epochs_run} epochs")
+            return result
+        finally:
+            if tracker is not None:
+                try:
+                    tracker.close()
+                except ckpt.WriteError:
+                    if sys.exc_info()[0] is None:  # only when nothing else is being reported
+                        raise
+            if cfg.dist.mode == "ddp":
+                leave_process_group()
