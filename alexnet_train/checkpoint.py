@@ -260,8 +260,11 @@ class RunLock:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise RunLocked(f"{self.path}: another alexnet-train ({holder}) is running in {self.path.parent}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        try:  # who holds it, for the message of a refused run (on a full disk: the lock still holds)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}\n".encode(), 0)
+        except OSError:
+            pass
         self.fd = fd
         RunLock.held.add(key)
         return self
