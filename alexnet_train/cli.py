@@ -97,7 +97,8 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     try:
         run_training(cfg, args.resume, _log, provenance)
     except Interrupted as exc:
-        _log(str(exc))
+        if exc.report:
+            _log(str(exc))
         sys.exit(128 + exc.signum)
     except (ConfigError, DataError, WeightsError) as exc:
         _fail(prog, EXIT_CONFIG, str(exc))

@@ -66,12 +66,10 @@ class DistInfo:
         for launcher in LAUNCHERS:
             if launcher.marker not in env:
                 continue
-            try:
-                values = [int(env.get(key, default)) for key, default in
-                          ((launcher.rank, "0"), (launcher.world_size, "1"), (launcher.local_rank, "0"))]
-            except ValueError as exc:
-                raise ValueError(f"{launcher.name} environment: {exc}") from None
-            rank, world_size, local_rank = values
+            rank, world_size, local_rank = (
+                _number(launcher.name, key, env.get(key, default))
+                for key, default in ((launcher.rank, "0"), (launcher.world_size, "1"), (launcher.local_rank, "0"))
+            )
             if not 0 <= rank < world_size:
                 raise ValueError(f"{launcher.name} environment: rank {rank} is outside world size {world_size}")
             init = "env://" if launcher.name == "torchrun" else slurm_init_method(env)
@@ -85,11 +83,15 @@ def slurm_init_method(env: Mapping[str, str]) -> str:
     host = env.get("MASTER_ADDR") or (first_host(nodes) if nodes else "127.0.0.1")
     port = env.get("MASTER_PORT")
     if port is None:
-        try:
-            port = str(SLURM_BASE_PORT + int(env.get("SLURM_JOB_ID", "0")) % 10000)
-        except ValueError:
-            raise ValueError(f"slurm environment: SLURM_JOB_ID is {env['SLURM_JOB_ID']!r}, not a number") from None
+        port = str(SLURM_BASE_PORT + _number("slurm", "SLURM_JOB_ID", env.get("SLURM_JOB_ID", "0")) % 10000)
     return f"tcp://{host}:{port}"
+
+
+def _number(launcher: str, key: str, value: str) -> int:
+    # Stricter than int(), which also reads "4_2" and "+1".
+    if not value.strip().isdigit():
+        raise ValueError(f"{launcher} environment: {key} is {value!r}, not a number")
+    return int(value)
 
 
 _HOSTLIST = re.compile(r"([^,\[]*)(?:\[([^\]]*)\])?")

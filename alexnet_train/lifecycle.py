@@ -195,7 +195,7 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
     """
     from .data import resolve_splits, with_demo_data
     from .tracking import Tracker
-    from .train import fit
+    from .train import Interrupted, fit
     from .transfer import load_pretrained
 
     dist = launch_environment(cfg.dist.mode)
@@ -252,8 +252,12 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
             say(f"training {cfg.model.arch} on {len(splits.train)} images / {len(splits.classes)} classes, "
                 f"validating on {len(splits.val)}; output in {out}")
             with StopSignals(tracker.log) as stop:
-                result = fit(cfg, splits, out, tracker, dist, point.state if point else None, pretrained,
-                             stop=stop, resume_path=point.path if point else None)
+                try:
+                    result = fit(cfg, splits, out, tracker, dist, point.state if point else None, pretrained,
+                                 stop=stop, resume_path=point.path if point else None)
+                except Interrupted as exc:
+                    exc.report = dist.is_main
+                    raise
             if result.last is not None:
                 say(f"done: {result.epochs_run} epochs, final val top-1 {result.last.top1:.2f}% "
                     f"top-5 {result.last.top5:.2f}%, best top-1 {result.best_top1:.2f}%; checkpoints in {out}")

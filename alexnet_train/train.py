@@ -51,6 +51,7 @@ class Interrupted(Exception):
         super().__init__(f"interrupted by {signal.Signals(signum).name}; resumable checkpoint: {path}")
         self.signum = signum
         self.path = path
+        self.report = True  # False on DDP ranks other than 0: one line for the run, not one per rank
 
 
 class NonFiniteLoss(RuntimeError):

@@ -49,6 +49,40 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def run_train(argv: list[str]) -> int:
+    """alexnet-train in this process; its exit code."""
+    from alexnet_train.cli import train_main
+
+    try:
+        train_main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def checkpoint_weights(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, Path]:
+    """(train, val) of 3 classes: 48 and 9 JPEGs (9: not divisible by 2 processes, so DDP must
+    not pad or drop)."""
+    classes = ["n01", "n02", "n03"]
+    return (write_image_folder(tmp_path / "train", classes, 16, seed=1),
+            write_image_folder(tmp_path / "val", classes, 3, seed=2))
+
+
 def write_image_folder(root: Path, classes: list[str], per_class: int, size: int = 72, seed: int = 0) -> Path:
     """ROOT/<class>/<class>_<i>.JPEG: real JPEGs; each class has its own colour so a model can learn it."""
     rng = np.random.default_rng(seed)

@@ -15,18 +15,11 @@ import pytest
 import torch
 
 from alexnet_train.checkpoint import RunLock, RunLocked
-from alexnet_train.cli import train_main
 
-from .conftest import DEMO_CONFIG as DEMO, console_script, read_metrics, tiny_overrides, write_image_folder
+from .conftest import DEMO_CONFIG as DEMO, assert_bit_identical, checkpoint_weights as weights, console_script
+from .conftest import read_metrics, run_train as run, tiny_overrides
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def tree(tmp_path: Path) -> tuple[Path, Path]:
-    classes = ["n01", "n02", "n03"]
-    return (write_image_folder(tmp_path / "train", classes, 16, seed=1),
-            write_image_folder(tmp_path / "val", classes, 3, seed=2))
 
 
 def args(tree: tuple[Path, Path], out: Path, *extra: str, epochs: int = 2) -> list[str]:
@@ -34,14 +27,6 @@ def args(tree: tuple[Path, Path], out: Path, *extra: str, epochs: int = 2) -> li
     # 48 images in batches of 2: 24 steps an epoch, a log line each.
     return ["--config", DEMO, "--out", str(out), "--set", *tiny_overrides(train, val, 3, epochs),
             "data.batch_size=2", "train.log_interval=1", *extra]
-
-
-def run(argv: list[str]) -> int:
-    try:
-        train_main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def start(argv: list[str], env: dict | None = None) -> subprocess.Popen:
@@ -57,16 +42,6 @@ def wait_for(proc: subprocess.Popen, prefix: str) -> list[str]:
             return seen
     proc.wait()
     raise AssertionError(f"no line starting {prefix!r}; exit {proc.returncode}:\n" + "".join(seen[-30:]))
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["model"]
-
-
-def assert_bit_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def processes_with(needle: str) -> list[int]:

@@ -13,46 +13,16 @@ import pytest
 import torch
 
 from alexnet_train.checkpoint import RunLock
-from alexnet_train.cli import train_main
 
-from .conftest import DEMO_CONFIG as DEMO, console_script, read_metrics as metrics, tiny_overrides, write_image_folder
+from .conftest import DEMO_CONFIG as DEMO, assert_bit_identical, checkpoint_weights as weights, console_script
+from .conftest import read_metrics as metrics, run_train as run, tiny_overrides
 
 pytestmark = pytest.mark.slow
-
-
-
-@pytest.fixture
-def tree(tmp_path: Path) -> tuple[Path, Path]:
-    classes = ["n01", "n02", "n03"]
-    # 9 val images: not divisible by 2 processes, so DDP must not pad or drop.
-    return (write_image_folder(tmp_path / "train", classes, 16, seed=1),
-            write_image_folder(tmp_path / "val", classes, 3, seed=2))
 
 
 def args(train: Path, val: Path, out: Path, *extra: str, epochs: int = 3) -> list[str]:
     return ["--config", DEMO, "--out", str(out), "--set", *tiny_overrides(train, val, 3, epochs),
             "data.batch_size=4", *extra]
-
-
-def run(argv: list[str]) -> int:
-    try:
-        train_main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["model"]
-
-
-def assert_bit_identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-
 
 
 def test_resume_between_epochs_is_bit_identical(tree, tmp_path, capsys):
