@@ -72,6 +72,10 @@ class DataConfig:
     # count it in metrics.jsonl, and stop only if more than max_bad_fraction of a split is bad.
     on_bad_image: Literal["error", "skip"] = "error"
     max_bad_fraction: float = 0.001
+    # worker: loader processes decode and crop; device: they only read the file bytes and
+    # draw the crops, and the training process decodes each batch on the training device
+    # (TorchCodec; nvJPEG on a GPU) and crops there.  Same crops either way.
+    decode: Literal["worker", "device"] = "worker"
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "resize_size", "crop_size")

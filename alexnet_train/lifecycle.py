@@ -194,6 +194,7 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
     ``provenance`` heads OUT/config.yaml (versions, git SHA).
     """
     from .data import resolve_splits, with_demo_data
+    from .data.loaders import check_decode
     from .tracking import Tracker
     from .train import Interrupted, fit
     from .transfer import load_pretrained
@@ -210,6 +211,7 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
         if dist.is_main and out.is_dir():
             lock.acquire()
         cfg = with_demo_data(cfg, say)
+        check_decode(cfg.data)
         splits = resolve_splits(cfg.data)
         if cfg.model.num_classes is None:  # a new head for whatever classes train_dir holds
             cfg = replace(cfg, "model", num_classes=len(splits.classes))

@@ -36,7 +36,7 @@ from . import checkpoint as ckpt
 from .config import Config, ScheduleConfig, config_to_dict
 from .data.datasets import BadImages
 from .data.loaders import Loaders, Splits, build_loaders
-from .data.transforms import BatchPreprocess
+from .data.transforms import BatchPreprocess, DecodeOnDevice
 from .distributed import DistInfo, all_gather, all_reduce_max, all_reduce_sum
 from .evaluate import EvalResult, evaluate
 from .model import build_model
@@ -296,6 +296,7 @@ class Trainer:
         self.policy = LrPolicy(cfg.schedule, cfg.optim.lr, cfg.train.epochs)
         self.loaders: Loaders = build_loaders(cfg.data, splits, self.dist, seed, pin_memory=self.device.type == "cuda")
         self.preprocess = BatchPreprocess(cfg.data, self.device, channels_last=cfg.train.channels_last)
+        self.decoder = DecodeOnDevice(self.device) if cfg.data.decode == "device" else None
         self.epoch = 0  # next epoch to run (0-based)
         self.step_in_epoch = 0
         self.global_step = 0
@@ -456,7 +457,7 @@ class Trainer:
         with self.tracker.progress(total, f"epoch {self.epoch + 1}/{cfg.train.epochs} train", interval,
                                    initial=self.step_in_epoch) as bar:
             fetch_start = time.perf_counter()
-            for images, targets, bad in loader:
+            for images, targets, bad in self._batches(loader):
                 data_time = time.perf_counter() - fetch_start
                 if bad:
                     self._check_bad(bad, "train")
@@ -524,6 +525,15 @@ class Trainer:
                     bar.update(1)
                 fetch_start = time.perf_counter()
 
+    def _batches(self, loader):
+        """The loader's (uint8 images, targets, unreadable files), decoded on the device first
+        under ``data.decode: device``."""
+        for images, targets, bad in loader:
+            if self.decoder is not None:
+                images, targets, undecodable = self.decoder(images, targets)
+                bad = bad + undecodable
+            yield images, targets, bad
+
     def _log_window(self, loss_sum: float, images: int, elapsed: float, data: float, lr: float, bar) -> float:
         """Add one log interval's sums to the epoch's and show them; return the data-wait fraction."""
         self.accum["loss_sum"] += loss_sum
@@ -547,7 +557,8 @@ class Trainer:
         with self.tracker.progress(len(loader), f"epoch {self.epoch + 1}/{self.cfg.train.epochs} val",
                                    self.cfg.train.log_interval) as bar:
             try:
-                return evaluate(self.net, _until(loader, stop), self.preprocess, self.device, progress=bar,
+                return evaluate(self.net, _until(self._batches(loader), stop), self.preprocess, self.device,
+                                progress=bar,
                                 all_reduce=all_reduce_sum if self.dist.distributed else None,
                                 bad_images=lambda bad: self._check_bad(bad, "val"))
             except RuntimeError:

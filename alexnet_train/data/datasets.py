@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -255,6 +256,42 @@ class ImageDataset(torch.utils.data.Dataset):
         except BadImageError as exc:
             return None, (path, exc.reason)
         return self.transform(image, random.Random(seed)), target
+
+
+@dataclass
+class EncodedImage:
+    """A JPEG's bytes and the preset's plan for it, for the training process to decode."""
+
+    path: str
+    data: torch.Tensor  # uint8 (n,)
+    plan: tuple
+
+
+class EncodedDataset(ImageDataset):
+    """``data.decode: device``: (path, class) -> (:class:`EncodedImage`, class).
+
+    A worker reads the file and draws the transform's plan from the JPEG header's size,
+    with the same seed (so the same crops) as :class:`ImageDataset`.  Files the device
+    decoder does not take as they are (PNG, CMYK, an EXIF turn ...) are decoded here, as
+    ``data.decode: worker`` would, and come as a finished uint8 crop.
+    """
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[object, int | tuple[str, str]]:
+        from .decode import decode_bytes, device_decodable, read_bytes
+
+        index, seed = key if isinstance(key, tuple) else (key, 0)
+        path, target = self.samples[index]
+        rng = random.Random(seed)
+        try:
+            data = read_bytes(path)
+            size = device_decodable(data)
+            if size is not None:
+                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                return EncodedImage(path, encoded, self.transform.plan(*size, rng)), target
+            image = decode_bytes(data, path, getattr(self.transform, "min_side", None))
+        except BadImageError as exc:
+            return None, (path, exc.reason)
+        return self.transform(image, rng), target
 
 
 def check_dir(path: str | None, key: str) -> Path:

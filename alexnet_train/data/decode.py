@@ -4,8 +4,10 @@ Usage::
 
     x = decode_rgb("n01440764_10026.JPEG", min_side=256)   # uint8 (3, H, W), H/W >= 256 where possible
 
-JPEGs go through libjpeg-turbo (``torchvision.io.decode_jpeg``), which is
-faster than PIL's decoder and writes straight into a tensor.  A JPEG whose
+JPEGs go through TorchCodec's ``decode_jpeg`` (libjpeg-turbo, the maintained
+successor of ``torchvision.io``'s codecs) where TorchCodec is installed: faster
+than PIL's decoder, straight into a tensor, and the same call decodes a batch
+on a GPU (nvJPEG; :func:`decode_jpegs`).  Without it PIL decodes everything.  A JPEG whose
 shorter side is at least twice ``min_side`` is decoded by PIL at a reduced DCT
 scale instead (``Image.draft``: 1/2, 1/4 or 1/8 of the pixels to reconstruct),
 since the pipeline would throw those pixels away in the resize anyway.
@@ -28,16 +30,16 @@ from .datasets import BadImageError
 # 179 MP error) would only stop legitimate scans.  A hard cap still refuses garbage.
 Image.MAX_IMAGE_PIXELS = 400_000_000
 
-# torchvision 0.29 deprecates its image codecs in favour of TorchCodec; while they exist
-# they are the fastest JPEG path we have, and when they are gone PIL decodes everything.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    try:
-        from torchvision.io import ImageReadMode as _ReadMode
-        from torchvision.io import decode_jpeg as _decode_jpeg
-    except ImportError:  # pragma: no cover - depends on the installed torchvision
-        _decode_jpeg = None
-warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision.*")
+# TorchCodec's wheels are built for one torch release: a mismatched pair fails to load its
+# native library (OSError / RuntimeError), and then PIL decodes everything.
+try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torchcodec.decoders import decode_jpeg as _decode_jpeg
+except (ImportError, OSError, RuntimeError):  # pragma: no cover - depends on what is installed
+    _decode_jpeg = None
+
+FAST_DECODER = "torchcodec" if _decode_jpeg is not None else None
 
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
@@ -52,6 +54,23 @@ def jpeg_info(data: bytes) -> tuple[int, int, bool] | None:
     ``has_exif`` matters for speed: libjpeg-turbo's EXIF orientation handling costs
     about a third of a 256-px decode, so it is only asked for where an EXIF block exists.
     """
+    found = _frame_header(data)
+    if found is None:
+        return None
+    i, has_exif = found
+    height = int.from_bytes(data[i + 5 : i + 7], "big")
+    width = int.from_bytes(data[i + 7 : i + 9], "big")
+    return (width, height, has_exif) if width and height else None
+
+
+def jpeg_components(data: bytes) -> int | None:
+    """Colour components of a JPEG's frame (1 grey, 3 YCbCr, 4 CMYK/YCCK); None if no frame header."""
+    found = _frame_header(data)
+    return data[found[0] + 9] if found is not None and found[0] + 9 < len(data) else None
+
+
+def _frame_header(data: bytes) -> tuple[int, bool] | None:
+    """(offset of the SOF marker, whether an EXIF block came before it), walking the markers."""
     if not is_jpeg(data):
         return None
     i, n = 2, len(data)
@@ -71,13 +90,34 @@ def jpeg_info(data: bytes) -> tuple[int, int, bool] | None:
         if marker == 0xE1 and data[i + 4 : i + 10] == b"Exif\x00\x00":
             has_exif = True
         if marker in _SOF_MARKERS:
-            height = int.from_bytes(data[i + 5 : i + 7], "big")
-            width = int.from_bytes(data[i + 7 : i + 9], "big")
-            return (width, height, has_exif) if width and height else None
+            return i, has_exif
         if marker == 0xDA:  # start of scan: no frame header before it
             return None
         i += 2 + length
     return None
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation tag (1-8) of a JPEG; 1 (upright) when it has none or it is unreadable.
+
+    (For ``data.decode: device``, which leaves turned JPEGs to the workers.)"""
+    i, n = 2, len(data)
+    while i + 4 < n and data[i] == 0xFF:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xDA:
+            return 1
+        if marker == 0xE1 and data[i + 4 : i + 10] == b"Exif\x00\x00":
+            tiff = data[i + 10 : i + 2 + length]
+            order = "little" if tiff[:2] == b"II" else "big"
+            ifd = int.from_bytes(tiff[4:8], order)
+            count = int.from_bytes(tiff[ifd : ifd + 2], order)
+            for e in range(ifd + 2, ifd + 2 + 12 * count, 12):
+                if int.from_bytes(tiff[e : e + 2], order) == 0x0112:
+                    value = int.from_bytes(tiff[e + 8 : e + 10], order)
+                    return value if 1 <= value <= 8 else 1
+            return 1
+        i += 2 + length
+    return 1
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -108,14 +148,7 @@ def decode_pil(data: bytes, path: str, min_side: int | None = None) -> torch.Ten
         raise BadImageError(path, str(exc) or type(exc).__name__) from None
 
 
-def decode_rgb(path: str, min_side: int | None = None, use_libjpeg: bool = True) -> torch.Tensor:
-    """Decode any image PIL or libjpeg-turbo reads into a uint8 RGB tensor (3, H, W).
-
-    ``min_side``: the shorter side the caller will resize to; JPEGs at least twice that
-    size are decoded at a reduced DCT scale that still leaves the shorter side >= it.
-    ``use_libjpeg=False`` forces the PIL path.  Raises :class:`BadImageError` naming
-    ``path`` for unreadable files.
-    """
+def read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as fh:
             data = fh.read()
@@ -123,17 +156,72 @@ def decode_rgb(path: str, min_side: int | None = None, use_libjpeg: bool = True)
         raise BadImageError(path, exc.strerror or str(exc)) from None
     if not data:
         raise BadImageError(path, "empty file")
+    return data
+
+
+def decode_rgb(path: str, min_side: int | None = None, use_libjpeg: bool = True) -> torch.Tensor:
+    """Decode any image PIL or libjpeg-turbo reads into a uint8 RGB tensor (3, H, W).
+
+    ``min_side``: the shorter side the caller will resize to; JPEGs at least twice that
+    size are decoded at a reduced DCT scale that still leaves the shorter side >= it.
+    ``use_libjpeg=False`` forces the PIL path (as does a missing TorchCodec).  Raises
+    :class:`BadImageError` naming ``path`` for unreadable files.
+    """
+    return decode_bytes(read_bytes(path), path, min_side, use_libjpeg)
+
+
+def decode_bytes(data: bytes, path: str, min_side: int | None = None, use_libjpeg: bool = True) -> torch.Tensor:
+    """:func:`decode_rgb` of a file's bytes (``path`` names it in errors)."""
     if is_jpeg(data):
         info = jpeg_info(data)
         if min_side and info is not None and min(info[:2]) >= 2 * min_side:
             return decode_pil(data, path, min_side)
         if use_libjpeg and _decode_jpeg is not None and info is not None:
             try:
-                return _decode_jpeg(
-                    torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                    mode=_ReadMode.RGB,
-                    apply_exif_orientation=info[2],
-                )
+                x = _decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB")
             except RuntimeError:
                 pass  # let PIL decide: it reads some variants libjpeg-turbo refuses, or names the fault
+            else:
+                return x  # TorchCodec applies the EXIF orientation itself
     return decode_pil(data, path, min_side)
+
+
+def device_decodable(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of a JPEG :func:`decode_jpegs` takes as it is; None for anything else.
+
+    Turned JPEGs (EXIF orientation other than 1) are left to the workers, whose decode
+    turns them upright: their size before the turn is not the size the crops are for.
+    So are CMYK / YCCK ones (4 components; Adobe's inverted inks), which not every GPU
+    decoder reads the way libjpeg-turbo does.
+    """
+    if _decode_jpeg is None:
+        return None
+    info = jpeg_info(data)
+    if info is None or jpeg_components(data) not in (1, 3) or (info[2] and exif_orientation(data) != 1):
+        return None
+    return info[1], info[0]
+
+
+def decode_jpegs(encoded: list[torch.Tensor], paths: list[str], device: torch.device) -> list:
+    """Decode JPEG byte tensors on ``device`` in one batched call (nvJPEG on CUDA).
+
+    Returns, per input, a uint8 (3, H, W) tensor on ``device`` or the reason it could not
+    be decoded.  A batch the decoder refuses is retried one by one, and an image libjpeg
+    refuses goes to PIL, as :func:`decode_rgb` does, so the bad file is named.
+    """
+    if not encoded:
+        return []
+    try:
+        return list(_decode_jpeg(encoded, mode="RGB", device=device))
+    except RuntimeError:
+        pass
+    out: list = []
+    for data, path in zip(encoded, paths):
+        try:
+            out.append(_decode_jpeg(data, mode="RGB", device=device))
+        except RuntimeError:
+            try:
+                out.append(decode_pil(data.numpy().tobytes(), path).to(device))
+            except BadImageError as exc:
+                out.append(exc.reason)
+    return out

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..config import DataConfig
 from ..distributed import DistInfo
-from .datasets import DataError, ImageDataset, Sample, check_dir, labelled_samples, scan_image_folder
-from .transforms import CenterPreset, TrainPreset, collate_hwc
+from .datasets import DataError, EncodedDataset, ImageDataset, Sample, check_dir, labelled_samples, scan_image_folder
+from .transforms import CenterPreset, TrainPreset, collate_encoded, collate_hwc
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -115,7 +115,8 @@ _loader_pid: int | None = None  # the process that made the loaders (its workers
 
 
 def make_loader(
-    dataset: ImageDataset, sampler: EpochSampler, batch_size: int, workers: int, pin_memory: bool
+    dataset: ImageDataset, sampler: EpochSampler, batch_size: int, workers: int, pin_memory: bool,
+    collate_fn=collate_hwc,
 ) -> DataLoader:
     global _loader_pid
     _loader_pid = os.getpid()
@@ -123,7 +124,7 @@ def make_loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        collate_fn=collate_hwc,
+        collate_fn=collate_fn,
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
@@ -150,11 +151,26 @@ def per_process_batch(cfg: DataConfig, dist: DistInfo) -> int:
     return cfg.batch_size // dist.world_size
 
 
+def check_decode(cfg: DataConfig) -> None:
+    """DataError when ``data.decode: device`` cannot run here."""
+    from .decode import FAST_DECODER
+
+    if cfg.decode == "device" and FAST_DECODER is None:
+        raise DataError("data.decode: device decodes with TorchCodec, which cannot be loaded here "
+                        "(pip install torchcodec, built for this torch); or use data.decode: worker")
+
+
 def build_loaders(cfg: DataConfig, splits: Splits, dist: DistInfo, seed: int, pin_memory: bool = False) -> Loaders:
+    """Train and val loaders; with ``data.decode: device`` their batches go through
+    :class:`~alexnet_train.data.transforms.DecodeOnDevice` in the training process."""
+    check_decode(cfg)
     batch = per_process_batch(cfg, dist)
     train_sampler = EpochSampler(len(splits.train), seed, True, dist.rank, dist.world_size)
     val_sampler = EpochSampler(len(splits.val), seed, False, dist.rank, dist.world_size)
+    dataset, collate = (EncodedDataset, collate_encoded) if cfg.decode == "device" else (ImageDataset, collate_hwc)
     return Loaders(
-        train=make_loader(ImageDataset(splits.train, TrainPreset(cfg)), train_sampler, batch, cfg.workers, pin_memory),
-        val=make_loader(ImageDataset(splits.val, CenterPreset(cfg)), val_sampler, batch, cfg.workers, pin_memory),
+        train=make_loader(dataset(splits.train, TrainPreset(cfg)), train_sampler, batch, cfg.workers, pin_memory,
+                          collate),
+        val=make_loader(dataset(splits.val, CenterPreset(cfg)), val_sampler, batch, cfg.workers, pin_memory,
+                        collate),
     )

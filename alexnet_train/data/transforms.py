@@ -9,7 +9,10 @@ Usage::
 
 Presets work on uint8 tensors (torchvision's uint8 resize kernels, no PIL
 round trip, no float copies in the workers) and say via ``min_side`` how
-small the decoder may shrink an image on load.  Every random choice comes from
+small the decoder may shrink an image on load.  A preset is a ``plan`` (the
+crop box, flip ... drawn from the image's size alone) and :func:`apply_plan`:
+with ``data.decode: device`` the workers draw the plan from the JPEG header and
+the training process applies it to the image it decoded on the device.  Every random choice comes from
 the ``random.Random`` they are handed, so a sample's augmentation is a pure
 function of its seed (the sampler derives it from run seed, epoch and
 position): the same crops come out whatever the number of workers, and a
@@ -59,6 +62,81 @@ def collate_hwc(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str
     return images, torch.tensor([t for _, t in good], dtype=torch.int64), bad
 
 
+def collate_encoded(batch: list) -> tuple[list, torch.Tensor, list[tuple[str, str]]]:
+    """``data.decode: device``: ([EncodedImage or finished uint8 crop], int64 targets, unreadable files)."""
+    good = [(item, t) for item, t in batch if item is not None]
+    bad = [t for item, t in batch if item is None]
+    return [item for item, _ in good], torch.tensor([t for _, t in good], dtype=torch.int64), bad
+
+
+class DecodeOnDevice:
+    """``data.decode: device``: a batch from :func:`collate_encoded` -> what :func:`collate_hwc` gives.
+
+    The JPEGs are decoded on ``device`` in one batched call (nvJPEG on CUDA, libjpeg-turbo
+    on the CPU: the same call either way) and the plans the workers drew are applied
+    there; crops the workers finished are moved over.  Returns (channels-last uint8 batch
+    on ``device``, the targets of the images kept, [(path, reason)] of undecodable files).
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+
+    def __call__(self, items: list, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+        from .datasets import EncodedImage
+        from .decode import decode_jpegs
+
+        encoded = [(i, it) for i, it in enumerate(items) if isinstance(it, EncodedImage)]
+        decoded = decode_jpegs([it.data for _, it in encoded], [it.path for _, it in encoded], self.device)
+        done: dict[int, torch.Tensor] = {}
+        bad = []
+        for (i, it), x in zip(encoded, decoded):
+            if isinstance(x, str):
+                bad.append((it.path, x))
+            else:
+                done[i] = apply_plan(x, it.plan)
+        for i, it in enumerate(items):
+            if not isinstance(it, EncodedImage):
+                done[i] = it.to(self.device, non_blocking=True)
+        keep = sorted(done)
+        if not keep:
+            return torch.empty(0, dtype=torch.uint8, device=self.device), targets[:0], bad
+        images = torch.stack([done[i].movedim(-3, -1) for i in keep]).movedim(-1, -3)
+        return images, targets[keep], bad
+
+
+def resized_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """(H, W) after :func:`resize_shorter` (torchvision's rule: the longer side is truncated)."""
+    if min(h, w) == size:
+        return h, w
+    return (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+
+
+def apply_plan(x: torch.Tensor, plan: tuple) -> torch.Tensor:
+    """Run a preset's plan on a (3, H, W) uint8 image, on whatever device it lives.
+
+    Steps: ``("resize", size)`` shorter side, ``("center", size)`` centre square,
+    ``("crop", top, left, h, w)``, ``("resized_crop", top, left, h, w, size)``,
+    ``("flip",)``.  The result is (3, c, c) over HWC memory (:func:`to_hwc_memory`).
+    """
+    flip = False
+    for op, *args in plan:
+        if op == "resize":
+            x = resize_shorter(x, args[0])
+        elif op == "center":
+            x = center_crop(x, args[0])
+        elif op == "crop":
+            top, left, h, w = args
+            x = x[..., top : top + h, left : left + w]
+        elif op == "resized_crop":
+            top, left, h, w, size = args
+            x = F.resized_crop(x, top, left, h, w, [size, size], antialias=True)
+        elif op == "flip":
+            flip = True
+        else:  # pragma: no cover - plans are made by the presets below
+            raise ValueError(f"unknown plan step {op!r}")
+    return to_hwc_memory(x, flip=flip)
+
+
 def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     if h < size or w < size:
@@ -77,8 +155,11 @@ class CenterPreset:
         # torchvision's Resize by a few grey levels, and test numbers must be exact.
         self.min_side = None
 
+    def plan(self, h: int, w: int, rng: random.Random | None = None) -> tuple:
+        return (("resize", self.resize_size), ("center", self.crop_size))
+
     def __call__(self, x: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
-        return to_hwc_memory(center_crop(resize_shorter(x, self.resize_size), self.crop_size))
+        return apply_plan(x, self.plan(*x.shape[-2:]))
 
 
 class TenCropPreset:
@@ -126,19 +207,26 @@ class TrainPreset:
         # RandomResizedCrop may zoom into 8% of the image: it needs every decoded pixel.
         self.min_side = cfg.resize_size if cfg.augment == "paper" else None
 
-    def __call__(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+    def plan(self, h: int, w: int, rng: random.Random) -> tuple:
+        """The crop and flip of an (h, w) image, drawn from ``rng`` (in this order)."""
         c = self.crop_size
         if self.augment == "paper":
-            x = resize_shorter(x, self.resize_size)
+            steps = [("resize", self.resize_size)]
+            h, w = resized_shape(h, w, self.resize_size)
             if self.center_square:
-                x = center_crop(x, self.resize_size)
-            h, w = x.shape[-2:]
+                steps.append(("center", self.resize_size))
+                h = w = self.resize_size
             top, left = rng.randint(0, h - c), rng.randint(0, w - c)
-            x = x[..., top : top + c, left : left + c]
+            steps.append(("crop", top, left, c, c))
         else:
-            top, left, h, w = random_resized_box((x.shape[-1], x.shape[-2]), rng)
-            x = F.resized_crop(x, top, left, h, w, [c, c], antialias=True)
-        return to_hwc_memory(x, flip=self.hflip and rng.random() < 0.5)
+            top, left, bh, bw = random_resized_box((w, h), rng)
+            steps = [("resized_crop", top, left, bh, bw, c)]
+        if self.hflip and rng.random() < 0.5:
+            steps.append(("flip",))
+        return tuple(steps)
+
+    def __call__(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        return apply_plan(x, self.plan(*x.shape[-2:], rng))
 
 
 def random_resized_box(
