@@ -85,10 +85,11 @@ def resolve_splits(cfg: DataConfig, need_train: bool = True) -> Splits:
 def worker_init(_worker_id: int) -> None:
     # PIL decodes on one thread; torch's intra-op pool in every worker only oversubscribes the cores.
     torch.set_num_threads(1)
-    # Stopping is the main process's decision: `pkill -f alexnet-train`, Ctrl-C (to the whole
-    # process group) or Slurm's scancel --signal reach the workers too, and a worker killed by
-    # one is a crash report instead of a saved checkpoint.  The main process ends its workers.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    # Stopping is the main process's decision: Ctrl-C (to the whole process group) or Slurm's
+    # scancel --signal=USR1 (to every process of a task, under proctrack/linuxproc) reach the
+    # workers too, and a worker killed by one is a crash report instead of a saved checkpoint.
+    # SIGTERM stays: it is how the DataLoader (and multiprocessing at exit) ends its workers.
+    for sig in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     _die_with_parent()
 

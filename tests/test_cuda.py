@@ -1,0 +1,163 @@
+"""What behaves differently on a CUDA GPU: AMP (bf16; fp16 with its GradScaler), channels_last,
+torch.compile, dist.mode=dp, NCCL DDP, resume, ten-crop eval and data.decode: device.
+
+Every test here is marked ``cuda``: without a GPU they skip (conftest says why);
+``pytest -m cuda`` or ``scripts/gpu_check.py`` runs them on one.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet_train.config import DataConfig
+from alexnet_train.data.datasets import EncodedDataset, ImageDataset, scan_image_folder
+from alexnet_train.data.loaders import EpochSampler, make_loader
+from alexnet_train.data.transforms import CenterPreset, DecodeOnDevice, TrainPreset, collate_encoded, collate_hwc
+
+from .conftest import DEMO_CONFIG as DEMO, checkpoint_weights, console_script, read_metrics, run_train, tiny_overrides
+
+pytestmark = [pytest.mark.cuda, pytest.mark.slow]
+
+
+def argv(tree: tuple[Path, Path], out: Path, *extra: str, epochs: int = 2) -> list[str]:
+    train, val = tree
+    overrides = [o for o in tiny_overrides(train, val, 3, epochs) if o != "train.device=cpu"]
+    return ["--config", DEMO, "--out", str(out), "--set", *overrides, "train.device=cuda", "data.batch_size=8",
+            *extra]
+
+
+def finite_rows(out: Path) -> list[dict]:
+    rows = read_metrics(out)
+    assert rows and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
+    return rows
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_trains_and_saves_its_scaler(tree, tmp_path, amp):
+    out = tmp_path / amp
+    assert run_train(argv(tree, out, f"train.amp={amp}")) == 0
+    finite_rows(out)
+    state = torch.load(out / "last.pth", weights_only=True)
+    assert state["model"]["features.0.weight"].dtype == torch.float32  # autocast keeps float32 master weights
+    if amp == "fp16":
+        assert state["scaler"]["scale"] > 0  # the GradScaler ran and its state is in the checkpoint
+    assert run_train(argv(tree, out, f"train.amp={amp}", epochs=3)) == 0  # resumes with it
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_channels_last_trains_and_saves_a_loadable_model(tree, tmp_path):
+    out = tmp_path / "cl"
+    assert run_train(argv(tree, out, "train.channels_last=true", "train.amp=bf16")) == 0
+    finite_rows(out)
+    from alexnet_train.config import load_config
+    from alexnet_train.model import build_model
+
+    cfg = load_config(out / "config.yaml")
+    build_model(cfg.model).load_state_dict(checkpoint_weights(out / "last.pth"))
+
+
+def test_compile_trains(tree, tmp_path):
+    out = tmp_path / "compiled"
+    assert run_train(argv(tree, out, "train.compile=true", epochs=1)) == 0
+    finite_rows(out)
+
+
+def test_dp_uses_every_gpu_or_says_it_needs_two(tree, tmp_path, capsys):
+    out = tmp_path / "dp"
+    assert run_train(argv(tree, out, "dist.mode=dp", epochs=1)) == 0
+    log = capsys.readouterr().out
+    if torch.cuda.device_count() < 2:
+        assert "dist.mode=dp needs 2+ CUDA devices" in log
+    else:
+        assert "needs 2+" not in log
+    finite_rows(out)
+
+
+def test_nccl_ddp_with_one_process(tree, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [console_script("torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "alexnet_train",
+           *argv(tree, out, "dist.mode=ddp", "dist.backend=nccl", epochs=1)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "rank 0 of 1 from torchrun" in done.stdout
+    assert read_metrics(out)[0]["val_images"] == 9
+
+
+def test_sigterm_and_resume_on_cuda_continue_the_same_run(tree, tmp_path):
+    straight = tmp_path / "straight"
+    assert run_train(argv(tree, straight, "data.batch_size=2", "train.log_interval=1")) == 0
+    out = tmp_path / "resumed"
+    proc = subprocess.Popen([console_script("alexnet-train"), *argv(tree, out, "data.batch_size=2",
+                                                                    "train.log_interval=1")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/2 train 5/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, rest
+    saved = torch.load(out / "last.pth", weights_only=True)
+    assert saved["epoch"] == 0 and saved["step_in_epoch"] > 0 and "cuda" in saved["rng"]
+    assert run_train(argv(tree, out, "data.batch_size=2", "train.log_interval=1")) == 0
+    # cuDNN picks non-deterministic kernels (atomics in the backward pass), so two CUDA runs
+    # are not bit-identical even uninterrupted; the resumed one must be the same run up to that.
+    a, b = checkpoint_weights(straight / "last.pth"), checkpoint_weights(out / "last.pth")
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-3, atol=1e-4), key
+    assert [r["epoch"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_ten_crop_eval_on_cuda_matches_the_cpu(tree, tmp_path):
+    out = tmp_path / "run"
+    assert run_train(argv(tree, out, epochs=1)) == 0
+    results = {}
+    for device in ("cpu", "cuda"):
+        report = tmp_path / f"{device}.json"
+        subprocess.run([console_script("alexnet-eval"), str(out / "last.pth"), "--ten-crop", "--device", device,
+                        "--json", str(report)], check=True, capture_output=True, timeout=300)
+        results[device] = json.loads(report.read_text())
+    for key in ("center", "ten_crop"):
+        assert results["cuda"][key]["images"] == results["cpu"][key]["images"] == 9
+        assert results["cuda"][key]["top1"] == results["cpu"][key]["top1"]
+        assert results["cuda"][key]["loss"] == pytest.approx(results["cpu"][key]["loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("preset", [TrainPreset, CenterPreset])
+def test_device_decoding_on_cuda_gives_the_worker_crops(tree, preset):
+    train, _ = tree
+    cfg = DataConfig(resize_size=72, crop_size=64)
+    _, samples = scan_image_folder(str(train))
+
+    def batches(dataset, collate, decoder=None):
+        sampler = EpochSampler(len(dataset), 3, True)
+        out = []
+        for images, targets, bad in make_loader(dataset, sampler, 8, 0, False, collate):
+            if decoder is not None:
+                images, targets, more = decoder(images, targets)
+                bad = bad + more
+            out.append((images, targets, bad))
+        return out
+
+    worker = batches(ImageDataset(samples, preset(cfg)), collate_hwc)
+    device = batches(EncodedDataset(samples, preset(cfg)), collate_encoded, DecodeOnDevice("cuda"))
+    assert len(worker) == len(device)
+    for (wi, wt, wb), (di, dt, db) in zip(worker, device):
+        assert di.device.type == "cuda" and di.shape == wi.shape and torch.equal(wt, dt) and wb == db == []
+        # nvJPEG's IDCT and upsampling round differently from libjpeg-turbo's: a few grey levels.
+        assert (di.cpu().float() - wi.float()).abs().mean() < 2.0
+
+
+def test_training_with_device_decoding_on_cuda(tree, tmp_path):
+    out = tmp_path / "device-decode"
+    assert run_train(argv(tree, out, "data.decode=device", "data.workers=2", "train.amp=bf16")) == 0
+    finite_rows(out)
+
+
+def test_the_cuda_tests_ran_on_a_gpu():
+    assert torch.cuda.is_available() and torch.cuda.device_count() >= 1, sys.version
