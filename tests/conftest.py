@@ -74,6 +74,22 @@ def assert_bit_identical(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
+def loader_batches(dataset, collate, batch_size: int = 4, seed: int = 5, decoder=None) -> list:
+    """Every (images, targets, bad) batch of one shuffled epoch of ``dataset`` in this process,
+    through ``decoder`` (a DecodeOnDevice) when given, as the trainer's batches go."""
+    from alexnet_train.data.loaders import EpochSampler, make_loader
+
+    sampler = EpochSampler(len(dataset), seed, True)
+    sampler.set_epoch(1)
+    out = []
+    for images, targets, bad in make_loader(dataset, sampler, batch_size, 0, False, collate):
+        if decoder is not None:
+            images, targets, more = decoder(images, targets)
+            bad = bad + more
+        out.append((images, targets, bad))
+    return out
+
+
 @pytest.fixture
 def tree(tmp_path: Path) -> tuple[Path, Path]:
     """(train, val) of 3 classes: 48 and 9 JPEGs (9: not divisible by 2 processes, so DDP must

@@ -17,10 +17,10 @@ import torch
 
 from alexnet_train.config import DataConfig
 from alexnet_train.data.datasets import EncodedDataset, ImageDataset, scan_image_folder
-from alexnet_train.data.loaders import EpochSampler, make_loader
 from alexnet_train.data.transforms import CenterPreset, DecodeOnDevice, TrainPreset, collate_encoded, collate_hwc
 
-from .conftest import DEMO_CONFIG as DEMO, checkpoint_weights, console_script, read_metrics, run_train, tiny_overrides
+from .conftest import DEMO_CONFIG as DEMO, checkpoint_weights, console_script, loader_batches, read_metrics, run_train
+from .conftest import tiny_overrides
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
 
@@ -134,18 +134,9 @@ def test_device_decoding_on_cuda_gives_the_worker_crops(tree, preset):
     cfg = DataConfig(resize_size=72, crop_size=64)
     _, samples = scan_image_folder(str(train))
 
-    def batches(dataset, collate, decoder=None):
-        sampler = EpochSampler(len(dataset), 3, True)
-        out = []
-        for images, targets, bad in make_loader(dataset, sampler, 8, 0, False, collate):
-            if decoder is not None:
-                images, targets, more = decoder(images, targets)
-                bad = bad + more
-            out.append((images, targets, bad))
-        return out
-
-    worker = batches(ImageDataset(samples, preset(cfg)), collate_hwc)
-    device = batches(EncodedDataset(samples, preset(cfg)), collate_encoded, DecodeOnDevice("cuda"))
+    worker = loader_batches(ImageDataset(samples, preset(cfg)), collate_hwc, batch_size=8, seed=3)
+    device = loader_batches(EncodedDataset(samples, preset(cfg)), collate_encoded, batch_size=8, seed=3,
+                            decoder=DecodeOnDevice("cuda"))
     assert len(worker) == len(device)
     for (wi, wt, wb), (di, dt, db) in zip(worker, device):
         assert di.device.type == "cuda" and di.shape == wi.shape and torch.equal(wt, dt) and wb == db == []

@@ -17,12 +17,11 @@ from alexnet_train.config import DataConfig
 from alexnet_train.data import decode as decode_mod
 from alexnet_train.data.datasets import EncodedDataset, EncodedImage, ImageDataset, scan_image_folder
 from alexnet_train.data.decode import exif_orientation
-from alexnet_train.data.loaders import EpochSampler, make_loader
 from alexnet_train.data.transforms import (CenterPreset, DecodeOnDevice, TrainPreset, collate_encoded, collate_hwc,
                                            resize_shorter, resized_shape)
 
-from .conftest import (DEMO_CONFIG as DEMO, assert_bit_identical, checkpoint_weights, read_metrics, run_train,
-                       tiny_overrides, write_image_folder)
+from .conftest import (DEMO_CONFIG as DEMO, assert_bit_identical, checkpoint_weights, loader_batches, read_metrics,
+                       run_train, tiny_overrides, write_image_folder)
 
 pytestmark = pytest.mark.skipif(decode_mod.FAST_DECODER is None, reason="TorchCodec is not loadable here")
 
@@ -48,25 +47,13 @@ def odd_tree(tmp_path: Path) -> Path:
     return root
 
 
-def batches(dataset, collate, batch_size=4, seed=5, decoder=None):
-    sampler = EpochSampler(len(dataset), seed, True)
-    sampler.set_epoch(1)
-    out = []
-    for images, targets, bad in make_loader(dataset, sampler, batch_size, 0, False, collate):
-        if decoder is not None:
-            images, targets, more = decoder(images, targets)
-            bad = bad + more
-        out.append((images, targets, bad))
-    return out
-
-
 @pytest.mark.parametrize("augment", ["paper", "torchvision"])
 @pytest.mark.parametrize("preset", [TrainPreset, CenterPreset])
 def test_device_batches_equal_the_worker_batches_bit_for_bit(odd_tree, augment, preset):
     cfg = DataConfig(resize_size=72, crop_size=64, augment=augment, center_square=augment == "paper")
     _, samples = scan_image_folder(str(odd_tree))
-    worker = batches(ImageDataset(samples, preset(cfg)), collate_hwc)
-    device = batches(EncodedDataset(samples, preset(cfg)), collate_encoded, decoder=DecodeOnDevice("cpu"))
+    worker = loader_batches(ImageDataset(samples, preset(cfg)), collate_hwc)
+    device = loader_batches(EncodedDataset(samples, preset(cfg)), collate_encoded, decoder=DecodeOnDevice("cpu"))
     assert len(worker) == len(device) == 7  # 25 images, batches of 4
     for (wi, wt, wb), (di, dt, db) in zip(worker, device):
         assert torch.equal(wi, di) and torch.equal(wt, dt) and wb == db == []
