@@ -112,6 +112,22 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         atomic_write_bytes(dst, lambda fout: shutil.copyfileobj(fin, fout, 16 << 20))
 
 
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
+
+
+def refused_pickle_message(path: str | os.PathLike, text: str) -> str:
+    """One line, in our words, for a file that ``torch.load(weights_only=True)`` refused.
+
+    ``text`` is torch's own multi-line explanation; only the name of the first object it
+    refused is taken from it.
+    """
+    found = _UNSAFE_GLOBAL.search(text)
+    what = f" (the first: {found.group(1)})" if found else ""
+    return (f"{path}: holds pickled Python objects{what}, not only tensors; refusing to load it, as "
+            "unpickling them could run code from the file. If you trust its source, load it once with "
+            "torch.load(..., weights_only=False) and torch.save its state_dict")
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint of ours or a plain state_dict; CheckpointError names the file on failure."""
     path = Path(path)
@@ -127,10 +143,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, unpickling refused ...
         text = str(exc)
-        unsafe = [ln.strip() for ln in text.splitlines() if "Unsupported global" in ln]
-        if unsafe:  # a pickle holding arbitrary objects: we refuse to execute it
-            reason = "holds objects a weights-only load refuses: " + unsafe[0].split("Unsupported global:")[-1].strip()
-        elif "zip archive" in text or "central directory" in text or "PytorchStreamReader" in text:
+        if "Weights only load failed" in text or "WeightsUnpickler" in text:
+            raise CheckpointError(refused_pickle_message(path, text)) from None
+        if "zip archive" in text or "central directory" in text or "PytorchStreamReader" in text:
             reason = "truncated or corrupt archive"
         else:
             lines = [ln.strip() for ln in text.splitlines() if ln.strip()]

@@ -55,8 +55,32 @@ def test_unreadable_files_raise_naming_the_file(tmp_path: Path, content):
 def test_pickled_objects_are_refused_not_executed(tmp_path: Path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {}, "config": {}, "classes": [], "obj": Path("/etc")}, path)
-    with pytest.raises(ckpt.CheckpointError, match="evil.pth: .*weights-only"):
+    with pytest.raises(ckpt.CheckpointError) as info:
         ckpt.load_checkpoint(path)
+    message = str(info.value)
+    # Our words on one line, naming the file and the object; none of torch's multi-line text.
+    assert "\n" not in message
+    assert message.startswith(f"{path}: holds pickled Python objects (the first: pathlib.")
+    assert "not only tensors; refusing to load it" in message
+    for torch_text in ("Weights only load failed", "PyTorch 2.6", "add_safe_globals", "\x1b["):
+        assert torch_text not in message
+
+
+def test_a_refused_checkpoint_is_one_line_from_alexnet_eval(tmp_path: Path):
+    import argparse
+    import subprocess
+
+    from .conftest import console_script
+
+    path = tmp_path / "pickled.pth"
+    torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=0.1)}, path)
+    proc = subprocess.run([console_script("alexnet-eval"), str(path), "--data", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"alexnet-eval: error: {path}: holds pickled Python objects (the first: argparse.Namespace), not only "
+        "tensors; refusing to load it, as unpickling them could run code from the file. If you trust its "
+        "source, load it once with torch.load(..., weights_only=False) and torch.save its state_dict"]
 
 
 def test_find_resume_falls_back_past_a_corrupt_last(tmp_path: Path):
