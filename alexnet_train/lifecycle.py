@@ -77,19 +77,31 @@ class StopSignals:
 def launch_environment(mode: str | None = None) -> DistInfo:
     """The process's place in the launch (torchrun, srun or none), checked against ``dist.mode``.
 
-    ``mode`` None (evaluation) accepts any launch.  ConfigError says what to change.
+    ``mode`` None (evaluation) accepts any launch.  ``ddp`` without a launcher is one process
+    (:func:`joins_group` says so); several processes need ``ddp``.  ConfigError says what to change.
     """
     try:
         dist = DistInfo.from_env()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if mode == "ddp" and dist.launcher == "none":
-        raise ConfigError("dist.mode: ddp needs a launcher: torchrun (e.g. torchrun --nproc_per_node 2 "
-                          "$(command -v alexnet-train) --config ...) or Slurm's srun")
     if mode is not None and mode != "ddp" and dist.distributed:
         raise ConfigError(f"launched by {dist.launcher} with {dist.world_size} processes but dist.mode is "
                           f"{mode!r}; set dist.mode=ddp")
     return dist
+
+
+def joins_group(mode: str, dist: DistInfo) -> bool:
+    """Whether this process joins a process group: dist.mode=ddp under torchrun or srun.
+
+    dist.mode=ddp without a launcher (a multi-GPU recipe tried on one GPU or a CPU) trains as
+    one process, with :data:`SINGLE_PROCESS_NOTICE`.
+    """
+    return mode == "ddp" and dist.launcher != "none"
+
+
+SINGLE_PROCESS_NOTICE = (
+    "notice: dist.mode=ddp, but no launcher started this process: training as one process "
+    "(for N GPUs: torchrun --nproc_per_node N -m alexnet_train --config ..., or srun)")
 
 
 def join_process_group(dist: DistInfo, backend: str, device: str) -> None:
@@ -202,6 +214,8 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
     dist = launch_environment(cfg.dist.mode)
     say = log if dist.is_main else (lambda _m: None)
     out = Path(cfg.train.out_dir)
+    if cfg.dist.mode == "ddp" and not joins_group(cfg.dist.mode, dist):
+        say(SINGLE_PROCESS_NOTICE)
     for key in cfg.model.ignored_keys():
         say(f"notice: {key} is ignored: it applies only to model.arch=custom (arch is {cfg.model.arch})")
 
@@ -236,7 +250,7 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
                 raise ckpt.WriteError(f"{out}: cannot create the output directory ({exc.strerror or exc})") from None
             lock.acquire()  # RunLocked if another run created OUT meanwhile
 
-        if cfg.dist.mode == "ddp":
+        if joins_group(cfg.dist.mode, dist):
             say(f"dist: rank {dist.rank} of {dist.world_size} from {dist.launcher}"
                 + (f", rendezvous {dist.init_method}" if dist.launcher == "slurm" else ""))
             join_process_group(dist, cfg.dist.backend, cfg.train.device)
@@ -273,5 +287,5 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
                 except ckpt.WriteError:
                     if sys.exc_info()[0] is None:  # only when nothing else is being reported
                         raise
-            if cfg.dist.mode == "ddp":
+            if joins_group(cfg.dist.mode, dist):
                 leave_process_group()

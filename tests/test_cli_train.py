@@ -19,7 +19,8 @@ import yaml
 
 from alexnet_train.cli import train_main
 
-from .conftest import CLASSES, DEMO_CONFIG as DEMO, console_script as script, read_metrics as metrics, tiny_overrides, write_image_folder
+from .conftest import (CLASSES, DEMO_CONFIG as DEMO, REPO, TINY_DATA, console_script as script, read_metrics as metrics,
+                       tiny_overrides, write_image_folder)
 
 pytestmark = pytest.mark.slow
 
@@ -273,15 +274,28 @@ def test_val_class_folder_not_in_train_exits_2_naming_it(image_tree, capsys, tmp
     assert not out.exists()
 
 
-def test_ddp_without_torchrun_exits_2(image_tree, capsys, tmp_path, monkeypatch):
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(var, raising=False)
-    train, val, _ = image_tree
+@pytest.mark.slow
+def test_torchvision_yaml_without_torchrun_trains_as_one_process_with_a_notice(image_tree, tmp_path):
+    """configs/torchvision.yaml asks for DDP (its recipe is 8 GPUs); run as written, without
+    torchrun or srun, it trains as one process (it used to exit 2: "ddp needs torchrun")."""
+    train, val, classes = image_tree
     out = tmp_path / "OUT"
-    code, err = train_fails(capsys, *train_args(train, val, out, "dist.mode=ddp"))
-    assert code == 2
-    assert_one_line_error(err, "dist.mode", "torchrun")
-    assert not out.exists()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK") and not k.startswith("SLURM_")}
+    proc = subprocess.run(
+        [script("alexnet-train"), "--config", str(REPO / "configs" / "torchvision.yaml"), "--out", str(out),
+         "--set", f"data.train_dir={train}", f"data.val_dir={val}", f"model.num_classes={len(classes)}",
+         "train.epochs=1", "train.device=cpu", "train.keep_last=0", "train.log_interval=1", *TINY_DATA],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    notices = [line for line in proc.stdout.splitlines() if "dist.mode" in line]
+    assert notices == ["notice: dist.mode=ddp, but no launcher started this process: training as one process "
+                       "(for N GPUs: torchrun --nproc_per_node N -m alexnet_train --config ..., or srun)"]
+    assert "dist: rank" not in proc.stdout
+    state = load(out / "last.pth")
+    assert state["config"]["dist"]["mode"] == "ddp" and state["config"]["model"]["arch"] == "torchvision"
+    assert [row["epoch"] for row in metrics(out)] == [1]
 
 
 # --------------------------------------------------------------------------- keep_last

@@ -13,7 +13,7 @@ import torch
 
 from alexnet_train.config import ConfigError
 from alexnet_train.distributed import SLURM_BASE_PORT, DistInfo, first_host
-from alexnet_train.lifecycle import launch_environment
+from alexnet_train.lifecycle import joins_group, launch_environment
 
 from .conftest import DEMO_CONFIG as DEMO, assert_bit_identical, checkpoint_weights, console_script, read_metrics
 from .conftest import tiny_overrides
@@ -152,3 +152,19 @@ def test_a_preempted_two_task_slurm_run_resumes_bit_identically(tree, tmp_path):
     assert "resuming from" in logs[0]
     assert_bit_identical(checkpoint_weights(tmp_path / "straight" / "last.pth"), checkpoint_weights(out / "last.pth"))
     assert [m["val_top1"] for m in read_metrics(out)] == [m["val_top1"] for m in read_metrics(tmp_path / "straight")]
+
+
+@pytest.mark.parametrize("env, mode, joins", [
+    ({}, "ddp", False),              # a multi-GPU config tried without torchrun: one process
+    (BATCH_SHELL, "ddp", False),     # the batch script itself, not an srun task
+    (SRUN_TASK_1, "ddp", True),
+    (TORCHRUN, "ddp", True),
+    ({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}, "ddp", True),  # torchrun --nproc_per_node 1
+    ({}, "none", False),
+])
+def test_ddp_joins_a_process_group_only_under_a_launcher(env, mode, joins, monkeypatch):
+    for key in [k for k in os.environ if k.startswith("SLURM_") or k in TORCHRUN]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert joins_group(mode, launch_environment(mode)) is joins
