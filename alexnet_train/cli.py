@@ -304,8 +304,10 @@ def summary_main(argv: Sequence[str] | None = None) -> None:
     from .model import build_model, format_summary, layer_summary
 
     m = cfg.model
+    for notice in m.ignored_notices():
+        print(notice, file=sys.stderr)
     model = build_model(m)
-    title = (f"AlexNet arch={m.arch} groups={m.groups} num_classes={m.num_classes} "
+    title = (f"AlexNet arch={m.arch} groups={m.effective_groups} num_classes={m.num_classes} "
              f"input 3x{args.input_size}x{args.input_size}")
     print(format_summary(layer_summary(model, args.input_size), title))
 

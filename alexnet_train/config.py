@@ -102,6 +102,14 @@ class DataConfig:
             raise ConfigError(f"data.max_bad_fraction: must be within [0, 1], got {self.max_bad_fraction}")
 
 
+# The model keys that only some archs use, and those archs; every other model key applies to all.
+ARCH_KEYS = {
+    "groups": ("paper", "custom"),
+    "conv_widths": ("custom",),
+    "fc_widths": ("custom",),
+    "lrn": ("custom",),
+}
+
 PAPER_CONV = (96, 256, 384, 384, 256)
 PAPER_FC = (4096, 4096)
 
@@ -111,7 +119,8 @@ class ModelConfig:
     arch: Literal["paper", "torchvision", "custom"] = "paper"
     # null: the number of class folders in data.train_dir (what a fine-tuning config wants).
     num_classes: Optional[int] = 1000
-    # 2 = the paper's two-GPU towers: conv2, conv4 and conv5 see only their own half.
+    # 2 = the paper's two-GPU towers: conv2, conv4 and conv5 see only their own half
+    # (arch paper and custom; torchvision's AlexNet has none, so it ignores this, with a notice).
     groups: int = 1
     # paper: N(0, 0.01), bias 1 in conv2/4/5 and FC6/7; caffe: bvlc_alexnet's
     # (N(0, 0.01) convs, N(0, 0.005) FC6/7, bias 0.1); kaiming: He-normal for ReLUs;
@@ -119,8 +128,9 @@ class ModelConfig:
     # chance in every measurement (scripts/init_study.py, README "Initialisation").
     init: Literal["paper", "caffe", "kaiming", "torch"] = "caffe"
     dropout: float = 0.5
-    # arch=custom only (ignored, with a notice, by paper/torchvision): five conv
-    # widths, two FC widths, LRN after conv1/conv2.
+    # arch=custom only: five conv widths, two FC widths, LRN after conv1/conv2.
+    # The rule for every arch-specific key (these and groups): an arch that does not use
+    # a key ignores it, with a notice naming it, so --set model.arch=... works on any config.
     conv_widths: Optional[tuple[int, ...]] = None
     fc_widths: Optional[tuple[int, ...]] = None
     lrn: Optional[bool] = None
@@ -145,13 +155,11 @@ class ModelConfig:
                               f"(arch is {self.arch}); set model.arch=torchvision or give a checkpoint path")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout: must be within [0, 1), got {self.dropout}")
-        if self.arch == "torchvision" and self.groups != 1:
-            raise ConfigError("model.groups: torchvision's AlexNet has no grouped convolutions; use 1")
         if self.conv_widths is not None and (len(self.conv_widths) != 5 or min(self.conv_widths) < 1):
             raise ConfigError(f"model.conv_widths: expected 5 positive ints, got {list(self.conv_widths)}")
         if self.fc_widths is not None and (len(self.fc_widths) != 2 or min(self.fc_widths) < 1):
             raise ConfigError(f"model.fc_widths: expected 2 positive ints, got {list(self.fc_widths)}")
-        if self.groups > 1:
+        if self.effective_groups > 1:
             conv = self.widths()[0]
             # Grouped layers are conv2 (input conv1), conv4 (input conv3), conv5 (input conv4).
             for name, width in (("conv1", conv[0]), ("conv2", conv[1]), ("conv3", conv[2]),
@@ -161,11 +169,24 @@ class ModelConfig:
                         f"model.groups: {self.groups} does not divide the {width} filters of {name}"
                     )
 
+    def unused_keys(self) -> list[str]:
+        """The model keys (without ``model.``) that this config's arch does not use."""
+        return [key for key, archs in ARCH_KEYS.items() if self.arch not in archs]
+
     def ignored_keys(self) -> list[str]:
-        """Keys set in this config that its arch does not use (custom-only settings)."""
-        if self.arch == "custom":
-            return []
-        return [f"model.{k}" for k in ("conv_widths", "fc_widths", "lrn") if getattr(self, k) is not None]
+        """Keys set (away from their defaults) in this config that its arch does not use."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [f"model.{k}" for k in self.unused_keys() if getattr(self, k) != defaults[k]]
+
+    def ignored_notices(self) -> list[str]:
+        """One notice per ignored key, naming the archs that use it."""
+        return [f"notice: {key} is ignored: model.arch={self.arch} does not use it "
+                f"(only {' and '.join(ARCH_KEYS[key[len('model.'):]])} do)" for key in self.ignored_keys()]
+
+    @property
+    def effective_groups(self) -> int:
+        """``groups`` as the model is built: torchvision's AlexNet has no grouped convolutions."""
+        return 1 if "groups" in self.unused_keys() else self.groups
 
     def widths(self) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
         """(conv widths, FC widths, LRN) this config describes."""
@@ -204,7 +225,9 @@ class OptimConfig:
 @dataclass(frozen=True)
 class ScheduleConfig:
     kind: Literal["plateau", "step", "cosine"] = "plateau"
-    # plateau: epochs without improvement of val top-1 error before lr *= factor.
+    # plateau: lr *= factor after this many epochs in a row without improvement of val top-1
+    # error (>= 1).  PyTorch's ReduceLROnPlateau counts one fewer: its patience=N is our N + 1
+    # (its 0, cut after the first bad epoch, is our 1).
     patience: int = 5
     factor: float = 0.1
     max_reductions: int = 3
@@ -219,7 +242,12 @@ class ScheduleConfig:
     warmup_epochs: int = 0
 
     def __post_init__(self) -> None:
-        _positive(self, "patience", "step_size")
+        _positive(self, "step_size")
+        if self.patience < 1:
+            raise ConfigError(
+                f"schedule.patience: must be >= 1, got {self.patience}: it counts the epochs in a row without "
+                "improvement before lr is cut (PyTorch's ReduceLROnPlateau(patience=N) is our N + 1, "
+                "so its 0 is our 1)")
         if not 0.0 < self.factor < 1.0:
             raise ConfigError(f"schedule.factor: must be within (0, 1), got {self.factor}")
         for key in ("max_reductions", "warmup_epochs"):

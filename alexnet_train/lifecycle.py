@@ -162,6 +162,8 @@ def check_resume_config(saved: dict, cfg: Config, log: Log) -> None:
             old = old_values.get(key, defaults[section][key])
             if old == value or section == "data" and key in ("train_dir", "val_dir") and old is not None:
                 continue
+            if section == "model" and key in cfg.model.unused_keys():
+                continue  # the arch (unchanged, or refused above) does not use it: the model is the same
             if section == "model" and key in ("init", "weights"):
                 # Only a fresh run draws or loads weights: the checkpoint's are kept (and a config
                 # that changed its default init, as paper.yaml did, still resumes).
@@ -216,8 +218,8 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
     out = Path(cfg.train.out_dir)
     if cfg.dist.mode == "ddp" and not joins_group(cfg.dist.mode, dist):
         say(SINGLE_PROCESS_NOTICE)
-    for key in cfg.model.ignored_keys():
-        say(f"notice: {key} is ignored: it applies only to model.arch=custom (arch is {cfg.model.arch})")
+    for notice in cfg.model.ignored_notices():
+        say(notice)
 
     # Everything that can be wrong with the config or data is checked before OUT is touched.
     # An existing OUT is locked first, so no other run writes it while we read it.

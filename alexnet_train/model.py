@@ -130,7 +130,7 @@ def init_weights(model: AlexNet, scheme: str) -> None:
 
 def build_model(cfg: ModelConfig) -> AlexNet:
     conv, fc, lrn = cfg.widths()
-    model = AlexNet(cfg.num_classes, conv, fc, lrn, cfg.groups, cfg.dropout)
+    model = AlexNet(cfg.num_classes, conv, fc, lrn, cfg.effective_groups, cfg.dropout)
     init_weights(model, cfg.init)
     return model
 

@@ -616,7 +616,7 @@ class Trainer:
                 raise Interrupted(signum, last)
         if self.last_eval is not None:
             tracker.hparams(
-                {"arch": cfg.model.arch, "groups": cfg.model.groups, "init": cfg.model.init, "lr": cfg.optim.lr,
+                {"arch": cfg.model.arch, "groups": cfg.model.effective_groups, "init": cfg.model.init, "lr": cfg.optim.lr,
                  "batch_size": cfg.data.batch_size, "weight_decay": cfg.optim.weight_decay,
                  "schedule": cfg.schedule.kind, "epochs": self.epoch},
                 {"hparam/best_top1": self.best_top1, "hparam/val_top1": self.last_eval.top1,

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True  # main.py sets it too; the trainer sets it on CUDA
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"model {cfg.model.arch} (groups {cfg.model.groups}), batch {cfg.data.batch_size}, crop {cfg.data.crop_size}, "
+    print(f"model {cfg.model.arch} (groups {cfg.model.effective_groups}), batch {cfg.data.batch_size}, crop {cfg.data.crop_size}, "
           f"{cfg.data.workers} workers, {torch.get_num_threads()} torch threads, {args.steps} timed steps, on {name}; "
           f"ours: amp {cfg.train.amp}, channels_last {cfg.train.channels_last}, tf32 {cfg.train.tf32}")
     plain = plain_loop(cfg, args.data, args.steps, args.warmup, device)

@@ -214,6 +214,15 @@ def test_summary_prints_parameter_totals(args, total, capsys):
     assert any("256x6x6" in ln.split() for ln in text.splitlines()), text
 
 
+def test_summary_of_paper_yaml_as_torchvision_ignores_its_groups_with_a_notice(capsys):
+    # paper.yaml sets groups: 2, which torchvision's AlexNet has no use for (this exited 2).
+    summary_main(["--config", str(CONFIGS / "paper.yaml"), "--set", "model.arch=torchvision"])
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == ["notice: model.groups is ignored: model.arch=torchvision does not use it "
+                                         "(only paper and custom do)"]
+    assert "arch=torchvision groups=1 " in captured.out and "parameters: 61,100,840 " in captured.out
+
+
 def test_summary_of_finetune_yaml_counts_the_class_folders_for_num_classes_null(capsys, tmp_path):
     for name in ("a", "b", "c", "d", "e"):
         (tmp_path / "train" / name).mkdir(parents=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from alexnet_train.config import (
     Config,
@@ -15,6 +16,8 @@ from alexnet_train.config import (
     parse_override,
     replace,
 )
+from alexnet_train.model import build_model
+from alexnet_train.train import LrPolicy
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -85,7 +88,8 @@ def test_bad_override_names_the_key(override: str, fragments: list[str]):
     "overrides, key",
     [
         (["model.groups=3"], "model.groups"),
-        (["model.arch=torchvision", "model.groups=2"], "model.groups"),
+        (["model.arch=custom", "model.conv_widths=[8, 16, 16, 16, 15]", "model.groups=2"], "model.groups"),
+        (["schedule.patience=0"], "schedule.patience"),
         (["data.crop_size=300"], "data.crop_size"),
         (["optim.lr=0"], "optim.lr"),
         (["optim.momentum=1.5"], "optim.momentum"),
@@ -124,6 +128,46 @@ def test_include_merges_underneath(tmp_path: Path):
     cfg = load_config(main)
     assert cfg.data.mean == (100.0, 110.0, 120.0)
     assert cfg.data.batch_size == 32  # the including file wins
+
+
+@pytest.mark.parametrize("arch, overrides, ignored", [
+    ("paper", ["model.conv_widths=[8, 16, 16, 16, 16]", "model.lrn=false", "model.groups=2"], ["model.conv_widths",
+                                                                                               "model.lrn"]),
+    ("torchvision", ["model.groups=2"], ["model.groups"]),
+    ("torchvision", ["model.groups=3", "model.fc_widths=[64, 64]"], ["model.groups", "model.fc_widths"]),
+    ("custom", ["model.groups=2", "model.lrn=false"], []),
+])
+def test_one_rule_for_arch_specific_keys_ignored_with_a_notice(arch, overrides, ignored):
+    """groups was refused for torchvision while the custom-only keys were ignored: now an arch
+    that does not use a key ignores it, with a notice naming the key and the archs that use it."""
+    cfg = load_config(None, [f"model.arch={arch}", *overrides])
+    assert cfg.model.ignored_keys() == ignored
+    notices = cfg.model.ignored_notices()
+    assert len(notices) == len(ignored)
+    for key, notice in zip(ignored, notices):
+        assert notice.startswith(f"notice: {key} is ignored: model.arch={arch} does not use it (only ")
+    if arch == "torchvision":
+        assert "(only paper and custom do)" in notices[0]
+        assert cfg.model.effective_groups == 1
+        model = build_model(replace(cfg, "model", num_classes=10).model)
+        assert all(m.groups == 1 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_schedule_patience_counts_bad_epochs_and_0_is_refused_saying_what_it_means():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["schedule.patience=0"])
+    assert str(info.value) == (
+        "config with --set: schedule.patience: must be >= 1, got 0: it counts the epochs in a row without "
+        "improvement before lr is cut (PyTorch's ReduceLROnPlateau(patience=N) is our N + 1, so its 0 is our 1)")
+    # Our patience 1 cuts after the first bad epoch, as PyTorch's patience 0 does.
+    ours = LrPolicy(load_config(None, ["schedule.patience=1"]).schedule, 0.01, 90)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    theirs = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", patience=0, factor=0.1, threshold=0.0,
+                                                        threshold_mode="abs")
+    for error in (50.0, 40.0, 45.0, 39.0, 39.0, 39.5, 30.0):
+        ours.epoch_end(error)
+        theirs.step(error)
+        assert ours.lr == pytest.approx(opt.param_groups[0]["lr"]), error
 
 
 def test_custom_keys_are_reported_not_applied_for_fixed_archs():
