@@ -2,7 +2,7 @@
 
 ``COMMAND`` is ``train`` (the default, so ``python -m alexnet_train --config ...``
 is ``alexnet-train``), ``eval``, ``summary``, ``prepare``, ``stats``, ``export``
-``predict`` or ``data``.  This is the form to give torchrun (``torchrun ... -m
+``predict``, ``data`` or ``report``.  This is the form to give torchrun (``torchrun ... -m
 alexnet_train ...``): it works where the console scripts are shell wrappers
 (pyenv shims), which torchrun cannot run as Python.
 """
@@ -22,6 +22,7 @@ COMMANDS = {
     "export": cli.export_main,
     "predict": cli.predict_main,
     "data": cli.data_main,
+    "report": cli.report_main,
 }
 
 

@@ -327,6 +327,42 @@ def _count_class_folders(train_dir: str | None) -> int:
                           "pass --set model.num_classes=N") from None
 
 
+# --------------------------------------------------------------------------- alexnet-report
+
+
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="alexnet-report",
+        description="Summarise a training run's output directory and draw OUT/report.png: train/val loss, "
+                    "val top-1/top-5 per epoch, lr steps marked (the plot needs matplotlib: "
+                    "pip install 'alexnet-train[plot]').",
+    )
+    p.add_argument("out", metavar="OUT", help="the run's output directory (holds metrics.jsonl)")
+    p.add_argument("--png", metavar="FILE", help="where to write the PNG (default: OUT/report.png)")
+    p.add_argument("--no-plot", action="store_true", help="print the summary only")
+    return p
+
+
+def report_main(argv: Sequence[str] | None = None) -> None:
+    prog = "alexnet-report"
+    args = report_parser().parse_args(argv)
+    from .checkpoint import WriteError
+    from .report import ReportError, draw, load_run, summary_lines
+
+    try:
+        run = load_run(args.out)
+    except ReportError as exc:
+        _fail(prog, EXIT_RUNTIME, str(exc))
+    for line in summary_lines(run):
+        _log(line)
+    if args.no_plot:
+        return
+    try:
+        _log(f"report: {draw(run, args.png or run.out_dir / 'report.png')}")
+    except (ReportError, WriteError) as exc:  # PlotUnavailable says how to install matplotlib
+        _fail(prog, EXIT_RUNTIME, str(exc))
+
+
 # --------------------------------------------------------------------------- alexnet-prepare
 
 

@@ -209,6 +209,7 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
     """
     from .data import resolve_splits, with_demo_data
     from .data.loaders import check_decode
+    from .report import report_run
     from .tracking import Tracker
     from .train import Interrupted, fit
     from .transfer import load_pretrained
@@ -279,6 +280,8 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
             if result.last is not None:
                 say(f"done: {result.epochs_run} epochs, final val top-1 {result.last.top1:.2f}% "
                     f"top-5 {result.last.top5:.2f}%, best top-1 {result.best_top1:.2f}%; checkpoints in {out}")
+                if dist.is_main:
+                    report_run(out, say)
             else:
                 say(f"done: nothing to do, {out} already holds {result.epochs_run} epochs")
             return result

@@ -31,18 +31,88 @@ import torch
 from .checkpoint import write_error
 
 
-def _fmt(value: Any) -> str:
+def format_duration(seconds: Any) -> str:
+    """A duration a person reads at a glance: 46s, 3m05s, 1h02m, 1d02h ("?" when unknown)."""
+    try:
+        value = float(seconds)
+    except (TypeError, ValueError):
+        return "?"
+    if not math.isfinite(value):
+        return "?"
+    s = max(0, int(round(value)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def format_clock(timestamp: float) -> str:
+    """Local wall-clock time, with the date (a long run ends days later)."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
+
+
+def format_field(name: str, value: Any) -> str:
+    """One value of a progress line, in the same units and digits everywhere."""
+    if name == "loss":
+        return f"loss {value:.4f}"
+    if name == "lr":
+        return f"lr {value:.4g}"
+    if name == "img_s":
+        return f"{value:.0f} img/s"
+    if name == "data_wait":
+        return f"data wait {100 * value:.0f}%"
     if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
-    return str(value)
+        return f"{name} {value:.4g}"
+    return f"{name} {value}"
+
+
+class RunClock:
+    """What is left of the epoch and of the run, from the time per step measured so far (pure).
+
+    Each phase (``train``, ``val``) of an epoch runs a known number of steps.  The phase
+    under way is timed by its own progress; the other phase takes the seconds per step of
+    its last finished run, and validation, before it has run once, a third of a training
+    step (a forward pass without the backward).  A plateau schedule may end the run sooner.
+    """
+
+    def __init__(self, epochs: int, train_steps: int, val_steps: int) -> None:
+        self.epochs, self.train_steps, self.val_steps = epochs, train_steps, val_steps
+        self.per_step: dict[str, float | None] = {"train": None, "val": None}
+
+    def finished(self, phase: str, seconds_per_step: float | None) -> None:
+        if seconds_per_step is not None:
+            self.per_step[phase] = seconds_per_step
+
+    def left(self, epoch: int, phase: str, steps_left: int, seconds_per_step: float) -> tuple[float, float]:
+        """(seconds left in epoch ``epoch`` (0-based), seconds left in the run) during ``phase``."""
+        train = seconds_per_step if phase == "train" else self.per_step["train"]
+        val = seconds_per_step if phase == "val" else self.per_step["val"]
+        if val is None:
+            val = (train or 0.0) / 3
+        if train is None:  # validating before any training step was timed (a resume at an epoch's end)
+            train = 3 * val
+        epoch_left = steps_left * seconds_per_step + (self.val_steps * val if phase == "train" else 0.0)
+        later = max(0, self.epochs - epoch - 1) * (self.train_steps * train + self.val_steps * val)
+        return epoch_left, epoch_left + later
 
 
 class Progress:
-    """A tqdm bar on a TTY, else a log line every ``interval`` updates (and at the end)."""
+    """A tqdm bar on a TTY, else a log line every ``interval`` updates (and at the end).
 
-    def __init__(self, total: int, desc: str, interval: int, enabled: bool, stream: TextIO, initial: int = 0) -> None:
+    A plain line reads ``epoch 3/90 train 400/10010 | loss 4.2130 | lr 0.01 | 1157 img/s |
+    data wait 7% | elapsed 5m12s | ETA epoch 2h01m, run 6d03h (ends 2026-12-08 14:20)``: the
+    values set with :meth:`set`, then the time spent and what is left.  ``eta(steps_left,
+    seconds_per_step)`` gives (epoch left, run left); without it the ETA is this progress's own.
+    """
+
+    def __init__(self, total: int, desc: str, interval: int, enabled: bool, stream: TextIO, initial: int = 0,
+                 eta: Callable[[int, float], tuple[float, float]] | None = None) -> None:
         self.total, self.desc, self.interval, self.enabled, self.stream = total, desc, interval, enabled, stream
-        self.count = initial
+        self.count = self.initial = initial
+        self.eta = eta
         self.postfix: dict[str, Any] = {}
         self.started = time.monotonic()
         self.bar = None
@@ -51,11 +121,43 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, file=stream, dynamic_ncols=True, leave=False)
 
+    def seconds_per_step(self) -> float | None:
+        """Measured since this progress began; None before its first step."""
+        steps = self.count - self.initial
+        return (time.monotonic() - self.started) / steps if steps > 0 else None
+
     def set(self, **postfix: Any) -> None:
         """Values shown with the bar / the next log line."""
         self.postfix = postfix
-        if self.bar is not None:
-            self.bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
+        if self.bar is not None:  # tqdm shows this phase's ETA itself; the run's goes with the values
+            shown = [format_field(k, v) for k, v in postfix.items()]
+            left = self._left()
+            if left is not None and self.eta is not None:
+                shown.append(f"run ETA {format_duration(left[1])}")
+            self.bar.set_postfix_str(", ".join(shown), refresh=False)
+
+    def _left(self) -> tuple[float, float] | None:
+        rate = self.seconds_per_step()
+        if rate is None:
+            return None
+        steps_left = max(0, self.total - self.count)
+        if self.eta is None:
+            return steps_left * rate, steps_left * rate
+        return self.eta(steps_left, rate)
+
+    def line(self) -> str:
+        """The plain progress line for the current state."""
+        parts = [f"{self.desc} {self.count}/{self.total}"]
+        parts += [format_field(k, v) for k, v in self.postfix.items()]
+        parts.append(f"elapsed {format_duration(time.monotonic() - self.started)}")
+        left = self._left()
+        if left is not None:
+            if self.eta is None:
+                parts.append(f"ETA {format_duration(left[0])}")
+            else:
+                parts.append(f"ETA epoch {format_duration(left[0])}, run {format_duration(left[1])} "
+                             f"(ends {format_clock(time.time() + left[1])})")
+        return " | ".join(parts)
 
     def update(self, n: int = 1) -> None:
         self.count += n
@@ -64,10 +166,7 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
         elif self.count % self.interval == 0 or self.count == self.total:
-            fields = " ".join(f"{k}={_fmt(v)}" for k, v in self.postfix.items())
-            elapsed = time.monotonic() - self.started
-            print(f"{self.desc} {self.count}/{self.total} {fields} ({elapsed:.0f}s)".replace("  ", " "),
-                  file=self.stream, flush=True)
+            print(self.line(), file=self.stream, flush=True)
 
     def __enter__(self) -> "Progress":
         return self
@@ -112,8 +211,9 @@ class Tracker:
         else:
             print(message, file=self.stream, flush=True)
 
-    def progress(self, total: int, desc: str, interval: int = 50, initial: int = 0) -> Progress:
-        return Progress(total, desc, interval, self.enabled, self.stream, initial)
+    def progress(self, total: int, desc: str, interval: int = 50, initial: int = 0,
+                 eta: Callable[[int, float], tuple[float, float]] | None = None) -> Progress:
+        return Progress(total, desc, interval, self.enabled, self.stream, initial, eta)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None and math.isfinite(value):

@@ -40,7 +40,7 @@ from .data.transforms import BatchPreprocess, DecodeOnDevice
 from .distributed import DistInfo, all_gather, all_reduce_max, all_reduce_sum
 from .evaluate import EvalResult, evaluate
 from .model import build_model
-from .tracking import Tracker
+from .tracking import RunClock, Tracker, format_duration
 from .transfer import HEAD, Pretrained, freeze
 
 
@@ -295,6 +295,7 @@ class Trainer:
         )
         self.policy = LrPolicy(cfg.schedule, cfg.optim.lr, cfg.train.epochs)
         self.loaders: Loaders = build_loaders(cfg.data, splits, self.dist, seed, pin_memory=self.device.type == "cuda")
+        self.clock = RunClock(cfg.train.epochs, len(self.loaders.train), len(self.loaders.val))
         self.preprocess = BatchPreprocess(cfg.data, self.device, channels_last=cfg.train.channels_last)
         self.decoder = DecodeOnDevice(self.device) if cfg.data.decode == "device" else None
         self.epoch = 0  # next epoch to run (0-based)
@@ -455,7 +456,7 @@ class Trainer:
         warned_wait = False
         ckpt_steps, ckpt_seconds = cfg.train.checkpoint_steps, 60.0 * cfg.train.checkpoint_minutes
         with self.tracker.progress(total, f"epoch {self.epoch + 1}/{cfg.train.epochs} train", interval,
-                                   initial=self.step_in_epoch) as bar:
+                                   initial=self.step_in_epoch, eta=self._eta("train")) as bar:
             fetch_start = time.perf_counter()
             for images, targets, bad in self._batches(loader):
                 data_time = time.perf_counter() - fetch_start
@@ -524,6 +525,12 @@ class Trainer:
                 else:
                     bar.update(1)
                 fetch_start = time.perf_counter()
+        self.clock.finished("train", bar.seconds_per_step())
+
+    def _eta(self, phase: str):
+        """(epoch left, run left) in seconds for the progress of ``phase`` of the current epoch."""
+        epoch = self.epoch
+        return lambda steps_left, per_step: self.clock.left(epoch, phase, steps_left, per_step)
 
     def _batches(self, loader):
         """The loader's (uint8 images, targets, unreadable files), decoded on the device first
@@ -555,9 +562,9 @@ class Trainer:
             # Ranks hold unequal val shards: none may leave early; the stop is agreed after it.
             stop = StopRequest()
         with self.tracker.progress(len(loader), f"epoch {self.epoch + 1}/{self.cfg.train.epochs} val",
-                                   self.cfg.train.log_interval) as bar:
+                                   self.cfg.train.log_interval, eta=self._eta("val")) as bar:
             try:
-                return evaluate(self.net, _until(self._batches(loader), stop), self.preprocess, self.device,
+                result = evaluate(self.net, _until(self._batches(loader), stop), self.preprocess, self.device,
                                 progress=bar,
                                 all_reduce=all_reduce_sum if self.dist.distributed else None,
                                 bad_images=lambda bad: self._check_bad(bad, "val"))
@@ -565,6 +572,8 @@ class Trainer:
                 if stop.signum is not None:  # stopped before the first batch
                     return None
                 raise
+        self.clock.finished("val", bar.seconds_per_step())
+        return result
 
     def run(self, stop: StopRequest | None = None) -> FitResult:
         cfg, tracker = self.cfg, self.tracker
@@ -572,7 +581,9 @@ class Trainer:
         while self.epoch < cfg.train.epochs and not self.policy.should_stop:
             lr = self.policy.lr
             self.train_epoch(stop)
+            val_started = time.perf_counter()
             result = self.validate(stop)
+            val_seconds = time.perf_counter() - val_started
             if result is None or stop.signum is not None and not self.dist.distributed:
                 # Validation abandoned: the epoch's training is saved, validation reruns on resume.
                 raise Interrupted(stop.signum, self.save())
@@ -590,11 +601,14 @@ class Trainer:
                 "epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": result.loss,
                 "val_top1": result.top1, "val_top5": result.top5, "val_images": result.images,
                 "bad_images": acc["bad_images"], "images_per_s": images_per_s, "data_wait": data_wait,
+                # training (across an interruption) and validation, not the time between runs
+                "epoch_seconds": acc["seconds"] + val_seconds,
             }
             tracker.log(
                 f"epoch {epoch}/{cfg.train.epochs}: lr {lr:.4g} train_loss {train_loss:.4f} "
                 f"val_loss {result.loss:.4f} val_top1 {result.top1:.2f}% val_top5 {result.top5:.2f}% "
-                f"({result.images} images) {images_per_s:.1f} img/s, data wait {100 * data_wait:.0f}%"
+                f"({result.images} images) {images_per_s:.0f} img/s, data wait {100 * data_wait:.0f}%, "
+                f"took {format_duration(row['epoch_seconds'])}"
                 + (f", {acc['bad_images']} unreadable images skipped" if acc["bad_images"] else "")
                 + (" *best*" if improved else "")
             )

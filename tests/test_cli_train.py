@@ -7,6 +7,7 @@ console script in a subprocess.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -103,7 +104,7 @@ def full_run(tmp_path_factory):
 def test_full_run_exits_0_and_writes_the_output_directory(full_run):
     proc, _train, _val, out = full_run
     assert proc.returncode == 0, proc.stderr
-    for name in ("config.yaml", "last.pth", "best.pth", "metrics.jsonl"):
+    for name in ("config.yaml", "last.pth", "best.pth", "metrics.jsonl", "report.png"):
         assert (out / name).is_file(), name
     # configs/demo.yaml keeps train.keep_last=1: only the newest epoch checkpoint survives.
     assert sorted(p.name for p in out.glob("epoch-*.pth")) == ["epoch-002.pth"]
@@ -118,7 +119,26 @@ def test_full_run_logs_plain_epoch_lines_without_progress_bars(full_run):
         line = next((ln for ln in lines if ln.startswith(f"epoch {epoch}/2:")), None)
         assert line is not None, proc.stdout
         assert "val_top1" in line and "val_top5" in line
+        # images/s as an integer, data wait as a percentage, the epoch's time
+        assert re.search(r"\) \d+ img/s, data wait \d+%, took \d+s", line), line
     assert any(ln.startswith("done: 2 epochs") for ln in lines)
+
+
+def test_full_run_progress_lines_read_at_a_glance_with_epoch_and_run_eta(full_run):
+    """Was ``epoch 1/2 train 2/6 loss=1.1 lr=0.01 img_s=975.8 data_wait=0.07199 (0s)``, with no ETA."""
+    proc, *_ = full_run
+    progress = [ln for ln in proc.stdout.splitlines() if re.match(r"epoch \d+/2 (train|val) ", ln)]
+    train = [ln for ln in progress if " train " in ln]
+    assert len(train) == 2 * 2 and len(progress) == len(train) + 2  # 3 steps, log_interval 2, and the last; val
+    ends = r"\| elapsed \d+s \| ETA epoch \d+s, run \d+s \(ends \d{4}-\d\d-\d\d \d\d:\d\d\)$"
+    for line in train:
+        assert re.fullmatch(r"epoch [12]/2 train [23]/3 \| loss \d+\.\d{4} \| lr 0\.01 \| \d+ img/s \| "
+                            r"data wait \d+% " + ends, line), line
+    for line in (ln for ln in progress if " val " in ln):
+        assert re.fullmatch(r"epoch [12]/2 val 2/2 " + ends, line), line
+    assert not any(token in proc.stdout for token in ("img_s=", "data_wait=", "loss="))
+    last_of_run = [ln for ln in progress if ln.startswith("epoch 2/2 val 2/2")]
+    assert last_of_run and last_of_run[0].split("ETA epoch ")[1].startswith("0s, run 0s")
 
 
 def test_metrics_jsonl_has_one_contract_row_per_epoch(full_run):
@@ -132,6 +152,7 @@ def test_metrics_jsonl_has_one_contract_row_per_epoch(full_run):
         assert row["bad_images"] == 0
         assert 0.0 <= row["val_top1"] <= row["val_top5"] <= 100.0
         assert row["lr"] == pytest.approx(0.01) and row["images_per_s"] > 0
+        assert 0 < row["epoch_seconds"] < 600  # training and validation wall time of the epoch
 
 
 def test_config_yaml_has_a_provenance_header_and_reproduces_the_run(full_run, capsys):
