@@ -119,15 +119,8 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def lr_changes(rows: list[dict]) -> list[tuple[int, float, float]]:
     """(epoch, old lr, new lr) for every epoch whose lr differs from the epoch before's."""
-    changes, last = [], None
-    for row in rows:
-        lr = _num(row, "lr")
-        if lr is None:
-            continue
-        if last is not None and not math.isclose(lr, last, rel_tol=1e-9, abs_tol=0.0):
-            changes.append((row["epoch"], last, lr))
-        last = lr
-    return changes
+    spans = _lr_spans(rows)
+    return [(first, old, new) for (old, _, _), (new, first, _) in zip(spans, spans[1:])]
 
 
 def best_row(rows: list[dict]) -> dict | None:
@@ -141,6 +134,7 @@ def _f(value: float | None, spec: str, suffix: str = "") -> str:
 
 
 def _lr_spans(rows: list[dict]) -> list[tuple[float, int, int]]:
+    """(lr, first epoch, last epoch) of each run of epochs at one lr (rows without an lr skipped)."""
     spans: list[tuple[float, int, int]] = []
     for row in rows:
         lr = _num(row, "lr")
