@@ -217,7 +217,8 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
     dist = launch_environment(cfg.dist.mode)
     say = log if dist.is_main else (lambda _m: None)
     out = Path(cfg.train.out_dir)
-    if cfg.dist.mode == "ddp" and not joins_group(cfg.dist.mode, dist):
+    group = joins_group(cfg.dist.mode, dist)
+    if cfg.dist.mode == "ddp" and not group:
         say(SINGLE_PROCESS_NOTICE)
     for notice in cfg.model.ignored_notices():
         say(notice)
@@ -253,7 +254,7 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
                 raise ckpt.WriteError(f"{out}: cannot create the output directory ({exc.strerror or exc})") from None
             lock.acquire()  # RunLocked if another run created OUT meanwhile
 
-        if joins_group(cfg.dist.mode, dist):
+        if group:
             say(f"dist: rank {dist.rank} of {dist.world_size} from {dist.launcher}"
                 + (f", rendezvous {dist.init_method}" if dist.launcher == "slurm" else ""))
             join_process_group(dist, cfg.dist.backend, cfg.train.device)
@@ -292,5 +293,5 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
                 except ckpt.WriteError:
                     if sys.exc_info()[0] is None:  # only when nothing else is being reported
                         raise
-            if joins_group(cfg.dist.mode, dist):
+            if group:
                 leave_process_group()
