@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from alexnet_train.report import (PlotUnavailable, ReportError, draw, load_run, 
                                   summary_lines)
 from alexnet_train.tracking import format_duration
 
-from .conftest import DEMO_CONFIG, run_train, tiny_overrides
+from .conftest import DEMO_CONFIG, console_script, run_train, tiny_overrides, write_image_folder
 
 
 def demo_rows(epochs: int = 12, step_at: int | None = 11, seconds: float | None = 3.9) -> list[dict]:
@@ -232,10 +234,6 @@ def test_format_duration(seconds, text):
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     """A real 3-epoch run of the installed alexnet-train, and its stdout."""
-    import subprocess
-
-    from .conftest import console_script, write_image_folder
-
     root = tmp_path_factory.mktemp("real")
     classes = ["n01", "n02", "n03"]
     train = write_image_folder(root / "train", classes, 8, seed=1)
@@ -264,11 +262,7 @@ def test_a_finished_run_prints_the_summary_and_writes_report_png(real_run):
     assert_report_png(out / "report.png")
 
 
-def _report(*args: str) -> "subprocess.CompletedProcess":
-    import subprocess
-
-    from .conftest import console_script
-
+def _report(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([console_script("alexnet-report"), *map(str, args)], capture_output=True, text=True,
                           timeout=300)
 
@@ -293,9 +287,6 @@ def test_alexnet_report_on_a_directory_without_metrics_is_one_line_exit_1(tmp_pa
 
 
 def test_without_matplotlib_the_report_says_how_to_get_it(real_run, tmp_path):
-    import shutil
-    import subprocess
-
     out, _ = real_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("*.pth", "tb", "report.png"))
