@@ -171,19 +171,21 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
     from .inference import load_for_inference
     from .lifecycle import join_process_group, launch_environment, leave_process_group
     from .tracking import Tracker
+    from .train import cuda_problem
 
     try:
         dist = launch_environment()
     except ConfigError as exc:
         _fail(prog, EXIT_CONFIG, str(exc))
     try:
+        problem = cuda_problem() if args.device != "cpu" else None
         if args.device == "auto":
             device = torch.device(f"cuda:{dist.local_rank % torch.cuda.device_count()}"
-                                  if torch.cuda.is_available() else "cpu")
+                                  if problem is None else "cpu")
         else:
             device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise DataError("--device: cuda requested but no CUDA device is available")
+        if device.type == "cuda" and problem is not None:
+            raise DataError(f"--device: {args.device}, but there is no usable CUDA device here: {problem}")
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         loaded = load_for_inference(args.checkpoint, device)

@@ -47,16 +47,18 @@ def evaluate(
     progress=None,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     bad_images: Callable[[list], None] | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> EvalResult:
     """Centre-crop evaluation of ``(images, targets, bad)`` batches (the model's mode is kept).
 
     ``all_reduce`` sums the per-process totals under DDP; ``bad_images`` judges the
-    unreadable files each batch reports (without it, any is an error).
+    unreadable files each batch reports (without it, any is an error); ``amp_dtype``:
+    autocast to it (the training's precision), None for float32.
     """
     was_training = model.training
     try:
         return evaluate_crops(model, loader, preprocess, device, ten_crop=False, progress=progress,
-                              all_reduce=all_reduce, bad_images=bad_images)["center"]
+                              all_reduce=all_reduce, bad_images=bad_images, amp_dtype=amp_dtype)["center"]
     finally:
         model.train(was_training)
 
@@ -88,7 +90,10 @@ def evaluate_crops(
     """
     model.eval()
     keys = ("center", "ten_crop") if ten_crop else ("center",)
-    totals = torch.zeros(len(keys), 4, dtype=torch.float64, device=device)  # loss sum, top1, top5, images
+    # Loss sum, top-1 and top-5 hits stay on the device and are read once at the end: no
+    # host sync per batch.  The image count is known on the host.
+    totals = torch.zeros(len(keys), 3, dtype=torch.float64, device=device)
+    images_seen = 0
     for images, targets, bad in loader:
         if bad:
             if bad_images is None:
@@ -117,12 +122,14 @@ def evaluate_crops(
         else:
             center = _forward(model, preprocess(images.to(device, non_blocking=True)), amp_dtype)
             scores = [(center, F.cross_entropy(center, targets, reduction="sum"))]
+        images_seen += n
         for row, (s, loss) in enumerate(scores):
             c1, c5 = topk_correct(s, targets)
-            totals[row] += torch.stack([loss.double(), c1.double(), c5.double(),
-                                        torch.tensor(float(n), dtype=torch.float64, device=device)])
+            totals[row] += torch.stack([loss.double(), c1.double(), c5.double()])
         if on_batch is not None:
             on_batch(scores[-1][0], targets, bad)
+    counts = torch.full((len(keys), 1), float(images_seen), dtype=torch.float64, device=device)
+    totals = torch.cat([totals, counts], dim=1)  # loss sum, top1, top5, images
     if all_reduce is not None:
         totals = all_reduce(totals)
     results = {}

@@ -211,7 +211,7 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
     from .data.loaders import check_decode
     from .report import report_run
     from .tracking import Tracker
-    from .train import Interrupted, fit
+    from .train import Interrupted, fit, resolve_device
     from .transfer import load_pretrained
 
     dist = launch_environment(cfg.dist.mode)
@@ -222,6 +222,8 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
         say(SINGLE_PROCESS_NOTICE)
     for notice in cfg.model.ignored_notices():
         say(notice)
+    device, device_line = resolve_device(cfg.train.device, dist.local_rank)  # ConfigError before OUT is touched
+    say(f"device: {device_line}")
 
     # Everything that can be wrong with the config or data is checked before OUT is touched.
     # An existing OUT is locked first, so no other run writes it while we read it.
@@ -229,7 +231,9 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
         if dist.is_main and out.is_dir():
             lock.acquire()
         cfg = with_demo_data(cfg, say)
-        check_decode(cfg.data)
+        decode_notice = check_decode(cfg.data)
+        if decode_notice:
+            say(decode_notice)
         splits = resolve_splits(cfg.data)
         if cfg.model.num_classes is None:  # a new head for whatever classes train_dir holds
             cfg = replace(cfg, "model", num_classes=len(splits.classes))
@@ -257,7 +261,7 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
         if group:
             say(f"dist: rank {dist.rank} of {dist.world_size} from {dist.launcher}"
                 + (f", rendezvous {dist.init_method}" if dist.launcher == "slurm" else ""))
-            join_process_group(dist, cfg.dist.backend, cfg.train.device)
+            join_process_group(dist, cfg.dist.backend, device.type)
         tracker = None
         try:
             if dist.is_main:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
 from .config import ModelConfig
 
 # The paper's response normalisation: b = a / (k + alpha * sum_{n neighbours} a^2)^beta.
@@ -23,8 +25,30 @@ from .config import ModelConfig
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
 
 
-def paper_lrn() -> nn.LocalResponseNorm:
-    return nn.LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA * LRN_SIZE, beta=LRN_BETA, k=LRN_K)
+class LocalResponseNorm(nn.LocalResponseNorm):
+    """``nn.LocalResponseNorm`` that always squares and sums in float32.
+
+    Under fp16 autocast the conv outputs reaching it are half precision, and the
+    paper's 0-255 inputs (``data.normalize: paper``) give activations above 256,
+    whose squares overflow fp16: the divisor becomes inf and the output 0, silently
+    (no NaN, so no guard fires).  bf16 does not overflow but loses the small
+    ``alpha * sum`` term to rounding.  The result goes back in the input's dtype:
+    it is smaller in magnitude than the input, so it fits wherever the input did.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+            return self._in_float32(x)
+        return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
+
+    @torch.jit.unused  # exported models run in float32; TorchScript need not know autocast
+    def _in_float32(self, x):  # (unannotated: TorchScript cannot read the postponed annotations here)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.local_response_norm(x.float(), self.size, self.alpha, self.beta, self.k).to(x.dtype)
+
+
+def paper_lrn() -> LocalResponseNorm:
+    return LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA * LRN_SIZE, beta=LRN_BETA, k=LRN_K)
 
 
 class AlexNet(nn.Module):

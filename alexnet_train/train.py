@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import Config, ScheduleConfig, config_to_dict
+from .config import Config, ConfigError, ScheduleConfig, config_to_dict
 from .data.datasets import BadImages
 from .data.loaders import Loaders, Splits, build_loaders
 from .data.transforms import BatchPreprocess, DecodeOnDevice
@@ -145,12 +145,33 @@ class LrPolicy:
             setattr(self, key, state[key])
 
 
-def resolve_device(kind: str) -> torch.device:
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device: cuda requested but no CUDA device is available")
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(kind)
+def cuda_problem() -> str | None:
+    """None where CUDA works here; otherwise what torch reported, as one line."""
+    try:
+        torch.cuda.init()  # raises with torch's reason: no driver, no device, a build without CUDA ...
+    except Exception as exc:  # noqa: BLE001 - whatever it raises is the reason to report
+        return " ".join(str(exc).split()) or type(exc).__name__
+    if torch.cuda.device_count() == 0:
+        return "torch.cuda.device_count() is 0"
+    return None
+
+
+def resolve_device(kind: str, local_rank: int = 0) -> tuple[torch.device, str]:
+    """(device, what it is and why) for ``train.device``: auto | cpu | cuda.
+
+    ``cuda`` without a usable GPU is a ConfigError (one line, torch's reason); ``auto`` then
+    falls back to the CPU and says why.  Under DDP, NCCL's process group has already made
+    ``local_rank``'s GPU the current one; the description names it without touching it.
+    """
+    if kind == "cpu":
+        return torch.device("cpu"), "cpu (train.device: cpu)"
+    problem = cuda_problem()
+    if problem is not None:
+        if kind == "cuda":
+            raise ConfigError(f"train.device: cuda, but there is no usable CUDA device here: {problem}")
+        return torch.device("cpu"), f"cpu: no CUDA device ({problem})"
+    index = local_rank % torch.cuda.device_count()
+    return torch.device("cuda"), f"cuda:{index} {torch.cuda.get_device_name(index)} (train.device: {kind})"
 
 
 def configure_cuda(tf32: bool) -> None:
@@ -225,6 +246,24 @@ def step_seed(seed: int, epoch: int, step: int) -> int:
     return (((seed * 1_000_003) + epoch) * 1_000_003 + step) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+class Autocast(nn.Module):
+    """Runs ``module`` under autocast to ``dtype`` (None: as it is), inside its own forward.
+
+    DataParallel runs each replica in a thread of its own, and autocast's state is per
+    thread: its ``parallel_apply`` re-enables autocast there, but with the device's
+    default dtype (fp16), so a bf16 run's replicas ran in fp16.  Autocast inside the
+    replicated forward is PyTorch's documented remedy.
+    """
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.module, self.device_type, self.dtype = module, device_type, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None):
+            return self.module(x)
+
+
 class FeaturesDataParallel(nn.Module):
     """DataParallel over the conv ``features`` only; the FC layers run on the first GPU.
 
@@ -232,12 +271,13 @@ class FeaturesDataParallel(nn.Module):
     DataParallel re-broadcasts every replicated parameter each step, so replicating
     them costs more than it saves (pytorch/examples' imagenet/main.py wraps AlexNet
     this way for that reason).  The wrapped model's own state_dict is unchanged.
+    ``amp_dtype``: the autocast dtype each replica runs in (see :class:`Autocast`).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.module = model
-        self.parallel_features = nn.DataParallel(model.features)
+        self.parallel_features = nn.DataParallel(Autocast(model.features, "cuda", amp_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.parallel_features(x)
@@ -259,7 +299,7 @@ class Trainer:
                  pretrained: Pretrained | None = None, resume_path: Path | None = None) -> None:
         self.cfg, self.splits, self.out_dir, self.tracker = cfg, splits, out_dir, tracker
         self.dist = dist or DistInfo()
-        self.device = resolve_device(cfg.train.device)
+        self.device, _ = resolve_device(cfg.train.device, self.dist.local_rank)
         if self.device.type == "cuda":
             configure_cuda(cfg.train.tf32)
         if self.device.type == "cpu" and cfg.train.threads:
@@ -288,15 +328,23 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.net = self._compile(self._wrap(self.model))
+        # On CUDA the fused kernel: besides being one launch, it is the SGD that takes the
+        # GradScaler's inf check on the device, so fp16 steps need no .item() (a host sync).
+        # The CPU keeps the default kernels, bit for bit as before.
+        self.fused = self.device.type == "cuda"
         self.optimizer = torch.optim.SGD(
             param_groups(self.model, cfg.optim.weight_decay, cfg.optim.decay_biases,
                          split_head=cfg.optim.head_lr_mult != 1.0),
             lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
+            **({"fused": True} if self.fused else {}),
         )
         self.policy = LrPolicy(cfg.schedule, cfg.optim.lr, cfg.train.epochs)
         self.loaders: Loaders = build_loaders(cfg.data, splits, self.dist, seed, pin_memory=self.device.type == "cuda")
         self.clock = RunClock(cfg.train.epochs, len(self.loaders.train), len(self.loaders.val))
         self.preprocess = BatchPreprocess(cfg.data, self.device, channels_last=cfg.train.channels_last)
+        # The colour noise is drawn where it is used: a host draw would be copied over,
+        # a host-device sync every step.
+        self.noise_generator = torch.Generator(device=self.device)
         self.decoder = DecodeOnDevice(self.device) if cfg.data.decode == "device" else None
         self.epoch = 0  # next epoch to run (0-based)
         self.step_in_epoch = 0
@@ -348,7 +396,7 @@ class Trainer:
             if self.device.type != "cuda" or torch.cuda.device_count() < 2:
                 self.tracker.log("notice: dist.mode=dp needs 2+ CUDA devices; training on one device")
                 return model
-            return FeaturesDataParallel(model)
+            return FeaturesDataParallel(model, self.amp_dtype)
         if mode == "ddp" and self.dist.distributed:
             ids = [self.dist.local_rank] if self.device.type == "cuda" else None
             return nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -357,6 +405,9 @@ class Trainer:
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the device picks the kernel, not the checkpoint
+            group["fused"] = True if self.fused else None
+            group["foreach"] = None
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.policy.load_state_dict(state["policy"])
@@ -435,6 +486,21 @@ class Trainer:
         device = self.device if tdist.get_backend() == "nccl" else torch.device("cpu")
         return all_reduce_max(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
+    def step_noise_generator(self, epoch: int, step: int) -> torch.Generator:
+        """The generator of the colour noise of one training step, on the training device.
+
+        Seeded from (train.seed, epoch, step) alone, so a resumed run draws what an
+        uninterrupted one did: bit for bit on the CPU, and on CUDA for the same device and
+        seed.  (The same generator object is reseeded each step.)
+        """
+        return self.noise_generator.manual_seed(step_seed(self.cfg.train.seed, epoch, step))
+
+    def _sync_point(self, window_loss: torch.Tensor, *flags: float) -> tuple[float, list[float]]:
+        """The one host sync of a log interval: the window's loss sum, and ``flags`` agreed
+        by all ranks (their maximum); see :meth:`_agree`."""
+        loss_sum = float(window_loss)
+        return loss_sum, self._agree(*flags, not math.isfinite(loss_sum))
+
     def _set_lr(self, lr: float) -> None:
         # The multiplier comes from the config (like the base lr, it may change on resume).
         for group in self.optimizer.param_groups:
@@ -470,7 +536,7 @@ class Trainer:
                     continue
                 images = images.to(self.device, non_blocking=True)
                 targets = targets.to(self.device, non_blocking=True)
-                gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.epoch, self.step_in_epoch))
+                gen = self.step_noise_generator(self.epoch, self.step_in_epoch)
                 inputs = self.preprocess(images, train=True, generator=gen)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     logits = self.net(inputs)
@@ -490,10 +556,9 @@ class Trainer:
                 # One process acts on a signal at once; DDP ranks only at the steps they share.
                 local_stop = stop.signum is not None and not self.dist.distributed
                 if self.step_in_epoch % interval == 0 or at_end or steps_due or local_stop:
-                    loss_sum = float(window_loss)  # the one host sync per interval
                     time_due = bool(ckpt_seconds) and not at_end and time.monotonic() - self.saved_at >= ckpt_seconds
-                    signum, time_due, nonfinite = self._agree(stop.signum or 0, time_due,
-                                                              not math.isfinite(loss_sum))
+                    loss_sum, (signum, time_due, nonfinite) = self._sync_point(window_loss, stop.signum or 0,
+                                                                                time_due)
                     if nonfinite:
                         raise NonFiniteLoss(
                             f"training loss is {loss_sum if not math.isfinite(loss_sum) else 'not finite'} at "
@@ -564,10 +629,11 @@ class Trainer:
         with self.tracker.progress(len(loader), f"epoch {self.epoch + 1}/{self.cfg.train.epochs} val",
                                    self.cfg.train.log_interval, eta=self._eta("val")) as bar:
             try:
+                # Under the training's autocast: the accuracy it reports is the model it trains.
                 result = evaluate(self.net, _until(self._batches(loader), stop), self.preprocess, self.device,
-                                progress=bar,
-                                all_reduce=all_reduce_sum if self.dist.distributed else None,
-                                bad_images=lambda bad: self._check_bad(bad, "val"))
+                                  progress=bar,
+                                  all_reduce=all_reduce_sum if self.dist.distributed else None,
+                                  bad_images=lambda bad: self._check_bad(bad, "val"), amp_dtype=self.amp_dtype)
             except RuntimeError:
                 if stop.signum is not None:  # stopped before the first batch
                     return None

@@ -1,5 +1,7 @@
 """What behaves differently on a CUDA GPU: AMP (bf16; fp16 with its GradScaler), channels_last,
-torch.compile, dist.mode=dp, NCCL DDP, resume, ten-crop eval and data.decode: device.
+torch.compile, dist.mode=dp, NCCL DDP, resume, ten-crop eval and data.decode: device; a
+training step with no host sync, validation under the training's autocast, dp replicas in
+the autocast dtype.
 
 Every test here is marked ``cuda``: without a GPU they skip (conftest says why);
 ``pytest -m cuda`` or ``scripts/gpu_check.py`` runs them on one.
@@ -15,12 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet_train.config import DataConfig
+from alexnet_train.config import DataConfig, load_config
 from alexnet_train.data.datasets import EncodedDataset, ImageDataset, scan_image_folder
+from alexnet_train.data.loaders import Splits
 from alexnet_train.data.transforms import CenterPreset, DecodeOnDevice, TrainPreset, collate_encoded, collate_hwc
+from alexnet_train.distributed import DistInfo
+from alexnet_train.tracking import Tracker
+from alexnet_train.train import StopRequest, Trainer
 
 from .conftest import DEMO_CONFIG as DEMO, checkpoint_weights, console_script, loader_batches, read_metrics, run_train
-from .conftest import tiny_overrides
+from .conftest import tiny_overrides, write_image_folder
+from .test_precision import AMP_LOSS_REL, AMP_TOP1_POINTS
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow]
 
@@ -148,6 +155,76 @@ def test_training_with_device_decoding_on_cuda(tree, tmp_path):
     out = tmp_path / "device-decode"
     assert run_train(argv(tree, out, "data.decode=device", "data.workers=2", "train.amp=bf16")) == 0
     finite_rows(out)
+
+
+def cuda_trainer(tree, out: Path, *extra: str) -> Trainer:
+    """A Trainer on the GPU over ``tree``'s 48 training images in equal batches of 8."""
+    train, val = tree
+    overrides = [o for o in tiny_overrides(train, val, 3, 1) if o != "train.device=cpu"]
+    cfg = load_config(DEMO, [*overrides, "train.device=cuda", "data.batch_size=8", "data.pca_std=0.1", *extra])
+    classes, samples = scan_image_folder(str(train))
+    _, val_samples = scan_image_folder(str(val))
+    return Trainer(cfg, Splits(classes, samples, val_samples), out, Tracker(None, enabled=False), DistInfo())
+
+
+@pytest.mark.parametrize("variant", [[], ["train.amp=bf16"], ["train.amp=fp16"],
+                                     ["train.amp=bf16", "train.channels_last=true"]],
+                         ids=["fp32", "bf16", "fp16", "bf16-channels_last"])
+def test_training_steps_make_no_host_sync_between_log_intervals(tree, tmp_path, variant):
+    trainer = cuda_trainer(tree, tmp_path, "train.log_interval=3", *variant)
+    real, synced_at = trainer._sync_point, []
+
+    def sync_point(*args):  # the one sync an interval may make; everything else raises
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return real(*args)
+        finally:
+            synced_at.append(trainer.step_in_epoch)
+            torch.cuda.set_sync_debug_mode("error")
+
+    trainer._sync_point = sync_point
+    try:  # steps 1-3 warm up (cuDNN's autotuning, the first momentum buffers); 4-6 are checked
+        trainer.train_epoch(StopRequest())
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert synced_at == [3, 6]
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_validation_runs_under_the_training_autocast_and_matches_float32(tmp_path, amp):
+    classes = ["n01", "n02", "n03"]
+    train = write_image_folder(tmp_path / "train", classes, 16, seed=1)
+    val = write_image_folder(tmp_path / "val", classes, 30, seed=2)
+    out = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(train, val, 3, 2) if o not in ("train.device=cpu",
+                                                                           "data.normalize=torchvision")]
+    assert run_train(["--config", DEMO, "--out", str(out), "--set", *overrides, "train.device=cuda",
+                      f"train.amp={amp}", "data.normalize=paper", "optim.lr=0.0003", "data.batch_size=4"]) == 0
+    logged = read_metrics(out)[-1]
+    results = {}
+    for eval_amp in ("none", amp):
+        report = tmp_path / f"{eval_amp}.json"
+        subprocess.run([console_script("alexnet-eval"), str(out / "last.pth"), "--device", "cuda", "--amp", eval_amp,
+                        "--json", str(report)], check=True, capture_output=True, timeout=300)
+        results[eval_amp] = json.loads(report.read_text())["center"]
+    # Validation ran under the training's autocast: what alexnet-eval --amp gives with it (up to
+    # cuDNN picking other kernels in another process: one image, 0.1% of the loss) ...
+    assert logged["val_images"] == results[amp]["images"] == 90
+    assert abs(logged["val_top1"] - results[amp]["top1"]) <= 100.0 / 90 + 1e-9
+    assert logged["val_loss"] == pytest.approx(results[amp]["loss"], rel=1e-3)
+    # ... and that is float32's within the bounds measured on the CPU (tests/test_precision.py).
+    assert abs(logged["val_top1"] - results["none"]["top1"]) <= AMP_TOP1_POINTS + 1e-9
+    assert logged["val_loss"] == pytest.approx(results["none"]["loss"], rel=AMP_LOSS_REL)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="dist.mode=dp needs 2+ GPUs")
+def test_dp_replicas_run_in_the_autocast_dtype(tree, tmp_path):
+    trainer = cuda_trainer(tree, tmp_path, "dist.mode=dp", "train.amp=bf16")
+    seen = set()
+    trainer.model.features[0].register_forward_hook(lambda _m, _i, out: seen.add((out.device.index, out.dtype)))
+    trainer.train_epoch(StopRequest())
+    assert len({device for device, _ in seen}) >= 2  # replicas ran on several GPUs ...
+    assert {dtype for _, dtype in seen} == {torch.bfloat16}  # ... each in bf16 (DataParallel alone: fp16)
 
 
 def test_the_cuda_tests_ran_on_a_gpu():
