@@ -13,12 +13,24 @@ scale instead (``Image.draft``: 1/2, 1/4 or 1/8 of the pixels to reconstruct),
 since the pipeline would throw those pixels away in the resize anyway.
 Everything else PIL can read (PNG, also when named ``.JPEG``; CMYK; palette;
 grayscale; RGBA) goes through PIL.  EXIF orientation is applied in both paths.
+
+``data.decode: device`` (:func:`decode_jpegs`) has its own backend, ``DEVICE_DECODER``:
+TorchCodec's ``decode_jpeg`` where it loads, else ``torchvision.io.decode_jpeg``
+(deprecated since torchvision 0.29, but the only batched nvJPEG call in images that ship
+torch without TorchCodec), else None.  ``ALEXNET_TRAIN_DEVICE_DECODER=torchcodec|torchvision``
+forces one; a forced one that does not load leaves ``DEVICE_DECODER`` None and says why in
+``DEVICE_DECODER_PROBLEM`` (``loaders.check_decode`` raises it), rather than failing the import::
+
+    use_device_decoder("torchvision")   # force a backend for this process (tests, benchmarks)
+    use_device_decoder()                # back to the environment's / the automatic choice
 """
 from __future__ import annotations
 
 import io
 import math
+import os
 import warnings
+from typing import Callable
 
 import numpy as np
 import torch
@@ -40,6 +52,83 @@ except (ImportError, OSError, RuntimeError):  # pragma: no cover - depends on wh
     _decode_jpeg = None
 
 FAST_DECODER = "torchcodec" if _decode_jpeg is not None else None
+
+DEVICE_DECODER_ENV = "ALEXNET_TRAIN_DEVICE_DECODER"
+DEVICE_DECODERS = ("torchcodec", "torchvision")  # the automatic choice takes the first that loads
+DEVICE_DECODER_LABELS = {"torchcodec": "TorchCodec", "torchvision": "torchvision.io.decode_jpeg"}
+
+# A backend: (list of CPU uint8 byte tensors, device) -> list of uint8 (3, H, W) tensors on device.
+DeviceDecode = Callable[[list, torch.device], list]
+
+
+def _load_torchcodec() -> DeviceDecode:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torchcodec.decoders import decode_jpeg
+
+    return lambda tensors, device: list(decode_jpeg(tensors, mode="RGB", device=device))
+
+
+def _load_torchvision() -> DeviceDecode:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    torch.ops.image.decode_jpeg  # AttributeError when torchvision's image library did not load
+
+    def decode(tensors: list, device: torch.device) -> list:
+        # Deprecated since torchvision 0.29; the warning is silenced here only, where we chose it knowingly.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # RGB also for grayscale JPEGs: libjpeg / nvJPEG convert, so every image has 3 channels.
+            return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+
+    return decode
+
+
+_DEVICE_LOADERS = {"torchcodec": _load_torchcodec, "torchvision": _load_torchvision}
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as one short line (a dlopen error can run to several)."""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
+
+
+def use_device_decoder(name: str | None = None) -> str | None:
+    """Choose the backend of :func:`decode_jpegs`; returns ``DEVICE_DECODER`` as it now is.
+
+    ``name`` (``torchcodec`` | ``torchvision``) forces that backend, as does
+    ``$ALEXNET_TRAIN_DEVICE_DECODER`` when ``name`` is None; neither: the first of
+    ``DEVICE_DECODERS`` that loads.  A forced backend that does not load, or an unknown
+    name, sets ``DEVICE_DECODER`` None and ``DEVICE_DECODER_PROBLEM`` to a one-line reason;
+    the other backend is never taken instead, so a forced choice is never silently ignored.
+    Call it before the DataLoader forks its workers, which read the choice.
+    """
+    global DEVICE_DECODER, DEVICE_DECODER_FORCED, DEVICE_DECODER_PROBLEM, _device_decode
+    forced = name or os.environ.get(DEVICE_DECODER_ENV, "").strip() or None
+    source = f"use_device_decoder({name!r})" if name else f"{DEVICE_DECODER_ENV}={forced}"
+    DEVICE_DECODER, DEVICE_DECODER_PROBLEM, _device_decode = None, None, None
+    DEVICE_DECODER_FORCED = source if forced else None
+    if forced is not None and forced not in _DEVICE_LOADERS:
+        DEVICE_DECODER_PROBLEM = f"{source}: unknown device JPEG decoder; expected one of {', '.join(DEVICE_DECODERS)}"
+        return None
+    for candidate in [forced] if forced else DEVICE_DECODERS:
+        try:
+            _device_decode = _DEVICE_LOADERS[candidate]()
+        except (ImportError, OSError, RuntimeError, AttributeError) as exc:  # what a missing or mismatched build raises
+            if forced:
+                DEVICE_DECODER_PROBLEM = (f"{source}, but {DEVICE_DECODER_LABELS[candidate]} cannot be loaded here "
+                                          f"({_why(exc)})")
+        else:
+            DEVICE_DECODER = candidate
+            return candidate
+    return None
+
+
+DEVICE_DECODER: str | None = None
+DEVICE_DECODER_FORCED: str | None = None  # what forced the choice ("ALEXNET_TRAIN_DEVICE_DECODER=..."), if anything
+DEVICE_DECODER_PROBLEM: str | None = None
+_device_decode: DeviceDecode | None = None
+use_device_decoder()
 
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
@@ -194,7 +283,7 @@ def device_decodable(data: bytes) -> tuple[int, int] | None:
     So are CMYK / YCCK ones (4 components; Adobe's inverted inks), which not every GPU
     decoder reads the way libjpeg-turbo does.
     """
-    if _decode_jpeg is None:
+    if DEVICE_DECODER is None:
         return None
     info = jpeg_info(data)
     if info is None or jpeg_components(data) not in (1, 3) or (info[2] and exif_orientation(data) != 1):
@@ -202,23 +291,40 @@ def device_decodable(data: bytes) -> tuple[int, int] | None:
     return info[1], info[0]
 
 
+def _decode_on(encoded: list[torch.Tensor], device: torch.device) -> list:
+    if device.type == "cuda":
+        # The decoders' outputs are allocated on the caller's stream, but nvJPEG can write them
+        # before kernels queued there have finished reading the memory the caching allocator just
+        # handed back: torchvision decodes on a private stream never ordered after the caller's
+        # (pytorch/vision#9606, every nvJPEG path), and nvJPEG's hardware batched path does it
+        # under TorchCodec 0.16 too (meta-pytorch/torchcodec#1634; both measured on H100).  A
+        # drained stream is the barrier that made both clean; it costs the overlap of one decode
+        # with the step before it, where the alternative is silently corrupted activations.
+        torch.cuda.current_stream(device).synchronize()
+    return _device_decode(encoded, device)
+
+
 def decode_jpegs(encoded: list[torch.Tensor], paths: list[str], device: torch.device) -> list:
-    """Decode JPEG byte tensors on ``device`` in one batched call (nvJPEG on CUDA).
+    """Decode JPEG byte tensors (on the CPU) on ``device`` in one batched call (nvJPEG on CUDA),
+    with the ``DEVICE_DECODER`` backend.
 
     Returns, per input, a uint8 (3, H, W) tensor on ``device`` or the reason it could not
-    be decoded.  A batch the decoder refuses is retried one by one, and an image libjpeg
+    be decoded.  A batch the decoder refuses is retried one by one, and an image it
     refuses goes to PIL, as :func:`decode_rgb` does, so the bad file is named.
     """
     if not encoded:
         return []
+    if _device_decode is None:
+        raise RuntimeError(DEVICE_DECODER_PROBLEM or "data.decode: device: no device JPEG decoder loads here")
+    device = torch.device(device)
     try:
-        return list(_decode_jpeg(encoded, mode="RGB", device=device))
+        return _decode_on(encoded, device)
     except RuntimeError:
-        pass
+        pass  # one bad file fails the whole batch (nvJPEG returns no partial results)
     out: list = []
     for data, path in zip(encoded, paths):
         try:
-            out.append(_decode_jpeg(data, mode="RGB", device=device))
+            out.append(_decode_on([data], device)[0])
         except RuntimeError:
             try:
                 out.append(decode_pil(data.numpy().tobytes(), path).to(device))

@@ -152,13 +152,26 @@ def per_process_batch(cfg: DataConfig, dist: DistInfo) -> int:
     return cfg.batch_size // dist.world_size
 
 
-def check_decode(cfg: DataConfig) -> None:
-    """DataError when ``data.decode: device`` cannot run here."""
-    from .decode import FAST_DECODER
+def check_decode(cfg: DataConfig) -> str | None:
+    """For ``data.decode: device``, a one-line notice naming the JPEG backend that decodes
+    (None for ``data.decode: worker``); DataError when no backend can run here."""
+    from . import decode
 
-    if cfg.decode == "device" and FAST_DECODER is None:
-        raise DataError("data.decode: device decodes with TorchCodec, which cannot be loaded here "
-                        "(pip install torchcodec, built for this torch); or use data.decode: worker")
+    if cfg.decode != "device":
+        return None
+    fix = "pip install the torchcodec built for this torch, or use data.decode: worker"
+    if decode.DEVICE_DECODER_PROBLEM:  # a forced backend that does not load: never silently take the other
+        raise DataError(f"data.decode: device: {decode.DEVICE_DECODER_PROBLEM}; unset "
+                        f"{decode.DEVICE_DECODER_ENV}, or {fix}")
+    if decode.DEVICE_DECODER is None:
+        raise DataError("data.decode: device needs TorchCodec's decode_jpeg or torchvision's decode_jpeg, "
+                        f"and neither can be loaded here ({fix})")
+    if decode.DEVICE_DECODER == "torchcodec":
+        return "data.decode: device: JPEGs decoded by TorchCodec (nvJPEG on CUDA)"
+    forced = decode.DEVICE_DECODER_FORCED
+    why = f"forced by {forced}" if forced else "TorchCodec is not loadable here"
+    return (f"data.decode: device: JPEGs decoded by {decode.DEVICE_DECODER_LABELS[decode.DEVICE_DECODER]} "
+            f"(deprecated; {why})")
 
 
 def build_loaders(cfg: DataConfig, splits: Splits, dist: DistInfo, seed: int, pin_memory: bool = False) -> Loaders:
