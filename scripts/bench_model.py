@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Model-only training-step throughput on one device: what the GPU can do when data is free.
 
-    python scripts/bench_model.py [--device cuda] [--batch-size 128] [--steps 50]
-                                  [--archs paper torchvision] [--compile]
+    python scripts/bench_model.py [--device cuda] [--batch-size 128] [--steps 50] [--max-seconds S]
+                                  [--archs paper torchvision] [--amps none tf32 bf16]
+                                  [--memory-formats nchw channels_last] [--compile | --compiled-only]
 
 Every variant runs one SGD step (forward, cross-entropy, backward, momentum
 update; weight decay 5e-4) on a batch that already lives on the device, so
@@ -16,6 +17,12 @@ GradScaler for fp16, optional ``channels_last``).  Every row prints its
 images/s, its ratio to the baseline and the ImageNet epoch (1,281,167
 images) it implies if the loader keeps up; the last line is
 ``speedup: <best of ours / baseline>``.
+
+Variants run in the order of ``--archs``, ``--amps`` and ``--memory-formats`` as
+given, each row printed as soon as it is measured, so a caller that has to stop
+the run early (``scripts/gpu_check.py``) still has the rows it cared most about.
+``--max-seconds`` ends each variant's timed steps after that long (at least one
+step), so the whole run can be sized to a time instead of a step count.
 """
 from __future__ import annotations
 
@@ -45,7 +52,8 @@ def sync(device: torch.device) -> None:
 
 
 def images_per_second(model: torch.nn.Module, device: torch.device, batch: int, steps: int, warmup: int,
-                      amp: str = "none", channels_last: bool = False, crop: int = 224) -> float:
+                      amp: str = "none", channels_last: bool = False, crop: int = 224,
+                      max_seconds: float = 0.0) -> float:
     model = model.to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -71,10 +79,19 @@ def images_per_second(model: torch.nn.Module, device: torch.device, batch: int, 
         step()
     sync(device)
     start = time.perf_counter()
-    for _ in range(steps):
+    done = 0
+    # On a GPU the clock is read after a sync, every few steps only: a sync per step would
+    # drain the launch queue that keeps the GPU busy and lower the rate measured.
+    every = 5 if device.type == "cuda" else 1
+    while done < steps:
         step()
+        done += 1
+        if max_seconds and done % every == 0:
+            sync(device)
+            if time.perf_counter() - start >= max_seconds:
+                break
     sync(device)
-    return steps * batch / (time.perf_counter() - start)
+    return done * batch / (time.perf_counter() - start)
 
 
 def model_classes(model: torch.nn.Module) -> int:
@@ -92,8 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--amps", nargs="+", default=["none", "tf32", "bf16"], choices=["none", "tf32", "bf16", "fp16"],
                    help="none: float32 with PyTorch's defaults; tf32: float32 with TF32 matmuls (train.tf32, "
                         "alexnet-train's default on CUDA); bf16/fp16: train.amp")
+    p.add_argument("--memory-formats", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"],
+                   help="memory formats, in this order (train.channels_last)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd variants")
+    p.add_argument("--compiled-only", action="store_true", help="time only the torch.compile'd variants")
+    p.add_argument("--max-seconds", type=float, default=0.0,
+                   help="end each variant's timed steps after this many seconds (0: run all --steps)")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.max_seconds < 0:
+        p.error("--steps must be >= 1, --warmup and --max-seconds >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
@@ -102,20 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}, torch {torch.__version__}, batch {args.batch_size}, {args.steps} timed steps after {args.warmup}")
 
     torch.manual_seed(0)
-    base = images_per_second(torchvision.models.alexnet(), device, args.batch_size, args.steps, args.warmup)
+    base = images_per_second(torchvision.models.alexnet(), device, args.batch_size, args.steps, args.warmup,
+                             max_seconds=args.max_seconds)
     print(f"{'baseline: torchvision.models.alexnet, float32':58s} {base:9.1f} images/s  1.00x  "
           f"{epoch_minutes(base)}", flush=True)
     best = 0.0
     for arch in args.archs:
         cfg = load_config(ROOT / "configs" / f"{arch}.yaml")
         for amp in args.amps:
-            for cl in (False, True):
-                for comp in (False, True) if args.compile else (False,):
+            for cl in (fmt == "channels_last" for fmt in args.memory_formats):
+                for comp in (True,) if args.compiled_only else (False, True) if args.compile else (False,):
                     torch.manual_seed(0)
                     model = build_model(cfg.model)
                     if comp:
                         model = torch.compile(model)
-                    rate = images_per_second(model, device, args.batch_size, args.steps, args.warmup, amp, cl)
+                    rate = images_per_second(model, device, args.batch_size, args.steps, args.warmup, amp, cl,
+                                             max_seconds=args.max_seconds)
                     best = max(best, rate)
                     label = f"ours: {arch}, {amp}{', channels_last' if cl else ''}{', compiled' if comp else ''}"
                     print(f"{label:58s} {rate:9.1f} images/s  {rate / base:.2f}x  {epoch_minutes(rate)}", flush=True)
