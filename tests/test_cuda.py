@@ -190,6 +190,33 @@ def test_training_steps_make_no_host_sync_between_log_intervals(tree, tmp_path, 
     assert synced_at == [3, 6]
 
 
+def test_evaluation_makes_no_host_sync_per_batch(tree):
+    from alexnet_train.data.transforms import BatchPreprocess
+    from alexnet_train.evaluate import evaluate
+    from alexnet_train.model import build_model
+
+    train, val = tree
+    cfg = load_config(DEMO, tiny_overrides(train, val, 3, 1))
+    model = build_model(cfg.model).cuda()
+    _, samples = scan_image_folder(str(train))
+    batches = loader_batches(ImageDataset(samples[:16], CenterPreset(cfg.data)), collate_hwc, batch_size=4)
+    pinned = [(images.pin_memory(), targets.pin_memory(), bad) for images, targets, bad in batches]
+
+    def feed():  # batch 1 warms up (cuDNN); batches 2-4 run with any sync an error; the final read is allowed
+        for k, batch in enumerate(pinned):
+            yield batch
+            if k == 0:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+        torch.cuda.set_sync_debug_mode(0)
+
+    try:
+        result = evaluate(model, feed(), BatchPreprocess(cfg.data, "cuda"), torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert result.images == 16
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_validation_runs_under_the_training_autocast_and_matches_float32(tmp_path, amp):
     classes = ["n01", "n02", "n03"]
