@@ -239,29 +239,29 @@ def test_an_unknown_forced_backend_is_a_one_line_data_error(monkeypatch):
     assert check_decode(DataConfig(decode="worker")) is None  # the worker path does not care
 
 
-def test_device_decoding_without_any_backend_exits_2_before_writing(tree, tmp_path, capsys, monkeypatch):
-    # Neither TorchCodec nor torchvision's decode_jpeg loads (what an import-time choice of None means).
-    monkeypatch.setattr(decode_mod, "DEVICE_DECODER", None)
-    monkeypatch.setattr(decode_mod, "DEVICE_DECODER_PROBLEM", None)
+def refused_device_run(tree, tmp_path, capsys) -> str:
+    """A data.decode: device run that must exit 2 in one line before writing OUT; that line."""
     train, val = tree
     out = tmp_path / "out"
     code = run_train(["--config", DEMO, "--out", str(out), "--set", *tiny_overrides(train, val, 3, 1),
                       "data.decode=device"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "data.decode" in err
-    assert "TorchCodec" in err and "torchvision's decode_jpeg" in err and "data.decode: worker" in err
     assert not out.exists()
+    return err
+
+
+def test_device_decoding_without_any_backend_exits_2_before_writing(tree, tmp_path, capsys, monkeypatch):
+    # Neither TorchCodec nor torchvision's decode_jpeg loads (what an import-time choice of None means).
+    monkeypatch.setattr(decode_mod, "DEVICE_DECODER", None)
+    monkeypatch.setattr(decode_mod, "DEVICE_DECODER_PROBLEM", None)
+    err = refused_device_run(tree, tmp_path, capsys)
+    assert "TorchCodec" in err and "torchvision's decode_jpeg" in err and "data.decode: worker" in err
 
 
 def test_a_forced_backend_that_cannot_load_exits_2_before_writing(tree, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv(DEVICE_DECODER_ENV, "torchcodec")
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
     assert decode_mod.use_device_decoder() is None  # torchvision loads, but was not asked for
-    train, val = tree
-    out = tmp_path / "out"
-    code = run_train(["--config", DEMO, "--out", str(out), "--set", *tiny_overrides(train, val, 3, 1),
-                      "data.decode=device"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "data.decode" in err
+    err = refused_device_run(tree, tmp_path, capsys)
     assert f"{DEVICE_DECODER_ENV}=torchcodec" in err and "TorchCodec cannot be loaded here" in err
-    assert not out.exists()
