@@ -160,8 +160,8 @@ def resolve_device(kind: str, local_rank: int = 0) -> tuple[torch.device, str]:
     """(device, what it is and why) for ``train.device``: auto | cpu | cuda.
 
     ``cuda`` without a usable GPU is a ConfigError (one line, torch's reason); ``auto`` then
-    falls back to the CPU and says why.  Under DDP, NCCL's process group has already made
-    ``local_rank``'s GPU the current one; the description names it without touching it.
+    falls back to the CPU and says why.  Under DDP the description names ``local_rank``'s
+    GPU, the one NCCL's process group makes current, without touching it.
     """
     if kind == "cpu":
         return torch.device("cpu"), "cpu (train.device: cpu)"
