@@ -192,6 +192,25 @@ def load_hub_weights(weights: Any, log: Callable[[str], None] = print) -> dict:
     return state
 
 
+def file_digest(path: str | os.PathLike) -> tuple[int, str]:
+    """(size in bytes, SHA-256 hex) of a file: how DDP ranks check they resume from the same one."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def resume_candidates(out_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoints :func:`find_resume` tries, in its order, that exist in ``out_dir``."""
+    out = Path(out_dir)
+    return [p for p in [out / "last.pth", *epoch_checkpoints(out), out / "best.pth"] if p.exists()]
+
+
 def is_training_checkpoint(state: dict) -> bool:
     return isinstance(state.get("model"), dict) and "config" in state and "classes" in state
 
@@ -213,7 +232,7 @@ def find_resume(out_dir: str | os.PathLike, log: Callable[[str], None] = print) 
     rather than let a fresh run overwrite what is left of the old one.
     """
     out = Path(out_dir)
-    candidates = [p for p in [out / "last.pth", *epoch_checkpoints(out), out / "best.pth"] if p.exists()]
+    candidates = resume_candidates(out)
     problems = []
     for path in candidates:
         try:

@@ -88,12 +88,20 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     from .data import BadImageError, DataError
     from .data.datasets import TooManyBadImages
     from .lifecycle import run_training
-    from .train import Interrupted, NonFiniteLoss, versions
+    from .distributed import PeerLost, RankFailed
+    from .train import Interrupted, LoaderFailed, NonFiniteLoss, versions
     from .transfer import WeightsError
 
     provenance = "# resolved config of this run; alexnet-train --config this-file reproduces it\n"
     provenance += "# " + ", ".join(f"{k} {v}" for k, v in versions().items())
     provenance += f"\n# git {git_sha() or 'unknown'}\n"
+    # Under DDP every rank raises the same error at the same step; ``report`` is False on all
+    # but rank 0, so the run prints one line (a lost peer is each survivor's own line).
+    def fail(code: int, exc: BaseException, message: str | None = None) -> NoReturn:
+        if getattr(exc, "report", True):
+            print(f"{prog}: error: {message or exc}", file=sys.stderr, flush=True)
+        sys.exit(code)
+
     try:
         run_training(cfg, args.resume, _log, provenance)
     except Interrupted as exc:
@@ -101,13 +109,14 @@ def train_main(argv: Sequence[str] | None = None) -> None:
             _log(str(exc))
         sys.exit(128 + exc.signum)
     except (ConfigError, DataError, WeightsError) as exc:
-        _fail(prog, EXIT_CONFIG, str(exc))
+        fail(EXIT_CONFIG, exc)
     except ckpt.RunLocked as exc:
-        _fail(prog, EXIT_LOCKED, str(exc))
-    except (ckpt.CheckpointError, ckpt.WriteError, NonFiniteLoss, BadImageError, TooManyBadImages) as exc:
-        _fail(prog, EXIT_RUNTIME, str(exc))
+        fail(EXIT_LOCKED, exc)
+    except (ckpt.CheckpointError, ckpt.WriteError, NonFiniteLoss, BadImageError, TooManyBadImages, LoaderFailed,
+            PeerLost, RankFailed) as exc:
+        fail(EXIT_RUNTIME, exc)
     except OSError as exc:  # a read that failed (a vanished file, an I/O error)
-        _fail(prog, EXIT_RUNTIME, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+        fail(EXIT_RUNTIME, exc, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
 
 
 # --------------------------------------------------------------------------- alexnet-eval

@@ -297,6 +297,14 @@ class TrainConfig:
 class DistConfig:
     mode: Literal["none", "dp", "ddp"] = "none"
     backend: Literal["auto", "nccl", "gloo"] = "auto"
+    # How long any collective (the process group's rendezvous, a gradient all-reduce, the
+    # ranks' agreements) may wait for a rank that has stopped answering before the run ends
+    # with an error: NCCL's own default is 10 minutes, gloo's 30.  Longer than the slowest
+    # honest wait between ranks: one rank's checkpoint write, or its data scan at start.
+    timeout_minutes: float = 5.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "timeout_minutes")
 
 
 @dataclass(frozen=True)

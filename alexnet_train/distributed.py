@@ -132,3 +132,65 @@ def all_gather(value: object, world_size: int) -> list:
     gathered: list = [None] * world_size
     tdist.all_gather_object(gathered, value)
     return gathered
+
+
+class RankFailed(RuntimeError):
+    """Another rank failed in a way this one cannot name (an unexpected error: see its log)."""
+
+
+class PeerLost(RuntimeError):
+    """A collective failed or timed out: another rank died, hung, or left the run alone."""
+
+
+def agree_on_failure(dist: DistInfo, failure: BaseException | None, known: tuple[type, ...]) -> None:
+    """Every rank says whether a step it took alone failed; if any did, every rank raises the
+    same error, the first failed rank's, and returns otherwise.
+
+    The error keeps its class where it is one of ``known`` (so every rank exits with the code
+    that class maps to) and its message, prefixed by the failed rank's number; ``report`` is
+    set on rank 0 only, so the run prints one line.  A rank whose own failure is not ``known``
+    (a bug) re-raises it with its traceback; the others raise :class:`RankFailed`.
+    """
+    mine = None if failure is None else (type(failure).__module__, type(failure).__qualname__, str(failure))
+    outcomes = all_gather(mine, dist.world_size)
+    failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
+    if not failed:
+        return
+    rank, (module, name, message) = failed[0]
+    raise rebuild_failure(rank, module, name, message, dist, known,
+                          own=failure if rank == dist.rank else None)
+
+
+def rebuild_failure(rank: int, module: str, name: str, message: str, dist: DistInfo, known: tuple[type, ...],
+                    own: BaseException | None = None) -> BaseException:
+    """The exception every rank raises for rank ``rank``'s failure (see :func:`agree_on_failure`)."""
+    import importlib
+
+    cls: type | None = None
+    try:
+        cls = getattr(importlib.import_module(module), name.split(".")[-1], None)
+    except ImportError:
+        pass
+    if rank != 0 and not message.startswith("rank "):
+        message = f"rank {rank}: {message}"
+    if isinstance(cls, type) and issubclass(cls, known):
+        exc = cls.__new__(cls)
+        Exception.__init__(exc, message)  # our errors' text is their one argument
+    elif own is not None:
+        return own
+    else:
+        exc = RankFailed(f"{message} ({name}; its traceback is in rank {rank}'s log)")
+    exc.report = dist.is_main  # type: ignore[attr-defined]
+    return exc
+
+
+def is_collective_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed collective (a peer gone, a timeout) rather than our own error."""
+    import torch.distributed as tdist
+
+    if isinstance(exc, getattr(tdist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        mark in text for mark in ("gloo", "Gloo", "NCCL", "Connection closed by peer", "Connection reset by peer",
+                                  "ProcessGroup", "Timed out", "timed out", "Broken pipe"))

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_to_dict, dump_yaml, replace
-from .distributed import DistInfo
+from .distributed import DistInfo, PeerLost, agree_on_failure, all_gather, is_collective_error
 
 Log = Callable[[str], None]
 
@@ -104,8 +104,14 @@ SINGLE_PROCESS_NOTICE = (
     "(for N GPUs: torchrun --nproc_per_node N -m alexnet_train --config ..., or srun)")
 
 
-def join_process_group(dist: DistInfo, backend: str, device: str) -> None:
-    """Join the group of ``dist.world_size`` processes (any launch under dist.mode=ddp)."""
+def join_process_group(dist: DistInfo, backend: str, device: str, timeout_minutes: float = 5.0) -> None:
+    """Join the group of ``dist.world_size`` processes (any launch under dist.mode=ddp).
+
+    ``timeout_minutes`` (dist.timeout_minutes) bounds every collective of the group, the
+    rendezvous included: a rank that stops answering ends the run instead of hanging it.
+    """
+    from datetime import timedelta
+
     import torch
     import torch.distributed as tdist
 
@@ -114,7 +120,8 @@ def join_process_group(dist: DistInfo, backend: str, device: str) -> None:
     if backend == "nccl":
         # Slurm's --gpus-per-task may leave each task one visible GPU.
         torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
-    tdist.init_process_group(backend, init_method=dist.init_method, rank=dist.rank, world_size=dist.world_size)
+    tdist.init_process_group(backend, init_method=dist.init_method, rank=dist.rank, world_size=dist.world_size,
+                             timeout=timedelta(minutes=timeout_minutes))
 
 
 def leave_process_group() -> None:
@@ -152,6 +159,12 @@ def decide_resume(resume: str, out: Path, log: Log) -> ResumePoint | None:
     return ResumePoint(path, state)
 
 
+# Keys outside the model section a checkpoint cannot be resumed under another value of: the
+# optimizer's parameter groups (decay_biases, head_lr_mult) and the lr policy's saved state
+# (schedule.kind) are shaped by them.
+UNRESUMABLE = {("optim", "head_lr_mult"), ("optim", "decay_biases"), ("schedule", "kind")}
+
+
 def check_resume_config(saved: dict, cfg: Config, log: Log) -> None:
     """Refuse a resume whose model differs from the checkpoint's; report other changed keys."""
     new = config_to_dict(cfg)
@@ -170,7 +183,7 @@ def check_resume_config(saved: dict, cfg: Config, log: Log) -> None:
                 log(f"notice: model.{key} changed since the checkpoint: {old!r} -> {value!r}; "
                     "it applies to fresh runs only, the checkpoint's weights are used")
                 continue
-            if section == "model" or (section, key) == ("optim", "head_lr_mult"):
+            if section == "model" or (section, key) in UNRESUMABLE:
                 raise ConfigError(
                     f"{section}.{key}: is {value!r} but the checkpoint was trained with {old!r}; "
                     f"use the checkpoint's {section} settings or another --out"
@@ -205,14 +218,11 @@ def trim_metrics(path: Path, epochs_done: int) -> None:
 def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance: str = ""):
     """Train ``cfg`` from start or from where OUT stopped; returns the trainer's FitResult.
 
-    ``provenance`` heads OUT/config.yaml (versions, git SHA).
+    ``provenance`` heads OUT/config.yaml (versions, git SHA).  Under DDP every step a rank
+    takes alone before training (the checks, the resume decision, rank 0's first writes) ends
+    in an agreement: if any rank failed, every rank raises that rank's error (:class:`Together`).
     """
-    from .data import resolve_splits, with_demo_data
-    from .data.loaders import check_decode
-    from .report import report_run
-    from .tracking import Tracker
     from .train import Interrupted, fit, resolve_device
-    from .transfer import load_pretrained
 
     dist = launch_environment(cfg.dist.mode)
     say = log if dist.is_main else (lambda _m: None)
@@ -222,53 +232,29 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
         say(SINGLE_PROCESS_NOTICE)
     for notice in cfg.model.ignored_notices():
         say(notice)
+    # Before the group: NCCL or gloo depends on it.  A rank without its GPU fails alone here;
+    # the others give up at the rendezvous after dist.timeout_minutes.
     device, device_line = resolve_device(cfg.train.device, dist.local_rank)  # ConfigError before OUT is touched
     say(f"device: {device_line}")
 
-    # Everything that can be wrong with the config or data is checked before OUT is touched.
-    # An existing OUT is locked first, so no other run writes it while we read it.
     with ckpt.RunLock(out) as lock:
-        if dist.is_main and out.is_dir():
-            lock.acquire()
-        cfg = with_demo_data(cfg, say)
-        decode_notice = check_decode(cfg.data)
-        if decode_notice:
-            say(decode_notice)
-        splits = resolve_splits(cfg.data)
-        if cfg.model.num_classes is None:  # a new head for whatever classes train_dir holds
-            cfg = replace(cfg, "model", num_classes=len(splits.classes))
-            say(f"model.num_classes: {len(splits.classes)}, the class folders of {cfg.data.train_dir}")
-        if cfg.model.num_classes != len(splits.classes):
-            raise ConfigError(f"model.num_classes: is {cfg.model.num_classes} but {cfg.data.train_dir} "
-                              f"has {len(splits.classes)} class folders")
-        point = decide_resume(resume, out, say)
-        if point is not None:
-            check_resume_config(point.state["config"], cfg, say)
-            if list(point.state["classes"]) != splits.classes:
-                raise ConfigError(f"{cfg.data.train_dir}: its classes differ from those of checkpoint {point.path}")
-        pretrained = None
-        if point is None and cfg.model.weights is not None:
-            pretrained = load_pretrained(cfg.model, splits.classes, cfg.data, say)
-        elif cfg.model.weights is not None:
-            say("model.weights: not read, the resumed checkpoint holds the weights")
-        if dist.is_main and lock.fd is None:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ckpt.WriteError(f"{out}: cannot create the output directory ({exc.strerror or exc})") from None
-            lock.acquire()  # RunLocked if another run created OUT meanwhile
-
         if group:
             say(f"dist: rank {dist.rank} of {dist.world_size} from {dist.launcher}"
                 + (f", rendezvous {dist.init_method}" if dist.launcher == "slurm" else ""))
-            join_process_group(dist, cfg.dist.backend, device.type)
+            join_process_group(dist, cfg.dist.backend, device.type, cfg.dist.timeout_minutes)
         tracker = None
         try:
-            if dist.is_main:
-                text = provenance + dump_yaml(cfg)
-                ckpt.atomic_write_bytes(out / "config.yaml", lambda fh: fh.write(text.encode()))
-                trim_metrics(out / "metrics.jsonl", point.state["epoch"] if point else 0)
-            tracker = Tracker(out, enabled=dist.is_main)
+            together = Together(dist, group)
+            # Everything that can be wrong with the config or data is checked before OUT is
+            # touched; an existing OUT is locked first, so no other run writes it while we read it.
+            cfg, splits, point = together(lambda: _check_and_decide(cfg, resume, out, lock, dist, say))
+            decision = None
+            if group:
+                decision = all_gather(_decision(point, out) if dist.is_main else None, dist.world_size)[0]
+            point, pretrained = together(lambda: _confirm(cfg, splits, point, decision, out, dist, group, say))
+            tracker = together(lambda: _start_out(cfg, out, lock, point, provenance, dist))
+            if group:
+                together(lambda: _confirm_shared_out(out, dist))
             if point is not None:
                 say(f"resuming from {point.path} (epoch {point.state['epoch'] + 1}, "
                     f"step {point.state['step_in_epoch']} of that epoch)")
@@ -286,10 +272,22 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
                 say(f"done: {result.epochs_run} epochs, final val top-1 {result.last.top1:.2f}% "
                     f"top-5 {result.last.top5:.2f}%, best top-1 {result.best_top1:.2f}%; checkpoints in {out}")
                 if dist.is_main:
+                    from .report import report_run
+
                     report_run(out, say)
             else:
                 say(f"done: nothing to do, {out} already holds {result.epochs_run} epochs")
             return result
+        except Exception as exc:
+            from .distributed import RankFailed
+            from .train import run_errors
+
+            ours = (*run_errors(), Interrupted, PeerLost, RankFailed)
+            if group and not isinstance(exc, ours) and is_collective_error(exc):
+                raise PeerLost(f"rank {dist.rank}: lost contact with the other ranks ({_first_line(exc)}); "
+                               "stopped without saving; OUT's last checkpoint is kept, and the same command "
+                               "resumes from it") from None
+            raise
         finally:
             if tracker is not None:
                 try:
@@ -299,3 +297,157 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
                         raise
             if group:
                 leave_process_group()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+class Together:
+    """Runs a step each rank takes alone, then has all ranks agree on its outcome.
+
+    One process: the step's error propagates as it is.  Under DDP each rank's error is held
+    until every rank has finished the step; then, if any failed, every rank raises the first
+    failed rank's error (:func:`~alexnet_train.distributed.agree_on_failure`): the same exit
+    code everywhere, one line (rank 0's), and no rank left waiting in a collective.
+    """
+
+    def __init__(self, dist: DistInfo, group: bool) -> None:
+        self.dist, self.group = dist, group
+
+    def __call__(self, step: Callable[[], Any]) -> Any:
+        from .train import run_errors
+
+        if not self.group:
+            return step()
+        failure, result = None, None
+        try:
+            result = step()
+        except Exception as exc:  # noqa: BLE001 - every rank must learn of it, whatever it is
+            failure = exc
+        agree_on_failure(self.dist, failure, run_errors())
+        return result
+
+
+def _check_and_decide(cfg: Config, resume: str, out: Path, lock: ckpt.RunLock, dist: DistInfo, say: Log):
+    """Every rank: the config and the data.  Rank 0: OUT's lock and the resume point."""
+    from .data import resolve_splits, with_demo_data
+    from .data.loaders import check_decode
+
+    if dist.is_main and out.is_dir():
+        lock.acquire()
+    cfg = with_demo_data(cfg, say)
+    decode_notice = check_decode(cfg.data)
+    if decode_notice:
+        say(decode_notice)
+    splits = resolve_splits(cfg.data)
+    if cfg.model.num_classes is None:  # a new head for whatever classes train_dir holds
+        cfg = replace(cfg, "model", num_classes=len(splits.classes))
+        say(f"model.num_classes: {len(splits.classes)}, the class folders of {cfg.data.train_dir}")
+    if cfg.model.num_classes != len(splits.classes):
+        raise ConfigError(f"model.num_classes: is {cfg.model.num_classes} but {cfg.data.train_dir} "
+                          f"has {len(splits.classes)} class folders")
+    point = None
+    if dist.is_main:
+        point = decide_resume(resume, out, say)
+        if point is not None:
+            check_resume_config(point.state["config"], cfg, say)
+            if list(point.state["classes"]) != splits.classes:
+                raise ConfigError(f"{cfg.data.train_dir}: its classes differ from those of checkpoint {point.path}")
+    return cfg, splits, point
+
+
+def _decision(point: "ResumePoint | None", out: Path) -> tuple[str, bool, int, str] | None:
+    """Rank 0's resume point as the other ranks check it: (path, whether it is a file of OUT,
+    size, SHA-256), or None.  A file of OUT is named within OUT: each rank reads its own OUT
+    (the same --out on every node, which must be one directory)."""
+    if point is None:
+        return None
+    size, sha = ckpt.file_digest(point.path)
+    in_out = point.path.parent.resolve() == out.resolve()
+    return (point.path.name if in_out else str(point.path)), in_out, size, sha
+
+
+SHARED_OUT = "must be on storage every node sees (a shared filesystem), not node-local scratch"
+
+
+def _where(dist: DistInfo) -> str:
+    import socket
+
+    return f"rank {dist.rank} (host {socket.gethostname()})"
+
+
+def _confirm(cfg: Config, splits, point, decision, out: Path, dist: DistInfo, group: bool, say: Log):
+    """Every rank: rank 0's resume point, read from the same file (or none, as for rank 0);
+    then the weights of a fresh fine-tune."""
+    from .transfer import load_pretrained
+
+    if group and not dist.is_main:
+        point = confirm_resume(decision, out, dist)
+    pretrained = None
+    if point is None and cfg.model.weights is not None:
+        pretrained = load_pretrained(cfg.model, splits.classes, cfg.data, say)
+    elif cfg.model.weights is not None:
+        say("model.weights: not read, the resumed checkpoint holds the weights")
+    return point, pretrained
+
+
+def confirm_resume(decision: tuple[str, bool, int, str] | None, out: Path, dist: DistInfo) -> "ResumePoint | None":
+    """This rank's copy of rank 0's resume point; ConfigError when it sees another OUT."""
+    where = _where(dist)
+    if decision is None:
+        found = ckpt.resume_candidates(out)
+        if found:
+            raise ConfigError(f"{where} finds {found[0]}, but rank 0 finds no checkpoint in {out}: "
+                              f"OUT {SHARED_OUT}")
+        return None
+    name, in_out, size, sha = decision
+    path = out / name if in_out else Path(name)
+    try:
+        mine = ckpt.file_digest(path)
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot read {path}, the checkpoint rank 0 resumes from "
+                          f"({exc.strerror or exc}): OUT and the checkpoint {SHARED_OUT}") from None
+    if mine != (size, sha):
+        differs = f"{mine[0]} bytes, rank 0's {size}" if mine[0] != size else "same size, other content"
+        raise ConfigError(f"{where} reads another {path} than rank 0 does ({differs}): "
+                          f"OUT and the checkpoint {SHARED_OUT}")
+    return ResumePoint(Path(path), ckpt.load_checkpoint(path))
+
+
+def _start_out(cfg: Config, out: Path, lock: ckpt.RunLock, point, provenance: str, dist: DistInfo):
+    """Rank 0: create and lock OUT, write config.yaml (with this start's time, host and pid, so
+    every rank can tell it is the same file) and trim metrics.jsonl; every rank: its tracker."""
+    import os
+    import socket
+    import time
+
+    from .tracking import Tracker
+
+    if dist.is_main:
+        if lock.fd is None:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ckpt.WriteError(f"{out}: cannot create the output directory ({exc.strerror or exc})") from None
+            lock.acquire()  # RunLocked if another run created OUT meanwhile
+        started = f"# started {time.strftime('%Y-%m-%dT%H:%M:%S%z')} on {socket.gethostname()}, pid {os.getpid()}\n"
+        text = provenance + started + dump_yaml(cfg)
+        ckpt.atomic_write_bytes(out / "config.yaml", lambda fh: fh.write(text.encode()))
+        trim_metrics(out / "metrics.jsonl", point.state["epoch"] if point else 0)
+    return Tracker(out, enabled=dist.is_main, defer_errors=dist.distributed)
+
+
+def _confirm_shared_out(out: Path, dist: DistInfo) -> None:
+    """Every rank sees the config.yaml rank 0 has just written: OUT is one directory for all."""
+    digest = all_gather(ckpt.file_digest(out / "config.yaml") if dist.is_main else None, dist.world_size)[0]
+    if dist.is_main:
+        return
+    try:
+        mine = ckpt.file_digest(out / "config.yaml")
+    except OSError:
+        mine = None
+    if mine != digest:
+        raise ConfigError(f"{_where(dist)} does not see the {out / 'config.yaml'} rank 0 has just written: "
+                          f"OUT {SHARED_OUT}")

@@ -28,7 +28,7 @@ from typing import Any, Callable, TextIO
 
 import torch
 
-from .checkpoint import write_error
+from .checkpoint import WriteError, write_error
 
 
 def format_duration(seconds: Any) -> str:
@@ -109,8 +109,10 @@ class Progress:
     """
 
     def __init__(self, total: int, desc: str, interval: int, enabled: bool, stream: TextIO, initial: int = 0,
-                 eta: Callable[[int, float], tuple[float, float]] | None = None) -> None:
+                 eta: Callable[[int, float], tuple[float, float]] | None = None,
+                 on_error: Callable[[OSError], None] | None = None) -> None:
         self.total, self.desc, self.interval, self.enabled, self.stream = total, desc, interval, enabled, stream
+        self.on_error = on_error
         self.count = self.initial = initial
         self.eta = eta
         self.postfix: dict[str, Any] = {}
@@ -166,7 +168,13 @@ class Progress:
         if self.bar is not None:
             self.bar.update(n)
         elif self.count % self.interval == 0 or self.count == self.total:
-            print(self.line(), file=self.stream, flush=True)
+            try:
+                print(self.line(), file=self.stream, flush=True)
+            except OSError as exc:  # stdout gone (a closed pipe) or full (a redirect)
+                self.enabled = False
+                if self.on_error is None:
+                    raise
+                self.on_error(exc)
 
     def __enter__(self) -> "Progress":
         return self
@@ -178,9 +186,14 @@ class Progress:
 
 class Tracker:
     def __init__(self, out_dir: str | Path | None, enabled: bool = True, tensorboard: bool = True,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, defer_errors: bool = False) -> None:
         self.enabled = enabled
         self.stream = stream or sys.stdout
+        # Under DDP only rank 0 writes, so its failed write must not end rank 0 alone: with
+        # defer_errors the first WriteError is kept in ``failure`` (for the trainer to share at
+        # the ranks' next agreement) and the tracker stops writing.
+        self.defer_errors = defer_errors
+        self.failure: WriteError | None = None
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.writer = None
         if enabled and tensorboard and self.out_dir is not None:
@@ -199,11 +212,26 @@ class Tracker:
         except (OSError, RuntimeError) as exc:
             event_file = getattr(getattr(self.writer.file_writer, "event_writer", None), "_file_name", None)
             self.writer = None  # it cannot write any more; close() must not try again
-            raise write_error(event_file or self.out_dir / "tb", exc) from None
+            self._deferred(exc, event_file or self.out_dir / "tb")
+
+    def _deferred(self, exc: BaseException, what: str | Path) -> None:
+        """Raise the failed write ``exc`` as a WriteError, or keep it (``defer_errors``)."""
+        err = exc if isinstance(exc, WriteError) else write_error(what, exc)
+        if not self.defer_errors:
+            raise err from None
+        if self.failure is None:
+            self.failure = err
+        self.enabled, self.writer = False, None
 
     def log(self, message: str) -> None:
         if not self.enabled:
             return
+        try:
+            self._print(message)
+        except OSError as exc:  # a closed pipe, a full disk under a redirect
+            self._deferred(exc, getattr(self.stream, "name", "stdout"))
+
+    def _print(self, message: str) -> None:
         if self.stream.isatty():
             from tqdm import tqdm
 
@@ -213,7 +241,8 @@ class Tracker:
 
     def progress(self, total: int, desc: str, interval: int = 50, initial: int = 0,
                  eta: Callable[[int, float], tuple[float, float]] | None = None) -> Progress:
-        return Progress(total, desc, interval, self.enabled, self.stream, initial, eta)
+        return Progress(total, desc, interval, self.enabled, self.stream, initial, eta,
+                        on_error=lambda exc: self._deferred(exc, getattr(self.stream, "name", "stdout")))
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None and math.isfinite(value):
@@ -251,7 +280,11 @@ class Tracker:
         path = self.out_dir / "metrics.jsonl"
         line = (json.dumps(row) + "\n").encode()
         # One write of the whole line; on failure the file is cut back, so no half row is left.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            self._deferred(exc, path)
+            return
         try:
             size = os.fstat(fd).st_size
             try:
@@ -259,8 +292,12 @@ class Tracker:
                     raise OSError(28, os.strerror(28))  # a short write: the disk filled up
                 os.fsync(fd)
             except OSError as exc:
-                os.ftruncate(fd, size)
-                raise write_error(path, exc) from None
+                try:
+                    os.ftruncate(fd, size)
+                except OSError:  # not a regular file (a device, a pipe): nothing to cut back
+                    pass
+                self._deferred(exc, path)
+                return
         finally:
             os.close(fd)
         for key, value in row.items():

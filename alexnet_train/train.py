@@ -34,10 +34,10 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, ScheduleConfig, config_to_dict
-from .data.datasets import BadImages
+from .data.datasets import BadImageError, BadImages, TooManyBadImages
 from .data.loaders import Loaders, Splits, build_loaders
 from .data.transforms import BatchPreprocess, DecodeOnDevice
-from .distributed import DistInfo, all_gather, all_reduce_max, all_reduce_sum
+from .distributed import DistInfo, all_gather, all_reduce_max, all_reduce_sum, rebuild_failure
 from .evaluate import EvalResult, evaluate
 from .model import build_model
 from .tracking import RunClock, Tracker, format_duration
@@ -56,6 +56,26 @@ class Interrupted(Exception):
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN/inf; nothing was saved from the bad state."""
+
+
+class LoaderFailed(RuntimeError):
+    """This process's data loader raised (a worker died, a read failed); one line says what."""
+
+
+def run_errors() -> tuple[type, ...]:
+    """The errors of a run that keep their class (and so their exit code) when every DDP rank
+    raises one rank's error (see :func:`~alexnet_train.distributed.agree_on_failure`)."""
+    from .data import DataError
+    from .data.datasets import BadImageError, TooManyBadImages
+    from .transfer import WeightsError
+
+    return (ConfigError, DataError, WeightsError, ckpt.RunLocked, ckpt.CheckpointError, ckpt.WriteError,
+            NonFiniteLoss, BadImageError, TooManyBadImages, LoaderFailed, OSError)
+
+
+def _worker_killed(exc: BaseException) -> bool:
+    """The DataLoader's error for a worker that died (a signal, the OOM killer)."""
+    return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
 
 
 class StopRequest:
@@ -354,6 +374,11 @@ class Trainer:
         self.accum = self._fresh_accum()
         self.bad = BadImages(cfg.data.on_bad_image, cfg.data.max_bad_fraction,
                              {"train": len(splits.train), "val": len(splits.val)}, tracker.log)
+        # Under DDP what one rank meets alone (an unreadable image, a dead loader, rank 0's failed
+        # write) is held here until the ranks' next agreement, where every rank acts on it.
+        self.failure: BaseException | None = None
+        self.pending_bad: list[tuple[str, str, str]] = []  # (split, path, reason) not yet shared
+        self.batch = self.loaders.train.batch_size
         self.last_eval: EvalResult | None = None
         # What a failure can truthfully say is on disk (a NaN in the first epoch has nothing).
         self.last_saved: str | None = None
@@ -367,8 +392,67 @@ class Trainer:
         return {"loss_sum": 0.0, "images": 0, "seconds": 0.0, "data_seconds": 0.0, "bad_images": 0}
 
     def _check_bad(self, bad: list, split: str) -> None:
-        self.accum["bad_images"] += len(bad)
-        self.bad.check(bad, split)
+        """Judge a batch's unreadable files: at once in one process; under DDP at the ranks'
+        next agreement (:meth:`_settle`), over every rank's files."""
+        if not self.dist.distributed:
+            self.accum["bad_images"] += len(bad)
+            self.bad.check(bad, split)
+            return
+        if self.bad.policy == "error":
+            self._fail(BadImageError(*bad[0]))
+        else:
+            self.pending_bad.extend((split, path, reason) for path, reason in bad)
+
+    def _reported(self, exc: BaseException) -> BaseException:
+        """``exc`` as every rank raises it at the same step: rank 0 alone prints it."""
+        exc.report = self.dist.is_main  # type: ignore[attr-defined]
+        return exc
+
+    def _fail(self, exc: BaseException) -> None:
+        """A failure of this rank: raised at once in one process, held under DDP (the first one)."""
+        if not self.dist.distributed:
+            raise exc
+        if self.failure is None:
+            self.failure = exc
+
+    def _local_failure(self) -> BaseException | None:
+        return self.failure or self.tracker.failure
+
+    def _agree_failures(self, *flags: float) -> list[float]:
+        """:meth:`_agree` of ``flags``, and of whether any rank holds a failure or unshared bad
+        files; if one does, :meth:`_settle` (every rank takes that path)."""
+        *agreed, failed, pending = self._agree(*flags, self._local_failure() is not None, len(self.pending_bad))
+        if failed or pending:
+            self._settle()
+        return agreed
+
+    def _settle(self) -> None:
+        """Every rank's held failure and unreadable files, shared: rank 0 logs each file once,
+        every rank counts them all against data.max_bad_fraction, and if a rank failed every
+        rank raises its error (the same class and line; rank 0 reports it)."""
+        failure = self._local_failure()
+        mine = None if failure is None else (type(failure).__module__, type(failure).__qualname__, str(failure))
+        gathered = all_gather((mine, self.pending_bad), self.dist.world_size)
+        self.pending_bad = []
+        for _, bad in gathered:
+            self.accum["bad_images"] += len(bad)
+            for split, path, reason in bad:
+                self.bad.record(path, reason, split)
+        for rank, (outcome, _) in enumerate(gathered):
+            if outcome is not None:
+                raise rebuild_failure(rank, *outcome, self.dist, run_errors(),
+                                      own=failure if rank == self.dist.rank else None)
+        for split in self.bad.seen:
+            try:
+                self.bad.check_fraction(split)
+            except TooManyBadImages as exc:
+                raise self._reported(exc) from None
+
+    def _blank_inputs(self) -> torch.Tensor:
+        """A batch of zeros in the training input's shape and layout (a zero-weight step's)."""
+        size = self.cfg.data.crop_size
+        x = torch.zeros((self.batch, 3, size, size), device=self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
 
     def _amp_dtype(self) -> torch.dtype | None:
         amp = self.cfg.train.amp
@@ -455,7 +539,7 @@ class Trainer:
         """Write last.pth atomically and copy it to each of ``names``.
 
         Every rank calls it at the same step: rank 0 writes the random states of all ranks,
-        and all ranks learn whether it could (a WriteError on rank 0 stops them all).
+        and all ranks learn whether it could (rank 0's WriteError stops them all, one line).
         """
         last = self.out_dir / "last.pth"
         rng = rng_state()
@@ -469,10 +553,10 @@ class Trainer:
                 ckpt.prune_epoch_checkpoints(self.out_dir, self.cfg.train.keep_last)
             except ckpt.WriteError as exc:
                 failure = exc
-        if self.dist.distributed and self._agree(float(failure is not None))[0] and failure is None:
-            failure = ckpt.WriteError(f"{last}: rank 0 could not write the checkpoint (its error says why)")
         if failure is not None:
-            raise failure
+            self._fail(failure)  # one process: raised here
+        if self.dist.distributed:
+            self._agree_failures()
         self.saved_at = time.monotonic()
         self.last_saved = f"the last good checkpoint, {last} ({self._position()}), is kept"
         return last
@@ -499,7 +583,7 @@ class Trainer:
         """The one host sync of a log interval: the window's loss sum, and ``flags`` agreed
         by all ranks (their maximum); see :meth:`_agree`."""
         loss_sum = float(window_loss)
-        return loss_sum, self._agree(*flags, not math.isfinite(loss_sum))
+        return loss_sum, self._agree_failures(*flags, not math.isfinite(loss_sum))
 
     def _set_lr(self, lr: float) -> None:
         # The multiplier comes from the config (like the base lr, it may change on resume).
@@ -524,30 +608,38 @@ class Trainer:
         with self.tracker.progress(total, f"epoch {self.epoch + 1}/{cfg.train.epochs} train", interval,
                                    initial=self.step_in_epoch, eta=self._eta("train")) as bar:
             fetch_start = time.perf_counter()
-            for images, targets, bad in self._batches(loader):
+            for images, targets, bad in self._guarded(self._batches(loader), len(loader), stop):
                 data_time = time.perf_counter() - fetch_start
                 if bad:
                     self._check_bad(bad, "train")
-                if targets.numel() == 0:  # every image of the batch was skipped
+                empty = images is None or targets.numel() == 0
+                if empty and not self.dist.distributed:  # every image of the batch was skipped
                     self.step_in_epoch += 1
                     self.global_step += 1
                     bar.update(1)
                     fetch_start = time.perf_counter()
                     continue
-                images = images.to(self.device, non_blocking=True)
-                targets = targets.to(self.device, non_blocking=True)
-                gen = self.step_noise_generator(self.epoch, self.step_in_epoch)
-                inputs = self.preprocess(images, train=True, generator=gen)
+                if empty:
+                    # This rank has nothing to learn from (its whole batch unreadable, or its loader
+                    # gone), but DDP's gradient all-reduce needs every rank: a step of the same
+                    # shape whose loss is zero, so it adds nothing to the others' gradients.
+                    inputs, targets = self._blank_inputs(), None
+                else:
+                    images = images.to(self.device, non_blocking=True)
+                    targets = targets.to(self.device, non_blocking=True)
+                    gen = self.step_noise_generator(self.epoch, self.step_in_epoch)
+                    inputs = self.preprocess(images, train=True, generator=gen)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     logits = self.net(inputs)
-                loss = F.cross_entropy(logits.float(), targets)
+                loss = F.cross_entropy(logits.float(), targets) if targets is not None else logits.float().sum() * 0.0
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
 
-                window_loss += loss.detach() * targets.shape[0]
-                window_images += targets.shape[0]
+                n = targets.shape[0] if targets is not None else 0
+                window_loss += loss.detach() * n
+                window_images += n
                 window_data += data_time
                 self.step_in_epoch += 1
                 self.global_step += 1
@@ -560,13 +652,13 @@ class Trainer:
                     loss_sum, (signum, time_due, nonfinite) = self._sync_point(window_loss, stop.signum or 0,
                                                                                 time_due)
                     if nonfinite:
-                        raise NonFiniteLoss(
+                        raise self._reported(NonFiniteLoss(
                             f"training loss is {loss_sum if not math.isfinite(loss_sum) else 'not finite'} at "
                             f"epoch {self.epoch + 1}, step {self.step_in_epoch} (global step {self.global_step}), "
                             f"lr {lr:.4g}; stopped without saving; "
                             + (self.last_saved or f"no checkpoint was written yet, {self.out_dir} holds none of "
                                "this run (lower optim.lr, or check the data)")
-                        )
+                        ))
                     wait = self._log_window(loss_sum, window_images, time.perf_counter() - window_start,
                                             window_data, lr, bar)
                     if not warned_wait and wait > 0.25 and self.device.type == "cuda":
@@ -590,12 +682,41 @@ class Trainer:
                 else:
                     bar.update(1)
                 fetch_start = time.perf_counter()
+        if stop.signum is not None and self.step_in_epoch < total:  # the loader's workers died of the stop
+            raise Interrupted(stop.signum, self.save())
         self.clock.finished("train", bar.seconds_per_step())
 
     def _eta(self, phase: str):
         """(epoch left, run left) in seconds for the progress of ``phase`` of the current epoch."""
         epoch = self.epoch
         return lambda steps_left, per_step: self.clock.left(epoch, phase, steps_left, per_step)
+
+    def _guarded(self, batches, steps: int, stop: StopRequest, blank: bool = True):
+        """``batches`` (at most ``steps``), with the loader's errors as one line, not a traceback.
+
+        A loader whose workers died of the stop signal itself (SIGTERM to the whole process
+        group: torchrun's shutdown, scancel, ``timeout``) is the end of the data, not an error.
+        Under DDP a rank whose loader is gone holds the failure and, with ``blank``, yields
+        ``(None, None, [])`` for the epoch's remaining steps, so it keeps joining the gradient
+        all-reduce until the ranks' next agreement (evaluation has no per-batch collective).
+        """
+        it = iter(batches)
+        done = 0
+        while done < steps:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - whatever the loader raised, as one line
+                if not (stop.signum is not None and _worker_killed(exc)):
+                    self._fail(LoaderFailed(f"the data loader failed: {first_line(exc)}"))
+                if not (blank and self.dist.distributed):
+                    return
+                for _ in range(steps - done):
+                    yield None, None, []
+                return
+            done += 1
+            yield batch
 
     def _batches(self, loader):
         """The loader's (uint8 images, targets, unreadable files), decoded on the device first
@@ -630,7 +751,8 @@ class Trainer:
                                    self.cfg.train.log_interval, eta=self._eta("val")) as bar:
             try:
                 # Under the training's autocast: the accuracy it reports is the model it trains.
-                result = evaluate(self.net, _until(self._batches(loader), stop), self.preprocess, self.device,
+                batches = self._guarded(self._batches(loader), len(loader), stop, blank=False)
+                result = evaluate(self.net, _until(batches, stop), self.preprocess, self.device,
                                   progress=bar,
                                   all_reduce=all_reduce_sum if self.dist.distributed else None,
                                   bad_images=lambda bad: self._check_bad(bad, "val"), amp_dtype=self.amp_dtype)
@@ -649,6 +771,8 @@ class Trainer:
             self.train_epoch(stop)
             val_started = time.perf_counter()
             result = self.validate(stop)
+            if self.dist.distributed:  # a rank's unreadable val images or dead loader, before the result is used
+                self._agree_failures()
             val_seconds = time.perf_counter() - val_started
             if result is None or stop.signum is not None and not self.dist.distributed:
                 # Validation abandoned: the epoch's training is saved, validation reruns on resume.
@@ -690,6 +814,8 @@ class Trainer:
             names = [f"epoch-{epoch:03d}.pth"] if cfg.train.keep_last else []
             if improved:
                 names.append("best.pth")
+            if self.dist.distributed:  # rank 0's writes of this epoch's lines, before its checkpoint
+                self._agree_failures()
             last = self.save(tuple(names))
             signum = int(self._agree(stop.signum or 0)[0])
             if signum:
@@ -702,7 +828,15 @@ class Trainer:
                 {"hparam/best_top1": self.best_top1, "hparam/val_top1": self.last_eval.top1,
                  "hparam/val_top5": self.last_eval.top5},
             )
+        if self.dist.distributed:
+            self._agree_failures()
         return FitResult(self.epoch, self.best_top1, self.last_eval, self.policy.should_stop)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's text (the DataLoader's run to pages)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def _until(loader, stop: StopRequest):
@@ -716,4 +850,8 @@ def _until(loader, stop: StopRequest):
 def fit(cfg: Config, splits: Splits, out_dir: Path, tracker: Tracker, dist: DistInfo | None = None,
         resume_state: dict | None = None, pretrained: Pretrained | None = None,
         stop: StopRequest | None = None, resume_path: Path | None = None) -> FitResult:
-    return Trainer(cfg, splits, out_dir, tracker, dist, resume_state, pretrained, resume_path).run(stop)
+    trainer = Trainer(cfg, splits, out_dir, tracker, dist, resume_state, pretrained, resume_path)
+    try:
+        return trainer.run(stop)
+    finally:
+        trainer.loaders.close()

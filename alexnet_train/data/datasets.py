@@ -64,12 +64,19 @@ class BadImages:
         if self.policy == "error":
             path, reason = bad[0]
             raise BadImageError(path, reason)
-        seen = self.seen[split]
         for path, reason in bad:
-            if path not in seen:
-                seen.add(path)
-                self.log(f"warning: skipping {path}: unreadable image ({reason})")
-        size = self.split_sizes[split]
+            self.record(path, reason, split)
+        self.check_fraction(split)
+
+    def record(self, path: str, reason: str, split: str) -> None:
+        """Count (and log, once) one skipped file: a DDP run records every rank's here."""
+        if path not in self.seen[split]:
+            self.seen[split].add(path)
+            self.log(f"warning: skipping {path}: unreadable image ({reason})")
+
+    def check_fraction(self, split: str) -> None:
+        """TooManyBadImages once more of ``split`` is unreadable than ``max_fraction``."""
+        seen, size = self.seen[split], self.split_sizes[split]
         if len(seen) > self.max_fraction * size:
             raise TooManyBadImages(
                 f"data.max_bad_fraction: {len(seen)} of the {size} {split} images are unreadable "

@@ -9,9 +9,11 @@ Usage::
 """
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -33,16 +35,26 @@ class EpochSampler(Sampler):
     """Yields ``(index, augmentation seed)`` for this rank's share of one epoch.
 
     Shuffled order is a pure function of (seed, epoch).  Training shards drop
-    the tail so every rank gets the same number of samples; evaluation shards
-    (``shuffle=False``) are ``rank::world`` with no padding, so across ranks
-    every image is seen exactly once.  ``start`` skips that many of this
+    the ragged tail, so every rank gets the same number of whole ``batch``-sized
+    batches: each epoch leaves out fewer than ``world * batch`` images, another
+    set each epoch as the order is reshuffled (ImageNet on 8 ranks of 16 would
+    otherwise end every epoch with a step of 1 image per rank).  Evaluation
+    shards (``shuffle=False``) are ``rank::world`` with no padding, so across
+    ranks every image is seen exactly once.  ``start`` skips that many of this
     rank's samples (resuming inside an epoch).
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world: int = 1,
+                 batch: int = 1) -> None:
         self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.batch = batch
         self.epoch = 0
         self.start = 0
+
+    @property
+    def left_out(self) -> int:
+        """Training images each epoch leaves out (the ragged tail)."""
+        return self.n % (self.world * self.batch) if self.shuffle else 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -51,7 +63,7 @@ class EpochSampler(Sampler):
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
-            order = order[: self.n - self.n % self.world]
+            order = order[: self.n - self.n % (self.world * self.batch)]
         else:
             order = list(range(self.n))
         return order[self.rank :: self.world]
@@ -88,10 +100,25 @@ def worker_init(_worker_id: int) -> None:
     # Stopping is the main process's decision: Ctrl-C (to the whole process group) or Slurm's
     # scancel --signal=USR1 (to every process of a task, under proctrack/linuxproc) reach the
     # workers too, and a worker killed by one is a crash report instead of a saved checkpoint.
-    # SIGTERM stays: it is how the DataLoader (and multiprocessing at exit) ends its workers.
     for sig in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    # SIGTERM to the whole process group (torchrun's shutdown, scancel without --signal,
+    # coreutils timeout, pkill) reaches the workers with the main process, which goes on to
+    # the ranks' next agreed step before it saves: it needs its data until then.  So a worker
+    # keeps serving for WORKER_STOP_GRACE seconds, then SIGALRM ends it.  The DataLoader's own
+    # terminate() of a worker that did not stop when told is bounded by the same grace, and a
+    # dead main process still takes its workers with it (PR_SET_PDEATHSIG below).
+    signal.signal(signal.SIGTERM, _stop_after_grace)
     _die_with_parent()
+
+
+WORKER_STOP_GRACE = 30  # s: Slurm's default KillWait and torchrun's wait before its SIGKILL
+
+
+def _stop_after_grace(_signum: int, _frame) -> None:
+    earlier = signal.alarm(WORKER_STOP_GRACE)
+    if earlier:  # a second SIGTERM keeps the first one's deadline
+        signal.alarm(earlier)
 
 
 def _die_with_parent() -> None:
@@ -121,7 +148,13 @@ def make_loader(
 ) -> DataLoader:
     global _loader_pid
     _loader_pid = os.getpid()
-    return DataLoader(
+    # torch's SIGCHLD handler raises a dead worker's error from wherever the main process is
+    # (inside a checkpoint write, a DDP collective); without it the same error comes from the
+    # loader's next batch (within 5 s), where the trainer makes it one line and DDP ranks agree.
+    from torch.utils.data._utils import signal_handling
+
+    signal_handling._SIGCHLD_handler_set = True
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -136,12 +169,42 @@ def make_loader(
         # (Augmentation takes its randomness from the sampler's per-sample seeds.)
         generator=torch.Generator().manual_seed(0),
     )
+    if workers > 0:
+        _open_loaders.add(loader)
+    return loader
 
 
 @dataclass
 class Loaders:
     train: DataLoader
     val: DataLoader
+
+    def close(self) -> None:
+        """Stop the persistent workers now (a run's end, however it ends)."""
+        for loader in (self.train, self.val):
+            close_loader(loader)
+
+
+def close_loader(loader: DataLoader) -> None:
+    """Tell ``loader``'s persistent workers to exit, and wait for them (a few seconds at most).
+
+    Left to multiprocessing's exit, they would be ended by SIGTERM, which a worker answers
+    only after its grace (see :func:`worker_init`).
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
+
+
+_open_loaders: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    # Registered after multiprocessing's own exit handler, so it runs before it.
+    for loader in list(_open_loaders):
+        close_loader(loader)
 
 
 def per_process_batch(cfg: DataConfig, dist: DistInfo) -> int:
@@ -179,7 +242,10 @@ def build_loaders(cfg: DataConfig, splits: Splits, dist: DistInfo, seed: int, pi
     :class:`~alexnet_train.data.transforms.DecodeOnDevice` in the training process."""
     check_decode(cfg)
     batch = per_process_batch(cfg, dist)
-    train_sampler = EpochSampler(len(splits.train), seed, True, dist.rank, dist.world_size)
+    if len(splits.train) < cfg.batch_size:
+        raise DataError(f"data.batch_size: {cfg.batch_size} is more than the {len(splits.train)} training images "
+                        f"of {cfg.train_dir}: an epoch would have no full batch")
+    train_sampler = EpochSampler(len(splits.train), seed, True, dist.rank, dist.world_size, batch)
     val_sampler = EpochSampler(len(splits.val), seed, False, dist.rank, dist.world_size)
     dataset, collate = (EncodedDataset, collate_encoded) if cfg.decode == "device" else (ImageDataset, collate_hwc)
     return Loaders(
