@@ -248,13 +248,17 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
             # Everything that can be wrong with the config or data is checked before OUT is
             # touched; an existing OUT is locked first, so no other run writes it while we read it.
             cfg, splits, point = together(lambda: _check_and_decide(cfg, resume, out, lock, dist, say))
+            # Collectives stay outside the steps (a step that raises must not skip one).
             decision = None
             if group:
-                decision = all_gather(_decision(point, out) if dist.is_main else None, dist.world_size)[0]
+                mine = together(lambda: _decision(point, out) if dist.is_main else None)
+                decision = all_gather(mine, dist.world_size)[0]
             point, pretrained = together(lambda: _confirm(cfg, splits, point, decision, out, dist, group, say))
             tracker = together(lambda: _start_out(cfg, out, lock, point, provenance, dist))
             if group:
-                together(lambda: _confirm_shared_out(out, dist))
+                mine = together(lambda: ckpt.file_digest(out / "config.yaml") if dist.is_main else None)
+                written = all_gather(mine, dist.world_size)[0]
+                together(lambda: _confirm_shared_out(out, written, dist))
             if point is not None:
                 say(f"resuming from {point.path} (epoch {point.state['epoch'] + 1}, "
                     f"step {point.state['step_in_epoch']} of that epoch)")
@@ -281,6 +285,16 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
         except Exception as exc:
             from .distributed import RankFailed
             from .train import run_errors
+
+            if group:
+                # Every rank is leaving at the same step with the same code.  torchrun SIGTERMs a
+                # worker's siblings the moment one exits: taken now, that SIGTERM would turn this
+                # rank's agreed exit (1, 2, 143 ...) into a kill.
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    try:
+                        signal.signal(sig, signal.SIG_IGN)
+                    except ValueError:  # not the main thread
+                        pass
 
             ours = (*run_errors(), Interrupted, PeerLost, RankFailed)
             if group and not isinstance(exc, ours) and is_collective_error(exc):
@@ -439,9 +453,9 @@ def _start_out(cfg: Config, out: Path, lock: ckpt.RunLock, point, provenance: st
     return Tracker(out, enabled=dist.is_main, defer_errors=dist.distributed)
 
 
-def _confirm_shared_out(out: Path, dist: DistInfo) -> None:
-    """Every rank sees the config.yaml rank 0 has just written: OUT is one directory for all."""
-    digest = all_gather(ckpt.file_digest(out / "config.yaml") if dist.is_main else None, dist.world_size)[0]
+def _confirm_shared_out(out: Path, digest: tuple[int, str], dist: DistInfo) -> None:
+    """Every rank sees the config.yaml rank 0 has just written (``digest``): OUT is one
+    directory for all."""
     if dist.is_main:
         return
     try:

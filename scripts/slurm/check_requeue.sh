@@ -9,9 +9,12 @@
 # epoch, one with `scancel --signal=USR1` (Slurm signals every task, as `--signal=USR1@T`
 # does) and one with `scancel --batch --signal=USR1` (the batch shell only, as
 # `--signal=B:USR1@T` does: train.sbatch passes it on).  Each saves, exits 138, requeues
-# itself, waits out Slurm's requeue delay (~2 min by default), resumes and finishes.  Then
-# it checks that all three runs' final weights are bit-identical and prints the logs.
-# Exit 0 when they are.  About 5 minutes on 2 cores.
+# itself, waits out Slurm's requeue delay (~2 min by default), resumes and finishes.  A
+# fourth is cancelled with a plain `scancel` (SIGTERM to every process of the job, the
+# DataLoader workers included, then SIGKILL after KillWait): its tasks save and exit 143,
+# the job ends CANCELLED, and the same sbatch again resumes and finishes.  Then it checks
+# that all four runs' final weights are bit-identical and prints the logs.
+# Exit 0 when they are.  About 6 minutes on 2 cores.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -40,7 +43,7 @@ EOF
 
 args=(--config "$repo/configs/demo.yaml" --set data.demo=false "data.train_dir=$work/data/train"
       "data.val_dir=$work/data/val" model.num_classes=4 data.batch_size=8 train.epochs=3
-      optim.lr=0.002 train.device=cpu train.log_interval=1 dist.backend=gloo)
+      optim.lr=0.002 train.device=cpu train.log_interval=1 dist.backend=gloo data.workers=1)
 submit() {  # name, then alexnet-train's --out
     sbatch --parsable --job-name "$1" --nodes 1 --ntasks-per-node 2 --cpus-per-task 1 --gpus-per-node 0 \
         --time 30 --output "$work/$1.out" "$repo/scripts/slurm/train.sbatch" "${args[@]}" --out "$work/$1"
@@ -73,11 +76,21 @@ preempt "$batch" batch "--batch"
 echo "tasks: $(wait_done "$tasks") ($(scontrol show job "$tasks" | grep -o 'Restarts=[0-9]*'))"
 echo "batch: $(wait_done "$batch") ($(scontrol show job "$batch" | grep -o 'Restarts=[0-9]*'))"
 
-for name in straight tasks batch; do
+term=$(submit term)
+echo "cancelled run: job $term (plain scancel: SIGTERM to every process)"
+until grep -q "^epoch 1/3 train 6/" "$work/term.out" 2>/dev/null; do sleep 0.5; done
+echo "$(date +%T) scancel $term"
+scancel "$term"
+echo "term: $(wait_done "$term")"
+grep -q "interrupted by SIGTERM; resumable checkpoint" "$work/term.out" || { echo "term: no checkpoint saved"; exit 1; }
+again=$(submit term)
+echo "term, submitted again: job $again: $(wait_done "$again")"
+
+for name in straight tasks batch term; do
     echo "---- $name.out (without the per-step lines)"
     grep -v " train [0-9]*/\| val [0-9]*/" "$work/$name.out"
 done
-python3 - "$work"/{straight,tasks,batch}/last.pth <<'EOF'
+python3 - "$work"/{straight,tasks,batch,term}/last.pth <<'EOF'
 import sys, torch
 a, *others = (torch.load(p, weights_only=True) for p in sys.argv[1:])
 same = [all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) for b in others]
