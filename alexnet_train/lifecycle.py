@@ -22,6 +22,7 @@ a resumable checkpoint was saved).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -120,8 +121,20 @@ def join_process_group(dist: DistInfo, backend: str, device: str, timeout_minute
     if backend == "nccl":
         # Slurm's --gpus-per-task may leave each task one visible GPU.
         torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
-    tdist.init_process_group(backend, init_method=dist.init_method, rank=dist.rank, world_size=dist.world_size,
-                             timeout=timedelta(minutes=timeout_minutes))
+    try:
+        tdist.init_process_group(backend, init_method=dist.init_method, rank=dist.rank,
+                                 world_size=dist.world_size, timeout=timedelta(minutes=timeout_minutes))
+    except Exception as exc:  # noqa: BLE001 - the rendezvous or the backend's connect: one line
+        if not is_collective_error(exc):
+            raise
+        hint = ""
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and \
+                os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            hint = ("; torchrun restarted this worker with the store its agents share, where a restart "
+                    "can read the previous attempt's addresses (pytorch/pytorch#135712): run torchrun with "
+                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+        raise PeerLost(f"rank {dist.rank}: cannot join the {dist.world_size} processes at {dist.init_method} "
+                       f"({_first_line(exc)}){hint}") from None
 
 
 def leave_process_group() -> None:

@@ -347,7 +347,8 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.net = self._compile(self._wrap(self.model))
+        self._wrapped = self._wrap(self.model)
+        self.net = self._compile(self._wrapped)
         # On CUDA the fused kernel: besides being one launch, it is the SGD that takes the
         # GradScaler's inf check on the device, so fp16 steps need no .item() (a host sync).
         # The CPU keeps the default kernels, bit for bit as before.
@@ -386,6 +387,29 @@ class Trainer:
         if resume_state is not None:
             self._restore(resume_state)
             self.last_saved = f"the checkpoint this run resumed from, {resume_path} ({self._position()}), is kept"
+        if isinstance(self._wrapped, nn.parallel.DistributedDataParallel):
+            self._settle_ddp_buckets()
+
+    def _settle_ddp_buckets(self) -> None:
+        """One zero-weight forward and backward before the first step, so every step of every
+        launch all-reduces its gradients in the same bucket layout.
+
+        DDP lays its buckets out anew after its first backward pass, in the order gradients
+        became ready.  A resumed launch's first step would otherwise all-reduce in the initial
+        layout where the uninterrupted run, at that step, used the rebuilt one; with more than
+        two ranks the sums then run in another order and the weights differ in the last bit
+        (measured with 4 gloo ranks).  The optimizer does not step and dropout's random state
+        is put back, so the run is as without it.
+        """
+        cpu = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.net(self._blank_inputs())
+        (logits.float().sum() * 0.0).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
 
     @staticmethod
     def _fresh_accum() -> dict:
