@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -319,3 +320,26 @@ class RunLock:
 def prune_epoch_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> None:
     for path in epoch_checkpoints(out_dir)[keep_last:]:
         path.unlink(missing_ok=True)
+
+
+class SaveSchedule:
+    """When a mid-epoch ``last.pth`` is due: every ``train.checkpoint_steps`` global steps and
+    every ``train.checkpoint_minutes`` (0 = off); the end of an epoch always saves.
+
+    The time is this process's clock, so under DDP the trainer agrees on :meth:`time_due`
+    (any rank's yes) before any rank saves; the step count is the same on every rank.
+    """
+
+    def __init__(self, steps: int, minutes: float) -> None:
+        self.steps = steps
+        self.seconds = 60.0 * minutes
+        self.saved_at = time.monotonic()
+
+    def steps_due(self, global_step: int, at_epoch_end: bool) -> bool:
+        return bool(self.steps) and global_step % self.steps == 0 and not at_epoch_end
+
+    def time_due(self, at_epoch_end: bool) -> bool:
+        return bool(self.seconds) and not at_epoch_end and time.monotonic() - self.saved_at >= self.seconds
+
+    def saved(self) -> None:
+        self.saved_at = time.monotonic()

@@ -20,26 +20,26 @@ save a resumable mid-epoch ``last.pth`` as well.
 from __future__ import annotations
 
 import math
-import random
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from .agreement import Decision, RankAgreement
 from .config import Config, ConfigError, ScheduleConfig, config_to_dict
-from .data.datasets import BadImageError, BadImages, TooManyBadImages
+from .data.datasets import BadImages
 from .data.loaders import Loaders, Splits, build_loaders
 from .data.transforms import BatchPreprocess, DecodeOnDevice
-from .distributed import DistInfo, all_gather, all_reduce_max, all_reduce_sum, rebuild_failure
+from .distributed import DistInfo, all_reduce_sum
 from .evaluate import EvalResult, evaluate
+from .logwindow import LogWindow
 from .model import build_model
+from .rngstate import gather_rng_states, restore_rng_states, rng_state, seed_rank, step_seed
 from .tracking import RunClock, Tracker, format_duration
 from .transfer import HEAD, Pretrained, freeze
 
@@ -74,8 +74,20 @@ def run_errors() -> tuple[type, ...]:
 
 
 def _worker_killed(exc: BaseException) -> bool:
-    """The DataLoader's error for a worker that died (a signal, the OOM killer)."""
-    return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
+    """The DataLoader's error for a worker that died (a signal, the OOM killer).
+
+    Its own message names the worker; but a worker killed while it was sending a batch can
+    break the pipe under the main process first, which then reads a connection error.
+    """
+    return (isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)) or isinstance(
+        exc, (ConnectionError, EOFError))
+
+
+def loader_failure(exc: BaseException) -> str:
+    """One line for an exception the data loader raised."""
+    if isinstance(exc, (ConnectionError, EOFError)):
+        return f"a DataLoader worker died while sending a batch ({first_line(exc)})"
+    return first_line(exc)
 
 
 class StopRequest:
@@ -219,33 +231,6 @@ def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool,
             for (head, decay), params in groups.items() if params]
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(_tuples(state["python"]))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _tuples(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return tuple(_tuples(v) for v in value)
-    return value
-
-
 def versions() -> dict:
     import PIL
     import torchvision
@@ -259,11 +244,6 @@ def versions() -> dict:
         "pillow": str(PIL.__version__),
         "python": ".".join(map(str, __import__("sys").version_info[:3])),
     }
-
-
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    """Seed of the device-side colour noise of one training step (a pure function, for exact resume)."""
-    return (((seed * 1_000_003) + epoch) * 1_000_003 + step) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class Autocast(nn.Module):
@@ -325,9 +305,7 @@ class Trainer:
         if self.device.type == "cpu" and cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         seed = cfg.train.seed
-        random.seed(seed + self.dist.rank)
-        np.random.seed((seed + self.dist.rank) % 2**32)
-        torch.manual_seed(seed + self.dist.rank)
+        seed_rank(seed, self.dist.rank)
 
         self.model = build_model(cfg.model)
         # Where the weights came from; a resumed run keeps its checkpoint's record.
@@ -373,17 +351,17 @@ class Trainer:
         self.best_top1 = -1.0
         self.best_epoch = 0
         self.accum = self._fresh_accum()
-        self.bad = BadImages(cfg.data.on_bad_image, cfg.data.max_bad_fraction,
-                             {"train": len(splits.train), "val": len(splits.val)}, tracker.log)
+        bad = BadImages(cfg.data.on_bad_image, cfg.data.max_bad_fraction,
+                        {"train": len(splits.train), "val": len(splits.val)}, tracker.log)
         # Under DDP what one rank meets alone (an unreadable image, a dead loader, rank 0's failed
-        # write) is held here until the ranks' next agreement, where every rank acts on it.
-        self.failure: BaseException | None = None
-        self.pending_bad: list[tuple[str, str, str]] = []  # (split, path, reason) not yet shared
+        # write) is held there until the ranks' next agreement, where every rank acts on it.
+        self.agreement = RankAgreement(self.dist, self.device, bad, run_errors(), self._count_bad,
+                                       held_elsewhere=lambda: tracker.failure)
+        self.saves = ckpt.SaveSchedule(cfg.train.checkpoint_steps, cfg.train.checkpoint_minutes)
         self.batch = self.loaders.train.batch_size
         self.last_eval: EvalResult | None = None
         # What a failure can truthfully say is on disk (a NaN in the first epoch has nothing).
         self.last_saved: str | None = None
-        self.saved_at = time.monotonic()  # for train.checkpoint_minutes
         if resume_state is not None:
             self._restore(resume_state)
             self.last_saved = f"the checkpoint this run resumed from, {resume_path} ({self._position()}), is kept"
@@ -415,62 +393,8 @@ class Trainer:
     def _fresh_accum() -> dict:
         return {"loss_sum": 0.0, "images": 0, "seconds": 0.0, "data_seconds": 0.0, "bad_images": 0}
 
-    def _check_bad(self, bad: list, split: str) -> None:
-        """Judge a batch's unreadable files: at once in one process; under DDP at the ranks'
-        next agreement (:meth:`_settle`), over every rank's files."""
-        if not self.dist.distributed:
-            self.accum["bad_images"] += len(bad)
-            self.bad.check(bad, split)
-            return
-        if self.bad.policy == "error":
-            self._fail(BadImageError(*bad[0]))
-        else:
-            self.pending_bad.extend((split, path, reason) for path, reason in bad)
-
-    def _reported(self, exc: BaseException) -> BaseException:
-        """``exc`` as every rank raises it at the same step: rank 0 alone prints it."""
-        exc.report = self.dist.is_main  # type: ignore[attr-defined]
-        return exc
-
-    def _fail(self, exc: BaseException) -> None:
-        """A failure of this rank: raised at once in one process, held under DDP (the first one)."""
-        if not self.dist.distributed:
-            raise exc
-        if self.failure is None:
-            self.failure = exc
-
-    def _local_failure(self) -> BaseException | None:
-        return self.failure or self.tracker.failure
-
-    def _agree_failures(self, *flags: float) -> list[float]:
-        """:meth:`_agree` of ``flags``, and of whether any rank holds a failure or unshared bad
-        files; if one does, :meth:`_settle` (every rank takes that path)."""
-        *agreed, failed, pending = self._agree(*flags, self._local_failure() is not None, len(self.pending_bad))
-        if failed or pending:
-            self._settle()
-        return agreed
-
-    def _settle(self) -> None:
-        """Every rank's held failure and unreadable files, shared: rank 0 logs each file once,
-        every rank counts them all against data.max_bad_fraction, and if a rank failed every
-        rank raises its error (the same class and line; rank 0 reports it)."""
-        failure = self._local_failure()
-        mine = None if failure is None else (type(failure).__module__, type(failure).__qualname__, str(failure))
-        gathered = all_gather((mine, self.pending_bad), self.dist.world_size)
-        self.pending_bad = []
-        for _, bad in gathered:
-            self.accum["bad_images"] += len(bad)
-            for split, path, reason in bad:
-                self.bad.record(path, reason, split)
-        for rank, (outcome, _) in enumerate(gathered):
-            if outcome is not None:
-                raise rebuild_failure(rank, *outcome, self.dist, run_errors(),
-                                      own=failure if rank == self.dist.rank else None)
-        for split in self.bad.seen:
-            try:
-                self.bad.check_fraction(split)
-            except TooManyBadImages as exc:
-                raise self._reported(exc) from None
+    def _count_bad(self, n: int) -> None:
+        self.accum["bad_images"] += n
 
     def _blank_inputs(self) -> torch.Tensor:
         """A batch of zeros in the training input's shape and layout (a zero-weight step's)."""
@@ -527,10 +451,8 @@ class Trainer:
         self.best_epoch = state["best_epoch"]
         self.accum = dict(state["accum"])
         self.transfer = state.get("transfer", self.transfer)
-        # Each rank continues its own random streams (dropout differs per rank); a checkpoint
-        # from another world size, or from before per-rank states, gives every rank rank 0's.
-        ranks = state.get("rng_ranks") or []
-        set_rng_state(ranks[self.dist.rank] if len(ranks) == self.dist.world_size else state["rng"])
+        # Each rank continues its own random streams (dropout differs per rank).
+        restore_rng_states(state, self.dist)
 
     def _position(self) -> str:
         if self.step_in_epoch == 0:
@@ -566,8 +488,7 @@ class Trainer:
         and all ranks learn whether it could (rank 0's WriteError stops them all, one line).
         """
         last = self.out_dir / "last.pth"
-        rng = rng_state()
-        ranks = all_gather(rng, self.dist.world_size) if self.dist.distributed else [rng]
+        ranks = gather_rng_states(self.dist)
         failure: ckpt.WriteError | None = None
         if self.dist.is_main:
             try:
@@ -578,21 +499,11 @@ class Trainer:
             except ckpt.WriteError as exc:
                 failure = exc
         if failure is not None:
-            self._fail(failure)  # one process: raised here
-        if self.dist.distributed:
-            self._agree_failures()
-        self.saved_at = time.monotonic()
+            self.agreement.fail(failure)  # one process: raised here
+        self.agreement.settle()
+        self.saves.saved()
         self.last_saved = f"the last good checkpoint, {last} ({self._position()}), is kept"
         return last
-
-    def _agree(self, *values: float) -> list[float]:
-        """The maximum of each value over all ranks (the values themselves in one process)."""
-        if not self.dist.distributed:
-            return list(values)
-        import torch.distributed as tdist
-
-        device = self.device if tdist.get_backend() == "nccl" else torch.device("cpu")
-        return all_reduce_max(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
     def step_noise_generator(self, epoch: int, step: int) -> torch.Generator:
         """The generator of the colour noise of one training step, on the training device.
@@ -603,11 +514,11 @@ class Trainer:
         """
         return self.noise_generator.manual_seed(step_seed(self.cfg.train.seed, epoch, step))
 
-    def _sync_point(self, window_loss: torch.Tensor, *flags: float) -> tuple[float, list[float]]:
-        """The one host sync of a log interval: the window's loss sum, and ``flags`` agreed
-        by all ranks (their maximum); see :meth:`_agree`."""
-        loss_sum = float(window_loss)
-        return loss_sum, self._agree_failures(*flags, not math.isfinite(loss_sum))
+    def _sync_point(self, window: LogWindow, stop: int, save: bool) -> tuple[float, Decision]:
+        """The one host sync of a log interval: the window's loss sum, and what every rank does
+        next (stop, save, fail on a non-finite loss), agreed by all ranks."""
+        loss_sum = window.read()
+        return loss_sum, self.agreement.decide(stop, save, not math.isfinite(loss_sum))
 
     def _set_lr(self, lr: float) -> None:
         # The multiplier comes from the config (like the base lr, it may change on resume).
@@ -615,100 +526,80 @@ class Trainer:
             group["lr"] = lr * (self.cfg.optim.head_lr_mult if group.get("head") else 1.0)
 
     def train_epoch(self, stop: StopRequest) -> None:
-        cfg = self.cfg
         loader = self.loaders.train
         loader.sampler.set_epoch(self.epoch, start=self.step_in_epoch * loader.batch_size)
         total = self.step_in_epoch + len(loader)
         self.net.train()
         lr = self.policy.lr
         self._set_lr(lr)
-        interval = cfg.train.log_interval
-        window_loss = torch.zeros((), device=self.device)
-        window_images = 0
-        window_start = time.perf_counter()
-        window_data = 0.0
-        warned_wait = False
-        ckpt_steps, ckpt_seconds = cfg.train.checkpoint_steps, 60.0 * cfg.train.checkpoint_minutes
-        with self.tracker.progress(total, f"epoch {self.epoch + 1}/{cfg.train.epochs} train", interval,
+        window = LogWindow(self.accum, self.cfg.train.log_interval, self.dist.world_size, self.device,
+                           self.tracker, self.cfg.data.workers)
+        with self.tracker.progress(total, f"epoch {self.epoch + 1}/{self.cfg.train.epochs} train", window.interval,
                                    initial=self.step_in_epoch, eta=self._eta("train")) as bar:
-            fetch_start = time.perf_counter()
-            for images, targets, bad in self._guarded(self._batches(loader), len(loader), stop):
-                data_time = time.perf_counter() - fetch_start
-                if bad:
-                    self._check_bad(bad, "train")
-                empty = images is None or targets.numel() == 0
-                if empty and not self.dist.distributed:  # every image of the batch was skipped
-                    self.step_in_epoch += 1
-                    self.global_step += 1
-                    bar.update(1)
-                    fetch_start = time.perf_counter()
-                    continue
-                if empty:
-                    # This rank has nothing to learn from (its whole batch unreadable, or its loader
-                    # gone), but DDP's gradient all-reduce needs every rank: a step of the same
-                    # shape whose loss is zero, so it adds nothing to the others' gradients.
-                    inputs, targets = self._blank_inputs(), None
-                else:
-                    images = images.to(self.device, non_blocking=True)
-                    targets = targets.to(self.device, non_blocking=True)
-                    gen = self.step_noise_generator(self.epoch, self.step_in_epoch)
-                    inputs = self.preprocess(images, train=True, generator=gen)
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    logits = self.net(inputs)
-                loss = F.cross_entropy(logits.float(), targets) if targets is not None else logits.float().sum() * 0.0
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-
-                n = targets.shape[0] if targets is not None else 0
-                window_loss += loss.detach() * n
-                window_images += n
-                window_data += data_time
+            for images, targets, bad in window.timed(self._guarded(self._batches(loader), len(loader), stop)):
+                self.agreement.unreadable(bad, "train")
+                window.add(*self._learn(images, targets))
                 self.step_in_epoch += 1
                 self.global_step += 1
                 at_end = self.step_in_epoch == total
-                steps_due = bool(ckpt_steps) and self.global_step % ckpt_steps == 0 and not at_end
+                steps_due = self.saves.steps_due(self.global_step, at_end)
                 # One process acts on a signal at once; DDP ranks only at the steps they share.
-                local_stop = stop.signum is not None and not self.dist.distributed
-                if self.step_in_epoch % interval == 0 or at_end or steps_due or local_stop:
-                    time_due = bool(ckpt_seconds) and not at_end and time.monotonic() - self.saved_at >= ckpt_seconds
-                    loss_sum, (signum, time_due, nonfinite) = self._sync_point(window_loss, stop.signum or 0,
-                                                                                time_due)
-                    if nonfinite:
-                        raise self._reported(NonFiniteLoss(
-                            f"training loss is {loss_sum if not math.isfinite(loss_sum) else 'not finite'} at "
-                            f"epoch {self.epoch + 1}, step {self.step_in_epoch} (global step {self.global_step}), "
-                            f"lr {lr:.4g}; stopped without saving; "
-                            + (self.last_saved or f"no checkpoint was written yet, {self.out_dir} holds none of "
-                               "this run (lower optim.lr, or check the data)")
-                        ))
-                    wait = self._log_window(loss_sum, window_images, time.perf_counter() - window_start,
-                                            window_data, lr, bar)
-                    if not warned_wait and wait > 0.25 and self.device.type == "cuda":
-                        warned_wait = True
-                        self.tracker.log(
-                            f"warning: the GPU waited for data {100 * wait:.0f}% of the last "
-                            f"{interval} steps: the loader is the bottleneck; read the 256 px copy made by "
-                            f"alexnet-prepare and/or raise data.workers (now {cfg.data.workers})"
-                        )
-                    window_loss.zero_()
-                    window_images, window_data = 0, 0.0
-                    window_start = time.perf_counter()
+                stop_alone = stop.signum is not None and not self.dist.distributed
+                if not (window.should_log(self.step_in_epoch, at_end) or steps_due or stop_alone):
                     bar.update(1)
-                    if signum:
-                        raise Interrupted(int(signum), self.save())
-                    if steps_due or time_due:
-                        started = time.perf_counter()
-                        path = self.save()
-                        self.tracker.log(f"checkpoint: {path} at epoch {self.epoch + 1}, step {self.step_in_epoch} "
-                                         f"({time.perf_counter() - started:.1f} s)")
-                else:
-                    bar.update(1)
-                fetch_start = time.perf_counter()
+                    continue
+                loss_sum, decision = self._sync_point(window, stop.signum or 0, self.saves.time_due(at_end))
+                if decision.nonfinite:
+                    raise self.agreement.reported(self._nonfinite(loss_sum, lr))
+                window.log(loss_sum, lr, self.global_step, bar)
+                bar.update(1)
+                if decision.stop:
+                    raise Interrupted(decision.stop, self.save())
+                if steps_due or decision.save:
+                    self._save_mid_epoch()
         if stop.signum is not None and self.step_in_epoch < total:  # the loader's workers died of the stop
             raise Interrupted(stop.signum, self.save())
         self.clock.finished("train", bar.seconds_per_step())
+
+    def _learn(self, images: torch.Tensor | None, targets: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
+        """One SGD step on a batch; returns (loss x images, images) for the log window.
+
+        A batch with no readable image is no step in one process.  Under DDP the rank still
+        takes a step, of the same shape with a zero loss: DDP's gradient all-reduce needs every
+        rank, and a zero-weight step adds nothing to the others' gradients.
+        """
+        if images is None or targets.numel() == 0:
+            if not self.dist.distributed:
+                return None, 0
+            inputs, targets = self._blank_inputs(), None
+        else:
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            gen = self.step_noise_generator(self.epoch, self.step_in_epoch)
+            inputs = self.preprocess(images, train=True, generator=gen)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits = self.net(inputs)
+        loss = F.cross_entropy(logits.float(), targets) if targets is not None else logits.float().sum() * 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        n = targets.shape[0] if targets is not None else 0
+        return loss.detach() * n, n
+
+    def _nonfinite(self, loss_sum: float, lr: float) -> NonFiniteLoss:
+        return NonFiniteLoss(
+            f"training loss is {loss_sum if not math.isfinite(loss_sum) else 'not finite'} at "
+            f"epoch {self.epoch + 1}, step {self.step_in_epoch} (global step {self.global_step}), "
+            f"lr {lr:.4g}; stopped without saving; "
+            + (self.last_saved or f"no checkpoint was written yet, {self.out_dir} holds none of "
+               "this run (lower optim.lr, or check the data)"))
+
+    def _save_mid_epoch(self) -> None:
+        started = time.perf_counter()
+        path = self.save()
+        self.tracker.log(f"checkpoint: {path} at epoch {self.epoch + 1}, step {self.step_in_epoch} "
+                         f"({time.perf_counter() - started:.1f} s)")
 
     def _eta(self, phase: str):
         """(epoch left, run left) in seconds for the progress of ``phase`` of the current epoch."""
@@ -733,7 +624,7 @@ class Trainer:
                 return
             except Exception as exc:  # noqa: BLE001 - whatever the loader raised, as one line
                 if not (stop.signum is not None and _worker_killed(exc)):
-                    self._fail(LoaderFailed(f"the data loader failed: {first_line(exc)}"))
+                    self.agreement.fail(LoaderFailed(f"the data loader failed: {loader_failure(exc)}"))
                 if not (blank and self.dist.distributed):
                     return
                 for _ in range(steps - done):
@@ -751,21 +642,6 @@ class Trainer:
                 bad = bad + undecodable
             yield images, targets, bad
 
-    def _log_window(self, loss_sum: float, images: int, elapsed: float, data: float, lr: float, bar) -> float:
-        """Add one log interval's sums to the epoch's and show them; return the data-wait fraction."""
-        self.accum["loss_sum"] += loss_sum
-        self.accum["images"] += images
-        self.accum["seconds"] += elapsed
-        self.accum["data_seconds"] += data
-        ips = images * self.dist.world_size / max(elapsed, 1e-9)
-        wait = data / max(elapsed, 1e-9)
-        self.tracker.scalar("train/loss", loss_sum / max(1, images), self.global_step)
-        self.tracker.scalar("train/lr", lr, self.global_step)
-        self.tracker.scalar("train/images_per_s", ips, self.global_step)
-        self.tracker.scalar("train/data_wait_fraction", wait, self.global_step)
-        bar.set(loss=loss_sum / max(1, images), lr=lr, img_s=ips, data_wait=wait)
-        return wait
-
     def validate(self, stop: StopRequest) -> EvalResult | None:
         loader = self.loaders.val
         if self.dist.distributed:
@@ -779,7 +655,7 @@ class Trainer:
                 result = evaluate(self.net, _until(batches, stop), self.preprocess, self.device,
                                   progress=bar,
                                   all_reduce=all_reduce_sum if self.dist.distributed else None,
-                                  bad_images=lambda bad: self._check_bad(bad, "val"), amp_dtype=self.amp_dtype)
+                                  bad_images=lambda bad: self.agreement.unreadable(bad, "val"), amp_dtype=self.amp_dtype)
             except RuntimeError:
                 if stop.signum is not None:  # stopped before the first batch
                     return None
@@ -796,7 +672,7 @@ class Trainer:
             val_started = time.perf_counter()
             result = self.validate(stop)
             if self.dist.distributed:  # a rank's unreadable val images or dead loader, before the result is used
-                self._agree_failures()
+                self.agreement.settle()
             val_seconds = time.perf_counter() - val_started
             if result is None or stop.signum is not None and not self.dist.distributed:
                 # Validation abandoned: the epoch's training is saved, validation reruns on resume.
@@ -839,9 +715,9 @@ class Trainer:
             if improved:
                 names.append("best.pth")
             if self.dist.distributed:  # rank 0's writes of this epoch's lines, before its checkpoint
-                self._agree_failures()
+                self.agreement.settle()
             last = self.save(tuple(names))
-            signum = int(self._agree(stop.signum or 0)[0])
+            signum = int(self.agreement.agree(stop.signum or 0)[0])
             if signum:
                 raise Interrupted(signum, last)
         if self.last_eval is not None:
@@ -853,7 +729,7 @@ class Trainer:
                  "hparam/val_top5": self.last_eval.top5},
             )
         if self.dist.distributed:
-            self._agree_failures()
+            self.agreement.settle()
         return FitResult(self.epoch, self.best_top1, self.last_eval, self.policy.should_stop)
 
 

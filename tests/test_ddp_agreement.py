@@ -387,6 +387,8 @@ def test_a_loader_worker_killed_on_one_rank_stops_both_ranks_with_one_line(tree,
     assert [code for code, _, _ in results] == [1, 1], results[0][2][-2000:] + results[1][2][-2000:]
     _no_tracebacks(results)
     lines = results[0][2].strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("alexnet-train: error: rank 1: the data loader failed: "
-                                                   "DataLoader worker"), lines
+    # The DataLoader's own "DataLoader worker (pid N) is killed by signal: Killed", or, when the
+    # worker died mid-send and the main process read the broken pipe first, our line saying so.
+    assert len(lines) == 1 and lines[0].startswith("alexnet-train: error: rank 1: the data loader failed: "), lines
+    assert "DataLoader worker" in lines[0] and "Traceback" not in lines[0], lines
     assert results[1][2].strip() == ""
