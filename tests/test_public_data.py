@@ -21,7 +21,10 @@ import numpy as np
 import pytest
 
 from alexnet_train import cli
-from alexnet_train.data import public
+from alexnet_train.data import integrity, public, transport
+from alexnet_train.data.public_sets import imagenet_sample as imagenet_sample_set
+from alexnet_train.data.public_sets import imagenette as imagenette_set
+from alexnet_train.data.public_sets import tiny_imagenet as tiny_imagenet_set
 from alexnet_train.data.datasets import read_labels_file, scan_image_folder
 from alexnet_train.export import read_synsets
 
@@ -147,7 +150,7 @@ def tiny_served(server, monkeypatch):
     """The tiny zip served at /tiny-imagenet-200.zip, with TINY_IMAGENET pointing at it."""
     data = tiny_zip_bytes()
     server.files["/tiny-imagenet-200.zip"] = data
-    monkeypatch.setattr(public, "TINY_IMAGENET", public.Archive(
+    monkeypatch.setattr(tiny_imagenet_set, "TINY_IMAGENET", public.Archive(
         "tiny-imagenet-200.zip", md5(data), server.url("/tiny-imagenet-200.zip"), len(data)))
     return data
 
@@ -224,7 +227,7 @@ def test_download_resumes_a_part_file_left_by_a_killed_run(tmp_path, server, tin
 
 
 def test_checksum_mismatch_is_refused_before_unpacking(tmp_path, server, tiny_served, monkeypatch, capsys):
-    monkeypatch.setattr(public, "TINY_IMAGENET", public.Archive(
+    monkeypatch.setattr(tiny_imagenet_set, "TINY_IMAGENET", public.Archive(
         "tiny-imagenet-200.zip", "0" * 32, server.url("/tiny-imagenet-200.zip"), len(tiny_served)))
     root = tmp_path / "tiny"
     code, _, err = run_cli(["tiny-imagenet", str(root)], capsys)
@@ -331,7 +334,7 @@ def test_interrupted_unpack_leaves_no_half_tree_and_resumes(tmp_path, tiny_serve
     archive = tmp_path / "t.zip"
     archive.write_bytes(tiny_served)
     root = tmp_path / "tiny"
-    real_copy, calls = public._copy, []
+    real_copy, calls = tiny_imagenet_set._copy, []
 
     def dying_copy(src, dst):
         calls.append(dst)
@@ -339,11 +342,11 @@ def test_interrupted_unpack_leaves_no_half_tree_and_resumes(tmp_path, tiny_serve
             raise KeyboardInterrupt
         real_copy(src, dst)
 
-    monkeypatch.setattr(public, "_copy", dying_copy)
+    monkeypatch.setattr(tiny_imagenet_set, "_copy", dying_copy)
     code, _, err = run_cli(["tiny-imagenet", str(root), "--from", str(archive)], capsys)
     assert code == 130 and "run the same command again" in err
     assert (root / "train").is_dir() and not (root / "val").exists()  # whole splits only
-    monkeypatch.setattr(public, "_copy", real_copy)
+    monkeypatch.setattr(tiny_imagenet_set, "_copy", real_copy)
     calls.clear()
     code, out, err = run_cli(["tiny-imagenet", str(root), "--from", str(archive)], capsys)
     assert code == 0, err
@@ -362,9 +365,9 @@ def test_refuses_to_write_over_a_tree_it_did_not_make(tmp_path, tiny_served, cap
 
 
 def test_unreachable_server_is_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(public, "TINY_IMAGENET", public.Archive(
+    monkeypatch.setattr(tiny_imagenet_set, "TINY_IMAGENET", public.Archive(
         "tiny-imagenet-200.zip", "0" * 32, "http://127.0.0.1:9/tiny-imagenet-200.zip"))
-    monkeypatch.setattr(public.time, "sleep", lambda s: None)
+    monkeypatch.setattr(transport.time, "sleep", lambda s: None)
     code, _, err = run_cli(["tiny-imagenet", str(tmp_path / "t")], capsys)
     assert code == 1
     last = err.strip().splitlines()[-1]
@@ -372,7 +375,7 @@ def test_unreachable_server_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_http_error_is_one_line(tmp_path, server, monkeypatch, capsys):
-    monkeypatch.setattr(public, "TINY_IMAGENET", public.Archive(
+    monkeypatch.setattr(tiny_imagenet_set, "TINY_IMAGENET", public.Archive(
         "tiny-imagenet-200.zip", "0" * 32, server.url("/missing.zip")))
     code, _, err = run_cli(["tiny-imagenet", str(tmp_path / "t")], capsys)
     assert code == 1 and "HTTP 404" in err and "/missing.zip" in err
@@ -383,7 +386,7 @@ def test_imagenette_download_and_layout(tmp_path, server, monkeypatch, capsys):
     server.files["/imagenette2-160.tgz"] = data
     archive = public.Archive("imagenette2-160.tgz", md5(data), server.url("/imagenette2-160.tgz"))
     sizes = []
-    monkeypatch.setattr(public, "imagenette_archive", lambda size: sizes.append(size) or archive)
+    monkeypatch.setattr(imagenette_set, "imagenette_archive", lambda size: sizes.append(size) or archive)
     root = tmp_path / "nette"
     code, _, err = run_cli(["imagenette", str(root), "--size", "160"], capsys)
     assert code == 0, err
@@ -400,10 +403,10 @@ def test_imagenette_published_checksums_come_from_torchvision():
     from torchvision.datasets.imagenette import Imagenette
 
     for size, key in (("full", "full"), ("320", "320px"), ("160", "160px")):
-        a = public.imagenette_archive(size)
+        a = imagenette_set.imagenette_archive(size)
         assert (a.url, a.md5) == Imagenette._ARCHIVES[key]
     with pytest.raises(public.UsageError):
-        public.imagenette_archive("999")
+        imagenette_set.imagenette_archive("999")
 
 
 def test_ilsvrc_train_val_devkit(tmp_path, capsys):
@@ -501,10 +504,11 @@ def test_imagenet_sample_checked_by_git_tree_id(tmp_path, server, monkeypatch, c
              "n01443537_goldfish.JPEG": jpeg_bytes(rng, 1, 300, 200),
              "n01484850_great_white_shark.JPEG": jpeg_bytes(rng, 2, 200, 300)}
     data, tree = sample_zip(tmp_path, files)
-    assert public.git_tree_id(files) == tree  # our hash is git's own
+    assert integrity.git_tree_id(files) == tree  # our hash is git's own
     server.files["/sample.zip"] = data
-    monkeypatch.setattr(public, "SAMPLE_TREE", tree)
-    monkeypatch.setattr(public, "IMAGENET_SAMPLE", public.Archive("sample.zip", "", server.url("/sample.zip")))
+    monkeypatch.setattr(imagenet_sample_set, "SAMPLE_TREE", tree)
+    monkeypatch.setattr(imagenet_sample_set, "IMAGENET_SAMPLE",
+                        public.Archive("sample.zip", "", server.url("/sample.zip")))
     root = tmp_path / "sample"
     code, out, err = run_cli(["imagenet-sample", str(root)], capsys)
     assert code == 0, err
@@ -526,14 +530,14 @@ def test_imagenet_sample_checked_by_git_tree_id(tmp_path, server, monkeypatch, c
 def test_a_downloaded_archive_that_cannot_be_unpacked_is_not_kept(tmp_path, server, monkeypatch, capsys):
     junk = b"<html>a captive portal, not a zip</html>"
     server.files["/tiny-imagenet-200.zip"] = junk
-    monkeypatch.setattr(public, "TINY_IMAGENET", public.Archive(
+    monkeypatch.setattr(tiny_imagenet_set, "TINY_IMAGENET", public.Archive(
         "tiny-imagenet-200.zip", md5(junk), server.url("/tiny-imagenet-200.zip")))
     root = tmp_path / "tiny"
     code, _, err = run_cli(["tiny-imagenet", str(root), "--keep-archive"], capsys)
     assert code == 1 and "not a readable zip" in err
     assert not (root / public.STATE_DIR / "downloads" / "tiny-imagenet-200.zip").exists()
     server.files["/tiny-imagenet-200.zip"] = data = tiny_zip_bytes()
-    monkeypatch.setattr(public, "TINY_IMAGENET", public.Archive(
+    monkeypatch.setattr(tiny_imagenet_set, "TINY_IMAGENET", public.Archive(
         "tiny-imagenet-200.zip", md5(data), server.url("/tiny-imagenet-200.zip")))
     code, _, err = run_cli(["tiny-imagenet", str(root)], capsys)
     assert code == 0, err

@@ -22,22 +22,13 @@ from typing import Callable, Sequence
 import torch
 from PIL import Image, ImageOps
 
+# their home is .errors, so that decode (which this module calls) need not import this
+# one; most callers import them from here
+from .errors import BadImageError, DataError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 Sample = tuple[str, int]
-
-
-class DataError(ValueError):
-    """Bad data layout or labels; carries a one-line message naming the path."""
-
-
-class BadImageError(RuntimeError):
-    """An image file that cannot be decoded; the message names the file."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: unreadable image ({reason})")
-        self.path = path
-        self.reason = reason
 
 
 class TooManyBadImages(RuntimeError):
