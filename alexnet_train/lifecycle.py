@@ -260,7 +260,11 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
             together = Together(dist, group)
             # Everything that can be wrong with the config or data is checked before OUT is
             # touched; an existing OUT is locked first, so no other run writes it while we read it.
-            cfg, splits, point = together(lambda: _check_and_decide(cfg, resume, out, lock, dist, say))
+            # Rank 0 first: its walk of the data writes the index the other ranks then read
+            # (one walk of ImageNet's 1.28M files per job, not one per rank).
+            first = together(lambda: _check_and_decide(cfg, resume, out, lock, dist, say) if dist.is_main else None)
+            rest = together(lambda: None if dist.is_main else _check_and_decide(cfg, resume, out, lock, dist, say))
+            cfg, splits, point = first if dist.is_main else rest
             # Collectives stay outside the steps (a step that raises must not skip one).
             decision = None
             if group:
@@ -368,7 +372,7 @@ def _check_and_decide(cfg: Config, resume: str, out: Path, lock: ckpt.RunLock, d
     decode_notice = check_decode(cfg.data)
     if decode_notice:
         say(decode_notice)
-    splits = resolve_splits(cfg.data)
+    splits = resolve_splits(cfg.data, say)
     if cfg.model.num_classes is None:  # a new head for whatever classes train_dir holds
         cfg = replace(cfg, "model", num_classes=len(splits.classes))
         say(f"model.num_classes: {len(splits.classes)}, the class folders of {cfg.data.train_dir}")

@@ -19,16 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 # their home is .errors, so that decode (which this module calls) need not import this
 # one; most callers import them from here
 from .errors import BadImageError, DataError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from .samples import SampleList
+from .treeindex import list_tree
 
 Sample = tuple[str, int]
+Log = Callable[[str], None]
 
 
 class TooManyBadImages(RuntimeError):
@@ -75,16 +77,12 @@ class BadImages:
             )
 
 
-def is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
-def _images_under(folder: str) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if is_image(f))
-    return found
+def images_under(folder: str, log: Log | None = None) -> SampleList:
+    """Every image file under ``folder`` (label: its top-level folder's index, -1 at the root),
+    from the folder's index when it is current (see :mod:`~alexnet_train.data.treeindex`)."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: data directory not found")
+    return list_tree(folder, log).files
 
 
 def class_folders(root: str) -> list[str]:
@@ -94,18 +92,32 @@ def class_folders(root: str) -> list[str]:
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
 
 
-def scan_image_folder(root: str) -> tuple[list[str], list[Sample]]:
-    """(sorted class names, samples) of a ``root/<class>/<image>`` tree."""
+def scan_image_folder(root: str, log: Log | None = None) -> tuple[list[str], SampleList]:
+    """(sorted class names, samples) of a ``root/<class>/<image>`` tree, read from its index
+    when that is current (see :mod:`~alexnet_train.data.treeindex`); ``log`` hears which."""
     classes = class_folders(root)
     if not classes:
         raise DataError(f"{root}: no class folders (expected ROOT/<class>/<image files>)")
-    samples: list[Sample] = []
-    for index, name in enumerate(classes):
-        files = _images_under(os.path.join(root, name))
-        if not files:
+    return classes, _in_folders(list_tree(root, log), classes, root)
+
+
+def _in_folders(listing, classes: Sequence[str], root: str, labels_of: Sequence[int] | None = None,
+                allow_empty: bool = False) -> SampleList:
+    """The listing's files inside the folders ``classes`` (sorted, as the listing's are), each
+    labelled ``labels_of[i]`` for ``classes[i]`` (default: ``i``); DataError for a folder
+    without images."""
+    position = {name: i for i, name in enumerate(listing.folders)}
+    relabel = np.full(len(listing.folders) + 1, -1, dtype=np.int64)  # [-1]: files at the root
+    for i, name in enumerate(classes):
+        relabel[position[name]] = i
+    picked = relabel[listing.files.labels]
+    counts = np.bincount(picked[picked >= 0], minlength=len(classes))
+    for i, name in enumerate(classes):
+        if counts[i] == 0 and not allow_empty:
             raise DataError(f"{os.path.join(root, name)}: class folder holds no image files")
-        samples.extend((f, index) for f in files)
-    return classes, samples
+    keep = np.flatnonzero(picked >= 0)
+    targets = picked[keep] if labels_of is None else np.asarray(labels_of, dtype=np.int64)[picked[keep]]
+    return listing.files.take(keep).relabelled(targets)
 
 
 def _stem(name: str) -> str:
@@ -183,7 +195,8 @@ def _devkit_labels(path: str, lines: list[str]) -> dict[str, str]:
     return labels
 
 
-def labelled_samples(root: str, classes: Sequence[str], labels_file: str | None = None) -> list[Sample]:
+def labelled_samples(root: str, classes: Sequence[str], labels_file: str | None = None,
+                     log: Log | None = None) -> SampleList:
     """Samples of an evaluation folder, indexed by ``classes``.
 
     With class subfolders, each must be one of ``classes``.  Without any (a
@@ -202,18 +215,22 @@ def labelled_samples(root: str, classes: Sequence[str], labels_file: str | None 
                 f"{root}: class folder '{unknown[0]}' is not one of the {len(classes)} training classes"
                 + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
             )
-        samples = [(f, index[c]) for c in subfolders for f in _images_under(os.path.join(root, c))]
+        samples = _in_folders(list_tree(root, log), subfolders, root, [index[c] for c in subfolders],
+                              allow_empty=True)
     else:
-        labels = read_labels_file(labels_file)
-        samples = []
-        for path in _images_under(root):
-            wnid = labels.get(_stem(path))
+        labels_of = read_labels_file(labels_file)
+        files = list_tree(root, log).files
+        targets = np.empty(len(files), dtype=np.int64)
+        for i in range(len(files)):
+            path = files.path(i)
+            wnid = labels_of.get(_stem(path))
             if wnid is None:
                 raise DataError(f"{path}: no label for this file in {labels_file}")
             if wnid not in index:
                 raise DataError(f"{labels_file}: label '{wnid}' of {os.path.basename(path)} is not a training class")
-            samples.append((path, index[wnid]))
-    if not samples:
+            targets[i] = index[wnid]
+        samples = files.relabelled(targets)
+    if not len(samples):
         raise DataError(f"{root}: no image files found")
     return samples
 
@@ -238,7 +255,9 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples: Sequence[Sample], transform: Callable) -> None:
-        self.samples = list(samples)
+        # Flat buffers that forked workers only read: a list of tuples would be copied into
+        # every persistent worker as it indexes them (pytorch/pytorch#13246).
+        self.samples = samples if isinstance(samples, SampleList) else SampleList.from_pairs(samples)
         self.transform = transform
 
     def __len__(self) -> int:

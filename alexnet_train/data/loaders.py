@@ -15,7 +15,7 @@ import signal
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 from ..config import DataConfig
 from ..distributed import DistInfo
 from .datasets import DataError, EncodedDataset, ImageDataset, Sample, check_dir, labelled_samples, scan_image_folder
+from .samples import SampleList
 from .transforms import CenterPreset, TrainPreset, collate_encoded, collate_hwc
 
 
@@ -73,24 +74,28 @@ class EpochSampler(Sampler):
             yield index, sample_seed(self.seed, self.epoch, index)
 
     def __len__(self) -> int:
-        return max(0, len(self.order()) - self.start)
+        # Counted, not drawn: order() is a permutation of all n (1.28M for ImageNet).
+        n = self.n - self.left_out
+        return max(0, len(range(self.rank, n, self.world)) - self.start)
 
 
 @dataclass(frozen=True)
 class Splits:
     classes: list[str]
-    train: list[Sample]
-    val: list[Sample]
+    train: SampleList | Sequence[Sample]  # a SampleList from resolve_splits; datasets convert lists
+    val: SampleList | Sequence[Sample]
 
 
-def resolve_splits(cfg: DataConfig, need_train: bool = True) -> Splits:
-    """Scan ``train_dir`` (for the class list) and ``val_dir``; DataError names the key or path at fault."""
+def resolve_splits(cfg: DataConfig, log: Callable[[str], None] | None = None) -> Splits:
+    """Scan ``train_dir`` (for the class list) and ``val_dir``, or read their indexes (see
+    :mod:`~alexnet_train.data.treeindex`; ``log`` hears which); DataError names the key or
+    path at fault."""
     check_dir(cfg.train_dir, "data.train_dir")
     check_dir(cfg.val_dir, "data.val_dir")
     if cfg.val_labels is not None and not os.path.isfile(cfg.val_labels):
         raise DataError(f"data.val_labels: file not found: {cfg.val_labels}")
-    classes, train = scan_image_folder(cfg.train_dir)
-    val = labelled_samples(cfg.val_dir, classes, cfg.val_labels)
+    classes, train = scan_image_folder(cfg.train_dir, log)
+    val = labelled_samples(cfg.val_dir, classes, cfg.val_labels, log)
     return Splits(classes, train, val)
 
 

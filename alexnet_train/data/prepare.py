@@ -43,7 +43,8 @@ from typing import Any, Callable, Iterable, Iterator
 from PIL import ExifTags, Image
 
 from ..checkpoint import atomic_write_bytes
-from .datasets import IMAGE_EXTENSIONS, BadImageError, DataError, is_image
+from .datasets import BadImageError, DataError
+from .treeindex import IMAGE_EXTENSIONS, is_image, walk_tree, write_index
 from .decode import to_rgb
 
 FAILURES_FILE = "prepare-failures.txt"
@@ -349,6 +350,10 @@ def prepare_tree(
 
     failed.sort()
     _write_failures(dst, failed)
+    # The index of the tree just made, so training's first start reads it instead of walking
+    # DST.  Written whatever the directories' times: this run made them, and no one else
+    # writes a tree alexnet-prepare is filling.
+    index = write_index(walk_tree(str(dst)))
     if written and hasattr(os, "sync"):
         os.sync()
     seconds = time.monotonic() - started
@@ -356,5 +361,7 @@ def prepare_tree(
         f"({written / seconds if seconds > 0 else 0.0:.0f} images/s)")
     if failed:
         log(f"prepare: {len(failed)} unreadable images listed in {dst / FAILURES_FILE}")
+    log(f"prepare: index of {dst} written to {index}" if index else
+        f"prepare: no index of {dst} written (neither beside it nor in the cache folder could be written)")
     return PrepareReport(written=written, skipped=skipped, failed=failed, seconds=seconds)
 

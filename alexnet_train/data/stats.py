@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .datasets import DataError, _images_under
+from .datasets import DataError, images_under
 from .decode import decode_rgb
 from .loaders import worker_init
 from .transforms import resize_shorter
@@ -66,11 +66,14 @@ def compute_stats(
         raise DataError(f"{data_dir}: data directory not found")
     if samples < 1:
         raise ValueError(f"--samples: must be >= 1, got {samples}")
-    paths = _images_under(data_dir)
-    if not paths:
+    files = images_under(data_dir)
+    if not len(files):
         raise DataError(f"{data_dir}: no image files found")
-    if samples < len(paths):
-        paths = sorted(random.Random(seed).sample(paths, samples))
+    # The same draw as from a list of the paths (random.sample picks positions), without one.
+    if samples < len(files):
+        paths = sorted(files.path(i) for i in random.Random(seed).sample(range(len(files)), samples))
+    else:
+        paths = [files.path(i) for i in range(len(files))]
     loader = DataLoader(_Moments(paths, resize_size), batch_size=None, num_workers=workers,
                         worker_init_fn=worker_init if workers else None)
     bar = progress(len(paths)) if progress is not None else None
