@@ -117,6 +117,19 @@ def test_where_beside_the_tree_cannot_be_written_the_index_goes_to_the_cache(dat
     assert list_tree(str(data), lines.append).files == first.files and "from the index" in lines[1]
 
 
+def test_a_dataset_its_owner_made_read_only_gets_its_index_in_the_cache(data):
+    holder = data.parent
+    holder.chmod(0o555)  # r-x: even root (which may write anyway) leaves it alone
+    try:
+        lines = []
+        list_tree(str(data), lines.append)
+        assert not (holder / INDEX_DIR).exists()
+        assert f"index written to {index_paths(str(data))[1]}" in lines[0], lines
+        assert "from the index" in list_tree(str(data)).how
+    finally:
+        holder.chmod(0o755)
+
+
 def test_a_damaged_or_foreign_index_is_ignored(data, tmp_path):
     list_tree(str(data))
     path = index_paths(str(data))[0]

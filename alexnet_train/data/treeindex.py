@@ -27,7 +27,8 @@ Where.  ``<parent>/.alexnet-index/<name>-<hash>.npz``, beside the tree (``<paren
 folder holding it: ``/data/imagenet`` for ``/data/imagenet/train``), so every node and every
 job on that storage finds it, and nothing is added inside the tree (torchvision's
 ImageFolder would take a hidden folder there for a class).  When that folder cannot be
-written (a read-only dataset) the index goes to ``<cache>/index/`` (``$ALEXNET_TRAIN_CACHE``,
+written (a read-only dataset: no write permission, or no write bit at all, which is respected
+even by root) the index goes to ``<cache>/index/`` (``$ALEXNET_TRAIN_CACHE``,
 else ``$XDG_CACHE_HOME/alexnet-train``, else ``~/.cache/alexnet-train``).  Both places are
 read; the hash is of the tree's real path.  Writes are atomic (a temporary file renamed),
 so a reader never sees half an index.
@@ -194,6 +195,8 @@ def write_index(listing: Listing) -> Path | None:
         "dir_mtimes": np.array([mtime for _, mtime in listing.dirs], dtype=np.int64),
     }
     for path in index_paths(listing.root):
+        if not _may_write(path.parent):
+            continue
         tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,6 +210,20 @@ def write_index(listing: Listing) -> Path | None:
             except OSError:
                 pass
     return None
+
+
+def _may_write(folder: Path) -> bool:
+    """Whether ``folder`` (or, not yet made, the folder that would hold it) takes files: its
+    permission to this process, and a write bit in its mode, as root may write anywhere but a
+    folder whose owner made it r-x (a shared dataset) is left alone."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    try:
+        mode = existing.stat().st_mode
+    except OSError:
+        return False
+    return existing.is_dir() and os.access(existing, os.W_OK) and bool(mode & 0o222)
 
 
 def read_index(path: Path, root: str) -> Listing | None:
