@@ -20,6 +20,7 @@ def test_it_reads_back_every_path_and_label_as_given():
     assert samples[1:3] == PAIRS[1:3] and samples[::2] == PAIRS[::2] and isinstance(samples[::2], SampleList)
     assert samples.take([3, 0]) == [PAIRS[3], PAIRS[0]]
     assert SampleList.concat([samples[:1], samples[1:]]) == samples
+    assert samples[:2] * 2 == PAIRS[:2] * 2 and 0 * samples == [] and isinstance(samples * 3, SampleList)
     assert samples.labels.tolist() == [0, 0, 1, 2]
     with pytest.raises(IndexError):
         samples[4]

@@ -116,6 +116,12 @@ class SampleList(Sequence):
         for i in range(len(self)):
             yield self[i]
 
+    def __mul__(self, times: int) -> "SampleList":
+        """The samples repeated ``times`` times, as a list repeats (benchmarks stretch a small tree)."""
+        return self.take(np.tile(np.arange(len(self), dtype=np.int64), max(0, int(times))))
+
+    __rmul__ = __mul__
+
     def take(self, indices: Sequence[int] | np.ndarray) -> "SampleList":
         """The samples at ``indices``, in that order (a new SampleList)."""
         idx = np.asarray(indices, dtype=np.int64)
