@@ -129,8 +129,9 @@ def ctx(fc, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault, expected", [("bad_image_error", 1), ("schedule_kind_changed", 2),
-                                             ("node_local_out", 2)])
+# One launch in the suite (the harness's own plumbing, end to end); tests/test_ddp_agreement.py
+# covers the other faults with 2 ranks, and python scripts/fault_check.py runs them all.
+@pytest.mark.parametrize("fault, expected", [("bad_image_error", 1)])
 def test_a_fault_on_two_torchrun_nodes_ends_every_rank_as_documented(fc, ctx, fault, expected):
     outcome = fc.run_fault(ctx, fault)
     assert outcome.status == "clean", "\n".join(outcome.problems)

@@ -7,7 +7,6 @@ import multiprocessing as mp
 import os
 import time
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -41,8 +40,12 @@ def test_in_one_process_every_decision_is_taken_at_once():
         _agreement(DistInfo(), "error", [], []).unreadable([("c.JPEG", "empty")], "val")
 
 
-def _rank(rank: int, store: str, scenario: str, results) -> None:
-    """One of two gloo ranks: runs ``scenario`` and puts what it saw on ``results``."""
+SCENARIOS = ("stop_and_save", "bad_image_error", "bad_image_skip", "too_many")
+
+
+def _rank(rank: int, store: str, results) -> None:
+    """One of two gloo ranks: runs every scenario, each with a fresh RankAgreement, and puts
+    what it saw on ``results`` (one process group for all: a launch costs seconds)."""
     import torch.distributed as tdist
 
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -50,36 +53,43 @@ def _rank(rank: int, store: str, scenario: str, results) -> None:
         tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                                  timeout=__import__("datetime").timedelta(seconds=30))
         dist = DistInfo(rank=rank, world_size=2, local_rank=rank)
-        log, counted = [], []
-        policy = "error" if scenario == "bad_image_error" else "skip"
-        agreement = _agreement(dist, policy, log, counted, max_fraction=0.3)
-        seen = {}
-        if scenario == "stop_and_save":
-            # Rank 1 alone has a signal, rank 0 alone a checkpoint due: both do both.
-            seen["decision"] = agreement.decide(15 if rank == 1 else 0, rank == 0, False)
-        elif scenario in ("bad_image_error", "bad_image_skip", "too_many"):
-            files = {"bad_image_error": [("r1.JPEG", "truncated")], "bad_image_skip": [("r1.JPEG", "truncated")],
-                     "too_many": [(f"r{rank}-{i}.JPEG", "empty") for i in range(2)]}[scenario]
-            if rank == 1 or scenario == "too_many":
-                agreement.unreadable(files, "train")  # held under DDP: nothing raised here
-            seen["held"] = agreement.failure is not None
-            try:
-                seen["decision"] = agreement.decide(0, False, False)
-            except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
-                seen["raised"] = (type(exc).__name__, str(exc), getattr(exc, "report", None))
-        seen["log"], seen["counted"] = log, counted
+        seen_all = {scenario: _scenario(scenario, dist, rank) for scenario in SCENARIOS}
         tdist.barrier()
         tdist.destroy_process_group()
-        results.put((rank, seen))
+        results.put((rank, seen_all))
     except BaseException:  # noqa: BLE001 - reported to the test, which fails on it
         results.put((rank, {"crash": traceback.format_exc()}))
 
 
-def _two_ranks(scenario: str, tmp_path: Path) -> dict:
+def _scenario(scenario: str, dist: DistInfo, rank: int) -> dict:
+    log, counted = [], []
+    policy = "error" if scenario == "bad_image_error" else "skip"
+    agreement = _agreement(dist, policy, log, counted, max_fraction=0.3)
+    seen = {}
+    if scenario == "stop_and_save":
+        # Rank 1 alone has a signal, rank 0 alone a checkpoint due: both do both.
+        seen["decision"] = agreement.decide(15 if rank == 1 else 0, rank == 0, False)
+    elif scenario in ("bad_image_error", "bad_image_skip", "too_many"):
+        files = {"bad_image_error": [("r1.JPEG", "truncated")], "bad_image_skip": [("r1.JPEG", "truncated")],
+                 "too_many": [(f"r{rank}-{i}.JPEG", "empty") for i in range(2)]}[scenario]
+        if rank == 1 or scenario == "too_many":
+            agreement.unreadable(files, "train")  # held under DDP: nothing raised here
+        seen["held"] = agreement.failure is not None
+        try:
+            seen["decision"] = agreement.decide(0, False, False)
+        except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
+            seen["raised"] = (type(exc).__name__, str(exc), getattr(exc, "report", None))
+    seen["log"], seen["counted"] = log, counted
+    return seen
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    """{scenario: {rank: what it saw}} from one launch of 2 gloo processes."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    store = tmp_path / "store"
-    procs = [ctx.Process(target=_rank, args=(r, str(store), scenario, results)) for r in range(2)]
+    store = tmp_path_factory.mktemp("agreement") / "store"
+    procs = [ctx.Process(target=_rank, args=(r, str(store), results)) for r in range(2)]
     for p in procs:
         p.start()
     seen = {}
@@ -94,18 +104,18 @@ def _two_ranks(scenario: str, tmp_path: Path) -> dict:
                 p.kill()
     for rank, value in seen.items():
         assert "crash" not in value, f"rank {rank}:\n{value['crash']}"
-    return seen
+    return {scenario: {rank: seen[rank][scenario] for rank in seen} for scenario in SCENARIOS}
 
 
 @pytest.mark.slow
-def test_two_ranks_agree_on_a_stop_and_a_save_that_one_rank_saw(tmp_path):
-    seen = _two_ranks("stop_and_save", tmp_path)
+def test_two_ranks_agree_on_a_stop_and_a_save_that_one_rank_saw(two_ranks):
+    seen = two_ranks["stop_and_save"]
     assert seen[0]["decision"] == seen[1]["decision"] == Decision(stop=15, save=True, nonfinite=False)
 
 
 @pytest.mark.slow
-def test_an_unreadable_image_on_one_rank_under_error_fails_both_ranks_with_one_report(tmp_path):
-    seen = _two_ranks("bad_image_error", tmp_path)
+def test_an_unreadable_image_on_one_rank_under_error_fails_both_ranks_with_one_report(two_ranks):
+    seen = two_ranks["bad_image_error"]
     assert (seen[0]["held"], seen[1]["held"]) == (False, True)  # rank 1 held it, raised nothing alone
     message = "rank 1: r1.JPEG: unreadable image (truncated)"
     assert seen[0]["raised"][:2] == seen[1]["raised"][:2] == ("BadImageError", seen[0]["raised"][1])
@@ -114,8 +124,8 @@ def test_an_unreadable_image_on_one_rank_under_error_fails_both_ranks_with_one_r
 
 
 @pytest.mark.slow
-def test_skipped_files_of_one_rank_are_logged_and_counted_on_every_rank(tmp_path):
-    seen = _two_ranks("bad_image_skip", tmp_path)
+def test_skipped_files_of_one_rank_are_logged_and_counted_on_every_rank(two_ranks):
+    seen = two_ranks["bad_image_skip"]
     for rank in (0, 1):
         assert seen[rank]["decision"] == Decision(0, False, False)
         assert seen[rank]["counted"] == [0, 1]  # rank 0's none, rank 1's one
@@ -123,9 +133,9 @@ def test_skipped_files_of_one_rank_are_logged_and_counted_on_every_rank(tmp_path
 
 
 @pytest.mark.slow
-def test_unreadable_images_are_counted_over_all_ranks_against_the_fraction(tmp_path):
+def test_unreadable_images_are_counted_over_all_ranks_against_the_fraction(two_ranks):
     # 2 per rank: 4 of 10 > 30% only when both ranks' files count.
-    seen = _two_ranks("too_many", tmp_path)
+    seen = two_ranks["too_many"]
     for rank in (0, 1):
         name, message, report = seen[rank]["raised"]
         assert name == "TooManyBadImages" and "4 of the 10 train images" in message
