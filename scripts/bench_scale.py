@@ -97,7 +97,12 @@ def lay_out(images: Path, work: Path, train_files: int, val_per_class: int) -> t
     return train, val, time.perf_counter() - started
 
 
+DROP_CACHES = True
+
+
 def drop_caches() -> bool:
+    if not DROP_CACHES:
+        return False
     try:
         os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as fh:
@@ -193,7 +198,7 @@ def part_scan(train: Path, results: dict) -> None:
 
     for state in ("cold", "warm"):
         if state == "cold" and not drop_caches():
-            line("scan cold", "skipped: /proc/sys/vm/drop_caches is not writable here")
+            line("scan cold", "skipped: --no-drop-caches, or /proc/sys/vm/drop_caches is not writable here")
             continue
         t = time.perf_counter()
         theirs = ImageFolder(str(train))
@@ -449,7 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-files", type=int, default=TRAIN_FILES, help=f"default {TRAIN_FILES:,} (ImageNet's)")
     p.add_argument("--val-per-class", type=int, default=VAL_PER_CLASS, help=f"default {VAL_PER_CLASS}")
     p.add_argument("--skip", action="append", default=[], choices=PARTS, help="leave a part out (repeatable)")
+    p.add_argument("--no-drop-caches", action="store_true",
+                   help="never drop the page cache (it is the whole machine's): no cold figures")
     args = p.parse_args(argv)
+    global DROP_CACHES
+    DROP_CACHES = not args.no_drop_caches
     args.work.mkdir(parents=True, exist_ok=True)
     train, val, took = lay_out(args.images, args.work, args.train_files, args.val_per_class)
     line("tree", f"{train.parent}: 1,000 classes, {args.train_files:,} train + {args.val_per_class * 1000:,} val "

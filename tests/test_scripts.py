@@ -155,3 +155,22 @@ def test_transfer_study_fine_tunes_and_trains_from_scratch_on_the_same_images(tm
     assert ft["config"]["model"]["freeze"] == "features" and scratch["config"]["model"]["freeze"] == "none"
     assert ft["model"]["features.0.weight"].equal(torch.load(source / "last.pth", weights_only=True)["model"]["features.0.weight"])
     assert re.search(r"^finetune\s+2\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d", out, flags=re.M) and "transfer gain" in out
+
+
+def test_bench_scale_lays_out_an_imagenet_shaped_tree_and_reads_it_from_its_index(tree, tmp_path):
+    # 1,000 wnid folders of hard links (2 files each here, 1,281 at full size); the scan and
+    # epoch parts only: the others train for minutes.
+    args = ["--images", str(tree), "--work", str(tmp_path / "scale"), "--train-files", "2000",
+            "--val-per-class", "1", "--skip", "launch", "--skip", "memory", "--skip", "loader_memory",
+            "--skip", "stats", "--skip", "eval", "--no-drop-caches"]
+    out = run_script("bench_scale.py", *args)
+    train = tmp_path / "scale" / "imagenet" / "train"
+    assert len(list(train.iterdir())) == 1000 and len(list((train / "n01440764").iterdir())) == 2
+    assert (train / "n01440764" / "n01440764_0.JPEG").stat().st_nlink > 1  # a link, not a copy
+    assert re.search(r"^scan warm: torchvision ImageFolder [\d.]+ s, alexnet-train walk [\d.]+ s "
+                     r"\(2,000 / 2,000 files\)$", out, flags=re.M)
+    assert re.search(r"^index read: .*\(2,000 files, .*\.alexnet-index/train-\w+\.npz\)$", out, flags=re.M)
+    assert re.search(r"^epoch order, 8 ranks: EpochSampler \d+ ms", out, flags=re.M)
+    assert out.splitlines()[-1].startswith("summary: scan warm: index ")
+    again = run_script("bench_scale.py", *args, "--skip", "scan", "--skip", "epoch")  # the tree is made once
+    assert "(made earlier)" in again.splitlines()[0]
