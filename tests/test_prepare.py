@@ -27,7 +27,8 @@ def files_under(root: Path) -> list[str]:
 
 
 def images_under(root: Path) -> list[str]:
-    return [f for f in files_under(root) if not f.startswith("prepare")]
+    """What prepare wrote but its own records: prepare.json, the failures, the split indexes."""
+    return [f for f in files_under(root) if not f.startswith(("prepare", ".alexnet-index/"))]
 
 
 def reference(path: Path, size: int) -> np.ndarray:

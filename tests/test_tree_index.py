@@ -176,6 +176,28 @@ def test_alexnet_prepare_writes_the_index_of_the_tree_it_makes(data, tmp_path):
     listing = read_index(index_paths(str(dst))[0], str(dst))
     assert listing is not None  # current although every folder was written just now
     assert [p for p, _ in SampleList(*listing.files.buffers, prefix=str(dst) + os.sep)] == os_walk_listing(dst)
+    assert not (dst / INDEX_DIR).exists()  # nothing inside a training tree
+
+
+def test_alexnet_prepare_of_a_dataset_root_writes_the_index_of_each_split(data, tmp_path):
+    # prepare /data/imagenet /data/imagenet256, then train on .../train and .../val
+    src = tmp_path / "imagenet"
+    src.mkdir()
+    data.rename(src / "train")
+    (src / "train" / "loose.png").unlink()  # a file beside the classes: train would not be a split
+    write_image_folder(src / "val", ["n01", "n02"], 2, size=16)
+    dst = tmp_path / "imagenet256"
+    lines = []
+    prepare_tree(src, dst, size=24, log=lines.append)
+    for split in ("train", "val"):
+        assert any(f"index of {dst / split} written to {dst / INDEX_DIR}" in line for line in lines), lines
+        listing = read_index(index_paths(str(dst / split))[0], str(dst / split))
+        assert listing is not None and [p for p, _ in listing.files] == os_walk_listing(dst / split)
+        assert listing.dirs == walk_tree(str(dst / split)).dirs
+        walked = walk_tree(str(dst / split))
+        assert listing.folders == walked.folders and listing.files.labels.tolist() == walked.files.labels.tolist()
+    classes, samples = scan_image_folder(str(dst / "train"))  # from the index
+    assert classes == ["n01", "n02", "n03"] and len(samples) == 10
 
 
 def test_training_starts_after_the_first_read_the_index(tmp_path, capsys):

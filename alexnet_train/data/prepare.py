@@ -40,11 +40,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 from PIL import ExifTags, Image
 
 from ..checkpoint import atomic_write_bytes
 from .datasets import BadImageError, DataError
-from .treeindex import IMAGE_EXTENSIONS, is_image, walk_tree, write_index
+from .treeindex import IMAGE_EXTENSIONS, is_image, sub_listing, walk_tree, write_index
 from .decode import to_rgb
 
 FAILURES_FILE = "prepare-failures.txt"
@@ -268,6 +269,25 @@ def _pool_context() -> Any:
     return multiprocessing.get_context()
 
 
+def _write_indexes(dst: Path) -> list[tuple[Path, Path | None]]:
+    """The indexes of the trees training will read in what prepare made, so its first start
+    reads them instead of walking: DST's splits (DST/train, DST/val: top-level folders whose
+    images are all in sub-folders), cut from one walk of DST, else DST itself.  Written
+    whatever the folders' times: this run made them, and no one else writes a tree
+    alexnet-prepare is filling."""
+    listing = walk_tree(str(dst))
+    labels = listing.files.labels
+    splits = []
+    for i, name in enumerate(listing.folders):
+        mine = np.flatnonzero(labels == i)
+        if len(mine) and not name.startswith(".") and all(b"/" in listing.files.relative(int(j))[len(name) + 1:]
+                                                          for j in mine):
+            splits.append(name)
+    if not splits:
+        return [(dst, write_index(listing))]
+    return [(dst / name, write_index(sub_listing(listing, name))) for name in splits]
+
+
 def prepare_tree(
     src: str | Path,
     dst: str | Path,
@@ -350,10 +370,7 @@ def prepare_tree(
 
     failed.sort()
     _write_failures(dst, failed)
-    # The index of the tree just made, so training's first start reads it instead of walking
-    # DST.  Written whatever the directories' times: this run made them, and no one else
-    # writes a tree alexnet-prepare is filling.
-    index = write_index(walk_tree(str(dst)))
+    indexes = _write_indexes(dst)
     if written and hasattr(os, "sync"):
         os.sync()
     seconds = time.monotonic() - started
@@ -361,7 +378,8 @@ def prepare_tree(
         f"({written / seconds if seconds > 0 else 0.0:.0f} images/s)")
     if failed:
         log(f"prepare: {len(failed)} unreadable images listed in {dst / FAILURES_FILE}")
-    log(f"prepare: index of {dst} written to {index}" if index else
-        f"prepare: no index of {dst} written (neither beside it nor in the cache folder could be written)")
+    for tree, index in indexes:
+        log(f"prepare: index of {tree} written to {index}" if index else
+            f"prepare: no index of {tree} written (neither beside it nor in the cache folder could be written)")
     return PrepareReport(written=written, skipped=skipped, failed=failed, seconds=seconds)
 

@@ -149,6 +149,24 @@ def walk_tree(root: str) -> Listing:
     return Listing(root, tuple(folders), files, tuple(dirs), racy)
 
 
+def sub_listing(listing: Listing, name: str) -> Listing:
+    """The listing of ``listing.root/name`` (a top-level folder), cut from ``listing``: the
+    index of ``DST/train`` from one walk of ``DST``."""
+    top = listing.folders.index(name)
+    head = os.fsencode(name) + b"/"
+    inside = np.flatnonzero(listing.files.labels == top)
+    rels = [listing.files.relative(int(i))[len(head):] for i in inside]
+    dirs = tuple((rel[len(head):] if rel != head[:-1] else b"", mtime) for rel, mtime in listing.dirs
+                 if rel == head[:-1] or rel.startswith(head))
+    folders = tuple(os.fsdecode(rel) for rel, _ in dirs if rel and b"/" not in rel)
+    position = {os.fsencode(f): i for i, f in enumerate(folders)}
+    labels = np.array([position.get(rel.split(b"/", 1)[0], -1) if b"/" in rel else -1 for rel in rels],
+                      dtype=np.int64)
+    root = os.path.join(listing.root, name)
+    files = SampleList.from_encoded(rels, labels, prefix=_prefix(root))
+    return Listing(root, folders, files, dirs)
+
+
 def _sample_list(data: bytes, lengths: np.ndarray, labels: np.ndarray, root: str) -> SampleList:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
