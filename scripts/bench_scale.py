@@ -378,7 +378,8 @@ def part_epoch(train: Path, results: dict) -> None:
     theirs_order = list(iter(theirs_sampler))
     theirs = time.perf_counter() - t
     results["order_ours"], results["order_theirs"] = ours, theirs
-    line("epoch order, 8 ranks", f"EpochSampler {ours * 1000:.0f} ms ({len(order):,} of rank 0, {steps:,} batches of 16), "
+    line("epoch order, 8 ranks", f"EpochSampler {ours * 1000:.0f} ms ({len(order):,} images of rank 0 in "
+                                 f"{steps // 16:,} batches of 16), "
                                  f"DistributedSampler {theirs * 1000:.0f} ms ({len(theirs_order):,})")
     cfg = load_config(CONFIG, ["model.num_classes=1000"])
     sampler = EpochSampler(n, 0, True, 0, 1, cfg.data.batch_size)
