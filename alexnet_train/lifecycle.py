@@ -262,9 +262,15 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
             # touched; an existing OUT is locked first, so no other run writes it while we read it.
             # Rank 0 first: its walk of the data writes the index the other ranks then read
             # (one walk of ImageNet's 1.28M files per job, not one per rank).
-            first = together(lambda: _check_and_decide(cfg, resume, out, lock, dist, say) if dist.is_main else None)
-            rest = together(lambda: None if dist.is_main else _check_and_decide(cfg, resume, out, lock, dist, say))
+            data_lines: list[str] = []  # the other ranks' "data: ..." lines, for rank 0's summary
+            heard = say if dist.is_main else data_lines.append
+            first = together(lambda: _check_and_decide(cfg, resume, out, lock, dist, say, heard)
+                             if dist.is_main else None)
+            rest = together(lambda: None if dist.is_main
+                            else _check_and_decide(cfg, resume, out, lock, dist, say, heard))
             cfg, splits, point = first if dist.is_main else rest
+            if group:
+                say(how_ranks_read_the_data(all_gather(data_lines, dist.world_size)))
             # Collectives stay outside the steps (a step that raises must not skip one).
             decision = None
             if group:
@@ -361,8 +367,24 @@ class Together:
         return result
 
 
-def _check_and_decide(cfg: Config, resume: str, out: Path, lock: ckpt.RunLock, dist: DistInfo, say: Log):
-    """Every rank: the config and the data.  Rank 0: OUT's lock and the resume point."""
+def how_ranks_read_the_data(lines_of: list[list[str]]) -> str:
+    """Rank 0's one line on how the other ranks got the data's file lists: from the index, or
+    by a walk of their own (an index they could not see: storage that is not shared, or not
+    yet current)."""
+    others = len(lines_of) - 1
+    walked = [(rank, line.split("data: ", 1)[1].split(":", 1)[0]) for rank, lines in enumerate(lines_of)
+              for line in lines if rank and " walked " in line]
+    if not walked:
+        return f"data: the other {others} rank{'s' if others > 1 else ''} read the index"
+    ranks = sorted({rank for rank, _ in walked})
+    return (f"data: {len(ranks)} of the other {others} ranks walked the data themselves (rank {ranks[0]}: "
+            f"{walked[0][1]}): they found no current index (not written, or not on storage they see)")
+
+
+def _check_and_decide(cfg: Config, resume: str, out: Path, lock: ckpt.RunLock, dist: DistInfo, say: Log,
+                      heard: Log | None = None):
+    """Every rank: the config and the data (``heard`` gets the data lines).  Rank 0: OUT's lock
+    and the resume point."""
     from .data import resolve_splits, with_demo_data
     from .data.loaders import check_decode
 
@@ -372,7 +394,7 @@ def _check_and_decide(cfg: Config, resume: str, out: Path, lock: ckpt.RunLock, d
     decode_notice = check_decode(cfg.data)
     if decode_notice:
         say(decode_notice)
-    splits = resolve_splits(cfg.data, say)
+    splits = resolve_splits(cfg.data, heard or say)
     if cfg.model.num_classes is None:  # a new head for whatever classes train_dir holds
         cfg = replace(cfg, "model", num_classes=len(splits.classes))
         say(f"model.num_classes: {len(splits.classes)}, the class folders of {cfg.data.train_dir}")

@@ -218,3 +218,37 @@ def test_training_starts_after_the_first_read_the_index(tmp_path, capsys):
     second = capsys.readouterr().out
     assert f"data: {train}: 8 files from the index" in second and f"data: {val}: 4 files from the index" in second
     assert "done: 1 epochs" in second
+
+
+@pytest.mark.slow
+def test_under_ddp_rank_0_walks_and_the_other_rank_reads_its_index(tmp_path):
+    from .test_ddp_agreement import Ranks, args
+
+    train = write_image_folder(tmp_path / "d" / "train", ["n01", "n02", "n03"], 4, size=40)
+    val = write_image_folder(tmp_path / "d" / "val", ["n01", "n02", "n03"], 1, size=40)
+    age(train)
+    age(val)
+    results = Ranks([args(train, val, tmp_path / "out", epochs=1)] * 2).wait(timeout=120)
+    assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+    out = results[0][1]
+    assert f"data: {train}: 12 files walked" in out and "index written to" in out
+    assert "data: the other 1 rank read the index" in out  # rank 1 came after rank 0's walk
+    assert "data:" not in results[1][1]  # rank 0 speaks for the run
+
+    # The tree changed (a file added): rank 0 walks it again, rank 1 reads the new index.
+    (train / "n01" / "new.JPEG").write_bytes((train / "n01" / "n01_000.JPEG").read_bytes())
+    results = Ranks([args(train, val, tmp_path / "out2", epochs=1)] * 2).wait(timeout=120)
+    assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:]
+    assert f"data: {train}: 13 files walked" in results[0][1]
+    assert "data: the other 1 rank read the index" in results[0][1]
+
+
+def test_rank_0_names_the_ranks_that_could_not_read_its_index():
+    from alexnet_train.lifecycle import how_ranks_read_the_data
+
+    read = "data: /d/train: 12 files from the index /d/.alexnet-index/train-x.npz (0.0 s)"
+    walked = "data: /d/train: 12 files walked in 0.0 s; index written to /d/.alexnet-index/train-x.npz"
+    assert how_ranks_read_the_data([[], [read], [read]]) == "data: the other 2 ranks read the index"
+    assert how_ranks_read_the_data([[], [read], [walked], [walked]]) == (
+        "data: 2 of the other 3 ranks walked the data themselves (rank 2: /d/train): they found no current "
+        "index (not written, or not on storage they see)")
