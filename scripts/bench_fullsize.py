@@ -12,7 +12,7 @@ Usage::
 - ``ilsvrc``: archives shaped like image-net.org's, built from the same JPEGs (a train tar
   of 1,000 class tars of ~1,281 files, a flat val tar of 50,000, a devkit with meta.mat and
   the validation ground truth), then ``alexnet-data ilsvrc`` on them, SIGKILLed mid-way
-  through the train classes and run again: the time of each run and how many classes the
+  through the train classes (--kill-ilsvrc-after) and run again: the time of each run and how many classes the
   re-run found already unpacked.
 
 One line per figure.  Needs scipy (the devkit's meta.mat), which ``[dev]`` installs.
@@ -149,10 +149,11 @@ def part_ilsvrc(images: Path, work: Path, kill_after: float) -> None:
     line("alexnet-data ilsvrc, re-run to the end",
          f"{took:.0f} s wall, exit {code}" + (f"; {already[-1][0]} of {already[-1][1]} classes were already unpacked"
                                                if already else ""))
-    for pattern in (r"train: ([\d,]+) images in (\d+) class folders", r"val: ([\d,]+) images"):
-        found = re.findall(pattern, text)
-        if found:
-            line("alexnet-data ilsvrc, laid out", " ".join(found[-1]) + (" train" if "train" in pattern else " val"))
+    train = re.findall(r"/train: ([\d,]+) images in (\d+) class folders", text)
+    val = re.findall(r"/val: ([\d,]+) images in (\d+) class folders", text)
+    if train and val:
+        line("alexnet-data ilsvrc, laid out", f"train {train[-1][0]} images in {train[-1][1]} class folders, "
+                                              f"val {val[-1][0]} images in {val[-1][1]} class folders")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=Path, required=True, help="a folder of JPEGs (searched recursively)")
     p.add_argument("--work", type=Path, required=True, help="bench_scale's work folder (the tree is made there once)")
-    p.add_argument("--kill-after", type=float, default=120, help="seconds before each first run is killed (120)")
+    p.add_argument("--kill-after", type=float, default=120, help="seconds before prepare's first run is killed (120)")
+    p.add_argument("--kill-ilsvrc-after", type=float, default=40,
+                   help="seconds before alexnet-data ilsvrc's first run is killed (40: mid-way through the train classes)")
     p.add_argument("--skip", action="append", default=[], choices=("prepare", "ilsvrc"))
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         train, _val, _ = lay_out(args.images, args.work, TRAIN_FILES, VAL_FILES // 1000)
         part_prepare(train.parent, args.work, args.kill_after)
     if "ilsvrc" not in args.skip:
-        part_ilsvrc(args.images, args.work, args.kill_after)
+        part_ilsvrc(args.images, args.work, args.kill_ilsvrc_after)
     return 0
 
 
