@@ -16,7 +16,7 @@ buffer (UTF-8, with file-system bytes kept by ``surrogateescape``) plus an ``int
 offset array, and the labels an ``int64`` array: three objects in all, whose pages a worker
 only reads.  Indexing builds the one ``str`` it returns and nothing else.  A ``prefix`` that
 every path shares (the tree's root) is kept once: ImageNet's 1.28M training paths are then
-~30 bytes each (``n01440764/n01440764_10026.JPEG``), ~58 MB in all with offsets and labels.
+~30 bytes each (``n01440764/n01440764_10026.JPEG``), ~55 MB in all with offsets and labels.
 """
 from __future__ import annotations
 
