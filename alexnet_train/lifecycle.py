@@ -382,7 +382,7 @@ def how_ranks_read_the_data(lines_of: list[list[str]]) -> str:
 
 
 def _check_and_decide(cfg: Config, resume: str, out: Path, lock: ckpt.RunLock, dist: DistInfo, say: Log,
-                      heard: Log | None = None):
+                      heard: Log):
     """Every rank: the config and the data (``heard`` gets the data lines).  Rank 0: OUT's lock
     and the resume point."""
     from .data import resolve_splits, with_demo_data
@@ -394,7 +394,7 @@ def _check_and_decide(cfg: Config, resume: str, out: Path, lock: ckpt.RunLock, d
     decode_notice = check_decode(cfg.data)
     if decode_notice:
         say(decode_notice)
-    splits = resolve_splits(cfg.data, heard or say)
+    splits = resolve_splits(cfg.data, heard)
     if cfg.model.num_classes is None:  # a new head for whatever classes train_dir holds
         cfg = replace(cfg, "model", num_classes=len(splits.classes))
         say(f"model.num_classes: {len(splits.classes)}, the class folders of {cfg.data.train_dir}")
