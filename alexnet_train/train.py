@@ -31,7 +31,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .agreement import Decision, RankAgreement
-from .config import Config, ConfigError, ScheduleConfig, config_to_dict
+from .config import Config, ConfigError, OptimConfig, ScheduleConfig, config_to_dict
 from .data.datasets import BadImages
 from .data.loaders import Loaders, Splits, build_loaders
 from .data.transforms import BatchPreprocess, DecodeOnDevice
@@ -231,6 +231,35 @@ def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool,
             for (head, decay), params in groups.items() if params]
 
 
+def build_sgd(model: nn.Module, cfg: OptimConfig, fused: bool) -> torch.optim.SGD:
+    """The run's SGD over :func:`param_groups`, its momentum started (:func:`start_momentum`)."""
+    optimizer = torch.optim.SGD(
+        param_groups(model, cfg.weight_decay, cfg.decay_biases, split_head=cfg.head_lr_mult != 1.0),
+        lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **({"fused": True} if fused else {}),
+    )
+    start_momentum(optimizer)
+    return optimizer
+
+
+def start_momentum(optimizer: torch.optim.SGD) -> None:
+    """Give every parameter a zero momentum buffer where it has none yet.
+
+    SGD makes the buffers at its first step.  The fused kernel allocates them uninitialised
+    (``empty_like``) and fills them in the kernel, which returns before writing anything when
+    GradScaler passes it ``found_inf``: an fp16 overflow at the first step (likely at the
+    starting scale of 65536) left garbage as momentum, and step 2 applied it to the weights.
+    With a zero buffer the first real step is the same one SGD takes without it
+    (momentum * 0 + grad = grad: dampening is 0), on every kernel.
+    """
+    for group in optimizer.param_groups:
+        if not group["momentum"]:
+            continue
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
 def versions() -> dict:
     import PIL
     import torchvision
@@ -329,14 +358,9 @@ class Trainer:
         self.net = self._compile(self._wrapped)
         # On CUDA the fused kernel: besides being one launch, it is the SGD that takes the
         # GradScaler's inf check on the device, so fp16 steps need no .item() (a host sync).
-        # The CPU keeps the default kernels, bit for bit as before.
+        # The CPU keeps the default kernels.
         self.fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.SGD(
-            param_groups(self.model, cfg.optim.weight_decay, cfg.optim.decay_biases,
-                         split_head=cfg.optim.head_lr_mult != 1.0),
-            lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov,
-            **({"fused": True} if self.fused else {}),
-        )
+        self.optimizer = build_sgd(self.model, cfg.optim, fused=self.fused)
         self.policy = LrPolicy(cfg.schedule, cfg.optim.lr, cfg.train.epochs)
         self.loaders: Loaders = build_loaders(cfg.data, splits, self.dist, seed, pin_memory=self.device.type == "cuda")
         self.clock = RunClock(cfg.train.epochs, len(self.loaders.train), len(self.loaders.val))
@@ -440,6 +464,7 @@ class Trainer:
         for group in self.optimizer.param_groups:  # the device picks the kernel, not the checkpoint
             group["fused"] = True if self.fused else None
             group["foreach"] = None
+        start_momentum(self.optimizer)  # a checkpoint written before the first step has no buffers
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.policy.load_state_dict(state["policy"])

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ import torchvision
 
 from alexnet_train.config import load_config
 from alexnet_train.model import build_model
+from alexnet_train.train import build_sgd
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_TRAIN = 1_281_167  # ILSVRC-2012 training images: one epoch
@@ -53,13 +55,15 @@ def sync(device: torch.device) -> None:
 
 def images_per_second(model: torch.nn.Module, device: torch.device, batch: int, steps: int, warmup: int,
                       amp: str = "none", channels_last: bool = False, crop: int = 224,
-                      max_seconds: float = 0.0, fused: bool = False) -> float:
+                      max_seconds: float = 0.0, optimizer=None) -> tuple[float, bool]:
+    """(images/s, whether the loss and the weights stayed finite).  ``optimizer``: a function
+    of the model that builds its optimizer (default: stock SGD, as imagenet/main.py's)."""
     model = model.to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4,
-                          **({"fused": True} if fused else {}))
+    opt = (optimizer(model) if optimizer is not None else
+           torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4))
     dtype = {"none": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     torch.backends.cuda.matmul.allow_tf32 = amp == "tf32"  # PyTorch's default: off (cuDNN's: on)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -67,7 +71,7 @@ def images_per_second(model: torch.nn.Module, device: torch.device, batch: int, 
     x = torch.randn(batch, 3, crop, crop, device=device, generator=gen).contiguous(memory_format=fmt)
     y = torch.randint(0, model_classes(model), (batch,), device=device, generator=gen)
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
@@ -75,6 +79,7 @@ def images_per_second(model: torch.nn.Module, device: torch.device, batch: int, 
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+        return loss.detach()
 
     for _ in range(warmup):
         step()
@@ -85,14 +90,17 @@ def images_per_second(model: torch.nn.Module, device: torch.device, batch: int, 
     # drain the launch queue that keeps the GPU busy and lower the rate measured.
     every = 5 if device.type == "cuda" else 1
     while done < steps:
-        step()
+        loss = step()
         done += 1
         if max_seconds and done % every == 0:
             sync(device)
             if time.perf_counter() - start >= max_seconds:
                 break
     sync(device)
-    return done * batch / (time.perf_counter() - start)
+    rate = done * batch / (time.perf_counter() - start)
+    # A variant that trains garbage has no speed worth printing (fp16 once went NaN at step 2).
+    finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return rate, finite
 
 
 def model_classes(model: torch.nn.Module) -> int:
@@ -127,8 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{name}, torch {torch.__version__}, batch {args.batch_size}, {args.steps} timed steps after {args.warmup}")
 
     torch.manual_seed(0)
-    base = images_per_second(torchvision.models.alexnet(), device, args.batch_size, args.steps, args.warmup,
-                             max_seconds=args.max_seconds)
+    base, finite = images_per_second(torchvision.models.alexnet(), device, args.batch_size, args.steps,
+                                     args.warmup, max_seconds=args.max_seconds)
+    if not finite:
+        print("baseline: the loss or the weights became NaN/inf; no figures", flush=True)
+        return 1
     print(f"{'baseline: torchvision.models.alexnet, float32':58s} {base:9.1f} images/s  1.00x  "
           f"{epoch_minutes(base)}", flush=True)
     best = 0.0
@@ -141,11 +152,15 @@ def main(argv: list[str] | None = None) -> int:
                     model = build_model(cfg.model)
                     if comp:
                         model = torch.compile(model)
-                    # alexnet-train's SGD on CUDA is the fused kernel (no host sync under fp16's scaler)
-                    rate = images_per_second(model, device, args.batch_size, args.steps, args.warmup, amp, cl,
-                                             max_seconds=args.max_seconds, fused=device.type == "cuda")
-                    best = max(best, rate)
+                    # alexnet-train's own SGD: fused on CUDA (no host sync under fp16's scaler)
+                    make = partial(build_sgd, cfg=cfg.optim, fused=device.type == "cuda")
+                    rate, finite = images_per_second(model, device, args.batch_size, args.steps, args.warmup,
+                                                     amp, cl, max_seconds=args.max_seconds, optimizer=make)
                     label = f"ours: {arch}, {amp}{', channels_last' if cl else ''}{', compiled' if comp else ''}"
+                    if not finite:
+                        print(f"{label:58s} the loss or the weights became NaN/inf: no figure", flush=True)
+                        continue
+                    best = max(best, rate)
                     print(f"{label:58s} {rate:9.1f} images/s  {rate / base:.2f}x  {epoch_minutes(rate)}", flush=True)
     print(f"speedup: {best / base:.2f}")
     return 0

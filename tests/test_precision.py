@@ -212,3 +212,50 @@ def test_eval_device_cuda_without_a_gpu_exits_2_with_torchs_reason(trained, caps
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1
     assert err.startswith("alexnet-eval: error: --device: cuda, but there is no usable CUDA device") and cuda_problem() in err
+
+
+def _poison_the_allocator(shapes: list[torch.Size]) -> None:
+    """Leave freed NaN-filled blocks of ``shapes`` behind, as a training step's temporaries do,
+    so that memory a kernel reads without writing holds garbage here, not fresh zero pages."""
+    for _ in range(4):
+        junk = [torch.full(shape, float("nan")) for shape in shapes]
+        del junk
+
+
+def test_fused_sgd_after_an_fp16_overflow_at_step_1_takes_stock_sgds_step_2():
+    """GradScaler skips a step whose gradients overflowed (likely at the first steps of fp16).
+    The fused SGD kernel (alexnet-train's on CUDA) then once kept uninitialised momentum
+    buffers, and step 2 moved the weights by that garbage."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from alexnet_train.train import build_sgd
+
+    cfg = load_config(DEMO, ["model.arch=custom", "model.conv_widths=[8,16,16,16,16]", "model.fc_widths=[32,32]",
+                             "model.num_classes=3", "model.init=kaiming"])
+    torch.manual_seed(0)
+    fused_model = build_model(cfg.model)
+    stock_model = copy.deepcopy(fused_model)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0])
+    for model, fused in ((fused_model, True), (stock_model, False)):
+        model.eval()  # no dropout: both models see the same function
+        opt = build_sgd(model, cfg.optim, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+        for step in (1, 2):
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(F.cross_entropy(model(x), y)).backward()
+            if step == 1:
+                for p in model.parameters():
+                    p.grad.fill_(float("inf"))  # what an fp16 overflow hands the scaler
+                _poison_the_allocator([p.shape for p in model.parameters()])
+            scaler.step(opt)
+            scaler.update()
+            if step == 1:
+                assert scaler.get_scale() == 2.0 ** 15  # the step was skipped, the scale halved
+                for p in model.parameters():
+                    assert torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p))
+    for a, b in zip(fused_model.parameters(), stock_model.parameters()):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
