@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from .data.datasets import BadImageError, BadImages, TooManyBadImages
-from .distributed import DistInfo, all_gather, all_reduce_max, rebuild_failure
+from .distributed import DistInfo, all_gather, all_reduce_max, rebuild_failure, save_group
 
 
 @dataclass(frozen=True)
@@ -83,23 +83,24 @@ class RankAgreement:
         else:
             self.pending_bad.extend((split, path, reason) for path, reason in bad)
 
-    def agree(self, *values: float) -> list[float]:
+    def agree(self, *values: float, group=None) -> list[float]:
         """The maximum of each value over all ranks (the values themselves in one process)."""
         if not self.distributed:
             return list(values)
         import torch.distributed as tdist
 
-        device = self.device if tdist.get_backend() == "nccl" else torch.device("cpu")
-        return all_reduce_max(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+        device = self.device if tdist.get_backend(group) == "nccl" else torch.device("cpu")
+        return all_reduce_max(torch.tensor(values, dtype=torch.float64, device=device), group).tolist()
 
-    def agree_failures(self, *values: float) -> list[float]:
+    def agree_failures(self, *values: float, group=None) -> list[float]:
         """:meth:`agree` of ``values`` and of whether any rank holds a failure or unshared
         unreadable files; if one does, every rank settles (and raises, for a failure)."""
         if not self.distributed:
             return list(values)
-        *agreed, failed, pending = self.agree(*values, self._held() is not None, len(self.pending_bad))
+        *agreed, failed, pending = self.agree(*values, self._held() is not None, len(self.pending_bad),
+                                              group=group)
         if failed or pending:
-            self._settle()
+            self._settle(group)
         return agreed
 
     def decide(self, stop: int, save: bool, nonfinite: bool) -> Decision:
@@ -107,21 +108,23 @@ class RankAgreement:
         stop_, save_, nonfinite_ = self.agree_failures(stop, save, nonfinite)
         return Decision(int(stop_), bool(save_), bool(nonfinite_))
 
-    def settle(self) -> None:
+    def settle(self, after_save: bool = False) -> None:
         """At a point every rank reaches (after validation, a save, the run): act on any
-        rank's held failure or unreadable files."""
-        self.agree_failures()
+        rank's held failure or unreadable files.  ``after_save``: the ranks wait here for rank
+        0's checkpoint write, in :func:`~alexnet_train.distributed.save_group` (its timeout is
+        dist.save_timeout_minutes, and NCCL's watchdog does not watch it)."""
+        self.agree_failures(group=save_group() if after_save else None)
 
     def _held(self) -> BaseException | None:
         return self.failure or self.held_elsewhere()
 
-    def _settle(self) -> None:
+    def _settle(self, group=None) -> None:
         """Every rank's held failure and unreadable files, shared: rank 0 logs each file once,
         every rank counts them all against data.max_bad_fraction, and if a rank failed every
         rank raises its error (the same class and line; rank 0 reports it)."""
         failure = self._held()
         mine = None if failure is None else (type(failure).__module__, type(failure).__qualname__, str(failure))
-        gathered = all_gather((mine, self.pending_bad), self.dist.world_size)
+        gathered = all_gather((mine, self.pending_bad), self.dist.world_size, group)
         self.pending_bad = []
         for _, bad in gathered:
             self.count_bad(len(bad))

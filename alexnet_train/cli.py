@@ -180,22 +180,17 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
     from .inference import load_for_inference
     from .lifecycle import join_process_group, launch_environment, leave_process_group
     from .tracking import Tracker
-    from .train import cuda_problem
+    from .train import resolve_device
 
     try:
         dist = launch_environment()
     except ConfigError as exc:
         _fail(prog, EXIT_CONFIG, str(exc))
     try:
-        problem = cuda_problem() if args.device != "cpu" else None
-        if args.device == "auto":
-            device = torch.device(f"cuda:{dist.local_rank % torch.cuda.device_count()}"
-                                  if problem is None else "cpu")
-        else:
-            device = torch.device(args.device)
-        if device.type == "cuda" and problem is not None:
-            raise DataError(f"--device: {args.device}, but there is no usable CUDA device here: {problem}")
+        # The training's rule: under torchrun or srun each rank takes the GPU of its local rank.
+        device, _ = resolve_device(args.device, dist.local_rank, dist.world_size, setting="--device")
         if device.type == "cuda":
+            torch.cuda.set_device(device)  # before anything allocates on "the current device"
             torch.backends.cudnn.benchmark = True
         loaded = load_for_inference(args.checkpoint, device)
         cfg = loaded.config
@@ -211,11 +206,9 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
         _fail(prog, EXIT_CONFIG, str(exc))
     except ckpt.CheckpointError as exc:
         _fail(prog, EXIT_RUNTIME, str(exc))
-    except RuntimeError as exc:  # a bad --device string
-        _fail(prog, EXIT_CONFIG, f"--device: {exc}")
 
     if dist.distributed:
-        join_process_group(dist, "auto", device.type)
+        join_process_group(dist, "auto", device)
     data_cfg = loaded.data
     batch_size = args.batch_size or data_cfg.batch_size
     workers = data_cfg.workers if args.workers is None else args.workers

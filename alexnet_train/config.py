@@ -300,11 +300,16 @@ class DistConfig:
     # How long any collective (the process group's rendezvous, a gradient all-reduce, the
     # ranks' agreements) may wait for a rank that has stopped answering before the run ends
     # with an error: NCCL's own default is 10 minutes, gloo's 30.  Longer than the slowest
-    # honest wait between ranks: one rank's checkpoint write, or its data scan at start.
+    # honest wait between ranks other than a checkpoint write: one rank's data scan at start.
     timeout_minutes: float = 5.0
+    # How long the other ranks wait for rank 0 to write a checkpoint (last.pth and its copies)
+    # before the run ends with "lost contact": a slow shared filesystem is not a dead peer.
+    # They wait in a CPU (gloo) group of its own, which NCCL's watchdog does not watch.
+    save_timeout_minutes: float = 30.0
 
     def __post_init__(self) -> None:
         _positive(self, "timeout_minutes")
+        _positive(self, "save_timeout_minutes")
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,31 @@ class DistInfo:
         return cls()
 
 
+def rank_gpu(local_rank: int, visible: int) -> int:
+    """The index, among the ``visible`` GPUs this process sees, of the one GPU of the process
+    with ``local_rank``: the rule every part of a run (DDP's ``device_ids``, the inputs,
+    evaluation, checkpoint loading) follows.  Pure.
+
+    - one process per GPU with all of the node's GPUs visible (torchrun, or srun with
+      ``--gres=gpu:N``): GPU ``local_rank``;
+    - one visible GPU per task (Slurm ``--gpus-per-task=1``, or ``CUDA_VISIBLE_DEVICES`` set
+      per rank): GPU 0, whatever the local rank;
+    - one process over all visible GPUs (``dist.mode: dp``, or no launcher): GPU 0, the first.
+
+    More local ranks than visible GPUs would put two ranks on one GPU, which NCCL refuses:
+    ValueError, saying what is wrong.
+    """
+    if visible < 1:
+        raise ValueError("this process sees no CUDA device")
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise ValueError(f"local rank {local_rank} but this process sees only {visible} GPUs (0-{visible - 1}): "
+                     "start at most one process per visible GPU (torchrun --nproc_per_node, or Slurm's "
+                     "--ntasks-per-node), or give each task its own GPU (--gpus-per-task=1)")
+
+
 def slurm_init_method(env: Mapping[str, str]) -> str:
     """``tcp://HOST:PORT`` of rank 0 in a Slurm step; MASTER_ADDR / MASTER_PORT override either part."""
     nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
@@ -109,6 +134,18 @@ def first_host(nodelist: str) -> str:
     return prefix + first
 
 
+# A CPU (gloo) group over every rank with dist.save_timeout_minutes, for the wait on rank 0's
+# checkpoint writes; set by lifecycle.join_process_group (None: the default group is used).
+SAVE_GROUP = None
+
+
+def save_group():
+    """The group in which the ranks wait for rank 0's checkpoint write (None: the default one)."""
+    import torch.distributed as tdist
+
+    return SAVE_GROUP if SAVE_GROUP is not None and tdist.is_initialized() else None
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over all processes of the initialised group (in place) and return it."""
     import torch.distributed as tdist
@@ -117,20 +154,20 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+def all_reduce_max(t: torch.Tensor, group=None) -> torch.Tensor:
     """Element-wise maximum of ``t`` over all processes (in place): what every rank agrees on."""
     import torch.distributed as tdist
 
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=group)
     return t
 
 
-def all_gather(value: object, world_size: int) -> list:
+def all_gather(value: object, world_size: int, group=None) -> list:
     """``value`` of every rank, in rank order (any picklable object)."""
     import torch.distributed as tdist
 
     gathered: list = [None] * world_size
-    tdist.all_gather_object(gathered, value)
+    tdist.all_gather_object(gathered, value, group=group)
     return gathered
 
 

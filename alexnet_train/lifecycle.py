@@ -4,7 +4,7 @@ Usage::
 
     result = run_training(cfg, resume="auto", log=print)   # cli maps its exceptions to exit codes
     dist = launch_environment(cfg.dist.mode)              # torchrun / srun / one process, checked
-    join_process_group(dist, backend="auto", device="cpu")  # and leave_process_group() after
+    join_process_group(dist, backend="auto", device=torch.device("cpu"))  # and leave_process_group() after
 
 In order, :func:`run_training` reads the launch environment, locks OUT (a lock
 that dies with this process and is never shared with its loader workers),
@@ -105,25 +105,52 @@ SINGLE_PROCESS_NOTICE = (
     "(for N GPUs: torchrun --nproc_per_node N -m alexnet_train --config ..., or srun)")
 
 
-def join_process_group(dist: DistInfo, backend: str, device: str, timeout_minutes: float = 5.0) -> None:
+def join_process_group(dist: DistInfo, backend: str, device, timeout_minutes: float = 5.0,
+                       save_timeout_minutes: float | None = None) -> None:
     """Join the group of ``dist.world_size`` processes (any launch under dist.mode=ddp).
 
+    ``device`` is this process's device from :func:`~alexnet_train.train.resolve_device` (a
+    ``torch.device`` with its index on CUDA; a bare type string is taken as that type's first
+    device): a CUDA one is made current here, whatever the backend, so that nothing that
+    allocates on "the current device" lands on another rank's GPU.
     ``timeout_minutes`` (dist.timeout_minutes) bounds every collective of the group, the
     rendezvous included: a rank that stops answering ends the run instead of hanging it.
+    ``save_timeout_minutes`` (dist.save_timeout_minutes), when given, bounds the wait for rank
+    0's checkpoint writes instead, in a CPU group of its own (:func:`~alexnet_train.distributed.save_group`).
+
+    Under NCCL, a collective that outlives the timeout is handled by PyTorch's watchdog thread.
+    Its default (``TORCH_NCCL_ASYNC_ERROR_HANDLING=3``) kills the process with SIGABRT and a C++
+    dump; here it defaults to 2, which aborts the communicators and lets the error reach this
+    thread, so the rank ends as gloo's do: one "lost contact" line and exit 1.  A value the
+    user set is kept.
     """
     from datetime import timedelta
 
     import torch
     import torch.distributed as tdist
 
+    from . import distributed
+
+    device = torch.device(device)
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+        backend = "nccl" if torch.cuda.is_available() and device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)
+        torch.cuda.set_device(device)
+    options = {}
     if backend == "nccl":
-        # Slurm's --gpus-per-task may leave each task one visible GPU.
-        torch.cuda.set_device(dist.local_rank % torch.cuda.device_count())
+        for key, value in NCCL_ENVIRONMENT.items():
+            os.environ.setdefault(key, value)
+        if device.type == "cuda":
+            options["device_id"] = device  # binds the group to this rank's GPU: no guess at barrier()
+    distributed.SAVE_GROUP = None
     try:
         tdist.init_process_group(backend, init_method=dist.init_method, rank=dist.rank,
-                                 world_size=dist.world_size, timeout=timedelta(minutes=timeout_minutes))
+                                 world_size=dist.world_size, timeout=timedelta(minutes=timeout_minutes),
+                                 **options)
+        if save_timeout_minutes is not None:
+            distributed.SAVE_GROUP = tdist.new_group(backend="gloo",
+                                                     timeout=timedelta(minutes=save_timeout_minutes))
     except Exception as exc:  # noqa: BLE001 - the rendezvous or the backend's connect: one line
         if not is_collective_error(exc):
             raise
@@ -135,6 +162,13 @@ def join_process_group(dist: DistInfo, backend: str, device: str, timeout_minute
                     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
         raise PeerLost(f"rank {dist.rank}: cannot join the {dist.world_size} processes at {dist.init_method} "
                        f"({_first_line(exc)}){hint}") from None
+
+
+# What join_process_group sets for NCCL unless the environment already does.  2: at a
+# collective's timeout the watchdog aborts the communicators and the waiting call raises (see
+# join_process_group); the heartbeat monitor (TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC, 480 s by
+# default) still ends a process whose watchdog itself hangs in that abort.
+NCCL_ENVIRONMENT = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
 
 
 def leave_process_group() -> None:
@@ -249,12 +283,17 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
     # the others give up at the rendezvous after dist.timeout_minutes.
     device, device_line = resolve_device(cfg.train.device, dist.local_rank)  # ConfigError before OUT is touched
     say(f"device: {device_line}")
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)  # the one GPU of this process, current before anything allocates
 
     with ckpt.RunLock(out) as lock:
         if group:
             say(f"dist: rank {dist.rank} of {dist.world_size} from {dist.launcher}"
                 + (f", rendezvous {dist.init_method}" if dist.launcher == "slurm" else ""))
-            join_process_group(dist, cfg.dist.backend, device.type, cfg.dist.timeout_minutes)
+            join_process_group(dist, cfg.dist.backend, device, cfg.dist.timeout_minutes,
+                               cfg.dist.save_timeout_minutes)
         tracker = None
         try:
             together = Together(dist, group)
@@ -291,7 +330,7 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
             with StopSignals(tracker.log) as stop:
                 try:
                     result = fit(cfg, splits, out, tracker, dist, point.state if point else None, pretrained,
-                                 stop=stop, resume_path=point.path if point else None)
+                                 stop=stop, resume_path=point.path if point else None, device=device)
                 except Interrupted as exc:
                     exc.report = dist.is_main
                     raise

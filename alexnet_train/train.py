@@ -35,7 +35,7 @@ from .config import Config, ConfigError, OptimConfig, ScheduleConfig, config_to_
 from .data.datasets import BadImages
 from .data.loaders import Loaders, Splits, build_loaders
 from .data.transforms import BatchPreprocess, DecodeOnDevice
-from .distributed import DistInfo, all_reduce_sum
+from .distributed import DistInfo, all_reduce_sum, rank_gpu
 from .evaluate import EvalResult, evaluate
 from .logwindow import LogWindow
 from .model import build_model
@@ -188,22 +188,45 @@ def cuda_problem() -> str | None:
     return None
 
 
-def resolve_device(kind: str, local_rank: int = 0) -> tuple[torch.device, str]:
-    """(device, what it is and why) for ``train.device``: auto | cpu | cuda.
+def resolve_device(kind: str, local_rank: int = 0, world_size: int = 1,
+                   setting: str = "train.device") -> tuple[torch.device, str]:
+    """(device, what it is and why) for ``kind``: auto | cpu | cuda (and cuda:N, for evaluation
+    in one process).  The one place a process's device is chosen.
 
-    ``cuda`` without a usable GPU is a ConfigError (one line, torch's reason); ``auto`` then
-    falls back to the CPU and says why.  Under DDP the description names ``local_rank``'s
-    GPU, the one NCCL's process group makes current, without touching it.
+    A CUDA device always carries its index, the GPU of :func:`~alexnet_train.distributed.rank_gpu`
+    for ``local_rank`` among the GPUs this process sees, so nothing that later moves a tensor or
+    a model depends on which device happens to be current.  ``cuda`` without a usable GPU, a
+    ``cuda:N`` under a launch of several processes (every rank would take GPU N), or more local
+    ranks than visible GPUs is a ConfigError naming ``setting``; ``auto`` without a GPU falls
+    back to the CPU and says why.
     """
     if kind == "cpu":
-        return torch.device("cpu"), "cpu (train.device: cpu)"
+        return torch.device("cpu"), f"cpu ({setting}: cpu)"
+    try:
+        requested = torch.device(kind if kind != "auto" else "cuda")
+    except RuntimeError as exc:
+        raise ConfigError(f"{setting}: {kind!r}: {exc}") from None
+    if requested.type != "cuda":
+        raise ConfigError(f"{setting}: {kind!r}: expected auto, cpu, cuda or cuda:N")
+    if requested.index is not None and world_size > 1:
+        raise ConfigError(f"{setting}: {kind} under a launch of {world_size} processes would put every rank "
+                          "on that one GPU; pass cuda (each rank takes the GPU of its local rank)")
     problem = cuda_problem()
     if problem is not None:
-        if kind == "cuda":
-            raise ConfigError(f"train.device: cuda, but there is no usable CUDA device here: {problem}")
+        if kind != "auto":
+            raise ConfigError(f"{setting}: {kind}, but there is no usable CUDA device here: {problem}")
         return torch.device("cpu"), f"cpu: no CUDA device ({problem})"
-    index = local_rank % torch.cuda.device_count()
-    return torch.device("cuda"), f"cuda:{index} {torch.cuda.get_device_name(index)} (train.device: {kind})"
+    visible = torch.cuda.device_count()
+    if requested.index is not None:
+        if requested.index >= visible:
+            raise ConfigError(f"{setting}: {kind}, but this process sees {visible} GPU(s)")
+        index = requested.index
+    else:
+        try:
+            index = rank_gpu(local_rank, visible)
+        except ValueError as exc:
+            raise ConfigError(f"{setting}: {kind}: {exc}") from None
+    return torch.device("cuda", index), f"cuda:{index} {torch.cuda.get_device_name(index)} ({setting}: {kind})"
 
 
 def configure_cuda(tf32: bool) -> None:
@@ -325,10 +348,12 @@ class FitResult:
 class Trainer:
     def __init__(self, cfg: Config, splits: Splits, out_dir: Path, tracker: Tracker,
                  dist: DistInfo | None = None, resume_state: dict | None = None,
-                 pretrained: Pretrained | None = None, resume_path: Path | None = None) -> None:
+                 pretrained: Pretrained | None = None, resume_path: Path | None = None,
+                 device: torch.device | None = None) -> None:
         self.cfg, self.splits, self.out_dir, self.tracker = cfg, splits, out_dir, tracker
         self.dist = dist or DistInfo()
-        self.device, _ = resolve_device(cfg.train.device, self.dist.local_rank)
+        # The lifecycle chose it (and made it current) before the process group; alone, choose here.
+        self.device = device if device is not None else resolve_device(cfg.train.device, self.dist.local_rank)[0]
         if self.device.type == "cuda":
             configure_cuda(cfg.train.tf32)
         if self.device.type == "cpu" and cfg.train.threads:
@@ -454,7 +479,7 @@ class Trainer:
                 return model
             return FeaturesDataParallel(model, self.amp_dtype)
         if mode == "ddp" and self.dist.distributed:
-            ids = [self.dist.local_rank] if self.device.type == "cuda" else None
+            ids = [self.device.index] if self.device.type == "cuda" else None
             return nn.parallel.DistributedDataParallel(model, device_ids=ids)
         return model
 
@@ -525,7 +550,7 @@ class Trainer:
                 failure = exc
         if failure is not None:
             self.agreement.fail(failure)  # one process: raised here
-        self.agreement.settle()
+        self.agreement.settle(after_save=True)
         self.saves.saved()
         self.last_saved = f"the last good checkpoint, {last} ({self._position()}), is kept"
         return last
@@ -774,8 +799,9 @@ def _until(loader, stop: StopRequest):
 
 def fit(cfg: Config, splits: Splits, out_dir: Path, tracker: Tracker, dist: DistInfo | None = None,
         resume_state: dict | None = None, pretrained: Pretrained | None = None,
-        stop: StopRequest | None = None, resume_path: Path | None = None) -> FitResult:
-    trainer = Trainer(cfg, splits, out_dir, tracker, dist, resume_state, pretrained, resume_path)
+        stop: StopRequest | None = None, resume_path: Path | None = None,
+        device: torch.device | None = None) -> FitResult:
+    trainer = Trainer(cfg, splits, out_dir, tracker, dist, resume_state, pretrained, resume_path, device)
     try:
         return trainer.run(stop)
     finally:

@@ -28,6 +28,19 @@ one, e.g. full_disk_rank0 without root, is not tried).  --work (default: a new t
 folder) holds the data, every run's OUT and per-rank logs; it is removed at the end unless
 --keep.
 
+What it proves, and for which backend.  Every run here is gloo on CPUs, so what it proves is
+what does not depend on the backend: every rank takes the same path (each decision is the same
+collective call under gloo and NCCL), the exit codes, whole checkpoints, and exact resume.
+Rank 0's slow checkpoint write is waited on in a gloo group of its own under either backend
+(tests/test_ddp_agreement.py shows a write slower than dist.timeout_minutes is no lost peer).
+What it cannot test here is NCCL's watchdog: with NCCL, a collective that outlives
+dist.timeout_minutes is ended by PyTorch's watchdog thread, not by the call that waits.
+alexnet-train sets TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (unless it is set), so the watchdog aborts
+the communicators and the error reaches the waiting call (one "lost contact" line, exit 1)
+instead of SIGABRT; should that abort itself hang, PyTorch's heartbeat monitor ends the process
+after TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC (480 s by default) with SIGABRT (exit 134).  Showing that
+on a given driver and NCCL release takes two or more GPUs; the summary line says so.
+
 Per-rank exit codes come from the kernel's proc connector (netlink, root), which sees every
 process exit: torchrun reports no codes when it is itself signalled (it raises and prints its
 own traceback), and when one worker fails it SIGTERMs that worker's local siblings before they
@@ -1204,6 +1217,8 @@ def main(argv: list[str] | None = None) -> int:
     tried = [o for o in outcomes if o.status != "skipped"]
     clean = [o for o in tried if o.status == "clean"]
     print(f"faults: {len(tried)} tried, {len(clean)} clean")
+    print("backend: gloo on CPUs; NCCL's watchdog (what ends a rank whose NCCL peer stops answering) "
+          "is not exercised: see --help")
     if args.report:
         report = {"tried": len(tried), "clean": len(clean), "work": str(work) if args.keep else None,
                   "reference_seconds": ctx.reference_seconds,

@@ -132,9 +132,10 @@ def _port_job() -> int:
 
 
 class Ranks:
-    """Two srun-like tasks of one step; ``argv`` per rank; optionally one process group."""
+    """Two srun-like tasks of one step; ``argv`` per rank; optionally one process group.
+    ``program``: what each task runs (default: the alexnet-train console script)."""
 
-    def __init__(self, argvs: list[list[str]], one_group: bool = False) -> None:
+    def __init__(self, argvs: list[list[str]], one_group: bool = False, program: list[str] | None = None) -> None:
         job = _port_job()
         self.procs: list[subprocess.Popen] = []
         for rank, argv in enumerate(argvs):
@@ -145,7 +146,8 @@ class Ranks:
             group = {}
             if one_group:
                 group = {"process_group": 0 if rank == 0 else self.procs[0].pid}  # one group, this session
-            self.procs.append(subprocess.Popen([console_script("alexnet-train"), *argv], env=env, text=True,
+            self.procs.append(subprocess.Popen([*(program or [console_script("alexnet-train")]), *argv],
+                                               env=env, text=True,
                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=1,
                                                **group))
 
@@ -340,6 +342,50 @@ def test_a_rank_that_stops_answering_ends_the_run_within_dist_timeout(tree, tmp_
     assert TRACEBACK not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("alexnet-train: error: rank 0: lost contact with the other ranks")
+
+
+# alexnet-train whose rank 0 takes SLOW_SAVE_SECONDS to write each checkpoint: a shared
+# filesystem under load, or a slow NFS server (the write itself is the real one).
+SLOW_SAVE = """
+import os, sys, time
+from alexnet_train import checkpoint
+from alexnet_train.cli import train_main
+write = checkpoint.save_checkpoint
+def slow_write(*args, **kwargs):
+    if os.environ["SLURM_PROCID"] == "0":
+        time.sleep(float(os.environ["SLOW_SAVE_SECONDS"]))
+    return write(*args, **kwargs)
+checkpoint.save_checkpoint = slow_write
+train_main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_rank_0s_checkpoint_write_slower_than_dist_timeout_is_no_lost_peer(tree, tmp_path, monkeypatch):
+    """The other ranks wait for rank 0's write under dist.save_timeout_minutes (30 by default),
+    not dist.timeout_minutes: here 12 s against 6 s once ended both ranks with "lost contact"."""
+    import sys
+
+    train, val = tree
+    out = tmp_path / "out"
+    monkeypatch.setenv("SLOW_SAVE_SECONDS", "12")
+    started = time.monotonic()
+    results = Ranks([args(train, val, out, "dist.timeout_minutes=0.1", epochs=1)] * 2,
+                    program=[sys.executable, "-c", SLOW_SAVE]).wait(timeout=150)
+    assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+    _no_tracebacks(results)
+    assert time.monotonic() - started > 12  # the slow write did happen
+    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 1
+
+    # The same write against a save timeout shorter than it: every rank ends, with one line.
+    monkeypatch.setenv("SLOW_SAVE_SECONDS", "20")
+    again = tmp_path / "again"
+    results = Ranks([args(train, val, again, "dist.timeout_minutes=0.1", "dist.save_timeout_minutes=0.1",
+                          epochs=1)] * 2, program=[sys.executable, "-c", SLOW_SAVE]).wait(timeout=150)
+    assert [code for code, _, _ in results] == [1, 1], results[0][2][-2000:] + results[1][2][-2000:]
+    _no_tracebacks(results)
+    assert "lost contact" in results[1][2]
+    assert torch.load(again / "last.pth", weights_only=True)["epoch"] == 1  # rank 0's write finished whole
 
 
 @pytest.mark.slow
