@@ -19,6 +19,8 @@ The parts, in this order, each a subprocess; share = of the time left when it st
                                                            precision (fp32, tf32, bf16, fp16, bf16 +
                                                            channels_last) through Trainer.train_epoch on
                                                            DIR's images: finite loss, seconds, host syncs
+  cuda_guards               25 %   60 s         6 %  10 s  pytest -m "cuda and guard": fp16's step 2 after an
+                                                           overflow, one device per rank, the sync-free step
   bench_model               20 %   40 s        13 %  12 s  the model's ceiling, eager: paper/torchvision x
                                                            none/tf32/bf16/fp16 x NCHW/channels_last
   bench_train_worker         9 %   30 s        13 %  15 s  the whole step, ours against a pytorch/examples
@@ -26,16 +28,19 @@ The parts, in this order, each a subprocess; share = of the time left when it st
   bench_train_device         9 %   30 s        13 %  15 s  the same with data.decode=device
   paper_run                 12 %   40 s        26 %  25 s  configs/paper.yaml, one epoch of N steps with the
                                                            best eager variant, one checkpoint at its end
-  cuda_tests                28 %   45 s        20 %  10 s  pytest -m cuda, each test's outcome
+  cuda_tests                22 %   45 s        16 %  10 s  pytest -m "cuda and not guard", each test's outcome
   compiled                  14 %   75 s          (skipped) torch.compile'd variants, best eager precision
 
 Why this order: a window can end early, so what the README needs most comes first.
 The smoke part is cheap and says at once whether each precision trains at all (a NaN
-under fp16 makes every later fp16 number moot); bench_model's best variant is the
+under fp16 makes every later fp16 number moot); the guard tests come next, inside any
+budget of 300 s: they check what would corrupt a run or stop it before step 1 (fp16's
+momentum after a skipped step, the GPU each rank takes, a step without host syncs), and
+a number measured on a run they fail is moot; bench_model's best variant is the
 headline (minutes per ImageNet epoch if the loader keeps up) and picks the variant
 the later parts use; bench_train says whether our loader and step keep up with it;
 the paper run confirms it end to end at the paper's settings and sizes itself from
-bench_train's rate.  ``pytest -m cuda`` comes after the numbers: its tests are
+bench_train's rate.  The other cuda tests come after the numbers: they are
 correctness checks whose CPU halves already pass here, and a cut run still records
 each test that finished.  Compiling takes a minute or more per variant, for a gain
 the eager numbers already bound, so it runs last, on what is left.
@@ -121,6 +126,8 @@ class Spec:
 SPECS = (
     Spec("smoke", "one real paper.yaml training step per precision (Trainer.train_epoch on DIR's images)",
          (0.08, 30), (0.15, 28)),
+    Spec("cuda_guards", "pytest -m 'cuda and guard': fp16's step 2, one device per rank, the sync-free step",
+         (0.25, 60), (0.06, 10)),
     Spec("bench_model", "model-only training step on a batch already on the device, eager "
          "(the ceiling); ratio to torchvision's AlexNet in float32", (0.20, 40), (0.13, 12)),
     Spec("bench_train_worker", "whole training step, ours vs a pytorch/examples loop, data.decode=worker",
@@ -129,7 +136,8 @@ SPECS = (
          (0.09, 30), (0.13, 15)),
     Spec("paper_run", "configs/paper.yaml: one epoch of N steps, best eager variant, one checkpoint at the end",
          (0.12, 40), (0.26, 25)),
-    Spec("cuda_tests", "pytest -m cuda: the tests of what behaves differently on CUDA", (0.28, 45), (0.20, 10)),
+    Spec("cuda_tests", "pytest -m 'cuda and not guard': the other tests of what behaves differently on CUDA",
+         (0.22, 45), (0.16, 10)),
     Spec("compiled", "torch.compile'd bench_model variants at the best eager precision", (0.14, 75), None),
 )
 NAMES = [s.name for s in SPECS]
@@ -750,10 +758,12 @@ class Check:
             problem = "alexnet-train ended without writing last.pth"
         return ran, problem
 
-    def part_cuda_tests(self, part: dict, seconds: float, deadline: float) -> tuple[Ran, str | None]:
+    def part_cuda_tests(self, part: dict, seconds: float, deadline: float,
+                        marks: str = "cuda and not guard") -> tuple[Ran, str | None]:
         figures = part["figures"]
         tests = figures.setdefault("tests", {})
-        xml = self.work / "cuda-tests.xml"
+        name = part["name"]
+        xml = self.work / f"{name.replace('_', '-')}.xml"
 
         def on_line(_at, line):
             m = PYTEST_LINE.match(line.strip())
@@ -761,7 +771,7 @@ class Check:
                 tests[m["id"]] = m["outcome"].lower() + (f": {m['reason']}" if m["reason"] else "")
                 return True
 
-        ran = self.run("cuda_tests", [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider",
+        ran = self.run(name, [sys.executable, "-m", "pytest", "-m", marks, "-v", "-p", "no:cacheprovider",
                                       "--color=no", f"--junitxml={xml}", "tests"],
                        deadline, self.cut_why(deadline), on_line, part,
                        env=dict(self.pyenv, COLUMNS="200"))  # -v cuts skip reasons to the terminal's width
@@ -813,6 +823,7 @@ class Check:
                       "bench_train_worker": lambda p, s, d: self.part_bench_train(p, s, d, "worker"),
                       "bench_train_device": lambda p, s, d: self.part_bench_train(p, s, d, "device"),
                       "paper_run": self.part_paper_run, "cuda_tests": self.part_cuda_tests,
+                      "cuda_guards": lambda p, s, d: self.part_cuda_tests(p, s, d, marks="cuda and guard"),
                       "compiled": lambda p, s, d: self.part_bench_model(p, s, d, compiled=True)}[spec.name]
             try:
                 ran, problem = runner(part, seconds, deadline)
@@ -956,7 +967,7 @@ def cuda_tests_lines(f: dict, _p: dict) -> list[str]:
 
 FIGURE_LINES = {"smoke": smoke_lines, "bench_model": bench_model_lines, "compiled": bench_model_lines,
                 "bench_train_worker": bench_train_lines, "bench_train_device": bench_train_lines,
-                "paper_run": paper_run_lines, "cuda_tests": cuda_tests_lines}
+                "paper_run": paper_run_lines, "cuda_tests": cuda_tests_lines, "cuda_guards": cuda_tests_lines}
 
 
 def print_plan(check: Check, probed: bool) -> None:

@@ -21,7 +21,7 @@ from .conftest import CLASSES, REPO, write_image_folder
 pytestmark = pytest.mark.slow
 
 SCRIPT = REPO / "scripts" / "gpu_check.py"
-PARTS = ["smoke", "bench_model", "bench_train_worker", "bench_train_device", "paper_run", "cuda_tests", "compiled"]
+PARTS = ["smoke", "cuda_guards", "bench_model", "bench_train_worker", "bench_train_device", "paper_run", "cuda_tests", "compiled"]
 
 
 @pytest.fixture
@@ -166,3 +166,22 @@ def test_a_cut_part_loses_its_whole_process_group_even_what_ignores_sigterm(tmp_
     finally:
         sys.modules.pop(spec.name, None)
         shutil.rmtree(getattr(locals().get("check"), "work", "/nonexistent"), ignore_errors=True)
+
+
+def test_on_a_gpu_the_guard_tests_run_second_and_finish_inside_a_300_s_budget():
+    """fp16's step 2, the device per rank and the sync-free step must be checked in any window
+    of 300 s, even when the smoke part takes all of its time (plus the probe's worst case)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    names = [s.name for s in gpu_check.SPECS]
+    assert names[:2] == ["smoke", "cuda_guards"]
+    left = 300 - gpu_check.MARGIN_S - gpu_check.PROBE_S
+    shares = [s.gpu[0] for s in gpu_check.SPECS]
+    smoke = max(gpu_check.SPECS[0].gpu[1], left * shares[0] / sum(shares))
+    left -= smoke
+    share, need = gpu_check.SPECS[1].gpu
+    guards = max(need, left * share / sum(shares[1:]))
+    assert guards >= need and smoke + guards <= 300 - gpu_check.MARGIN_S - gpu_check.PROBE_S

@@ -150,7 +150,7 @@ def test_evaluation_under_autocast_matches_float32(trained):
     assert ref.top1 > 40  # it learnt something (chance is 33%), so flips would show
     # Measured on this 2-core CPU (torch 2.14.1): float32 52.22%, bf16 52.22% (loss +0.26%),
     # fp16 53.33% (one image of 90 flipped, loss -0.03%).  The bounds: two images, 1% of the loss.
-    # tests/test_cuda.py holds the GPU to the same bounds.
+    # (CUDA's autocast casts other ops: tests/test_cuda.py bounds the GPU by each format's rounding.)
     for dtype in (torch.bfloat16, torch.float16):
         got = results[dtype]
         assert got.images == ref.images == 90
