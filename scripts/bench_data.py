@@ -2,6 +2,7 @@
 """Training-input throughput: ours against torchvision's standard pipeline, in one run.
 
     python scripts/bench_data.py --data data/imagenet-sample/train [--workers 2] [--prepared DIR]
+    python scripts/bench_data.py --data data/imagenet-sample/train --handoff [--workers 2] [--batch-size 128]
 
 The README's figures were measured on the 1000 full-resolution photos (one per
 ILSVRC-2012 class) that ``alexnet-data imagenet-sample data/imagenet-sample`` lays
@@ -28,11 +29,26 @@ multi-process DataLoader instead and divides by N.  Every timed pass follows
 an untimed one, so all files are in the page cache for both pipelines.  The last line compares ours
 with torchvision on the original JPEGs:
 ``speedup: original=<ours on originals / tv> prepared=<ours on the copy / tv>``.
+
+``--handoff`` measures instead what a batch costs the training process to receive
+from a worker, for both ``data.decode`` modes: ours (``worker``: one stacked
+channels-last tensor, :func:`collate_hwc`; ``device``: one
+:class:`EncodedBatch`, the JPEGs in one shared buffer) against a baseline that
+hands over one tensor per image (``data.decode: device`` did until it was
+packed: each is a shared-memory segment and a file descriptor passed over a
+socket).  Decoding is kept out of it: the items are made here first, the
+workers (default 2, batch 128) only collate and send them, and every round
+waits until the workers have the whole round's batches ready (prefetch 4 per
+worker) before it times ``next()`` and the batch's release.  The last line:
+``handoff: device=<us/image> worker=<us/image> baseline=<us/image> ratio=<baseline / device>``.
 """
 from __future__ import annotations
 
 import argparse
+import io
+import math
 import os
+import pickle
 import statistics
 import sys
 import tempfile
@@ -44,10 +60,11 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 from alexnet_train.config import DataConfig
-from alexnet_train.data.datasets import ImageDataset, scan_image_folder
-from alexnet_train.data.loaders import EpochSampler, worker_init
+from alexnet_train.data.datasets import EncodedDataset, EncodedImage, ImageDataset, scan_image_folder
+from alexnet_train.data.decode import DEVICE_DECODER
+from alexnet_train.data.loaders import EpochSampler, close_loader, make_loader, worker_init
 from alexnet_train.data.prepare import prepare_tree
-from alexnet_train.data.transforms import TrainPreset, collate_hwc
+from alexnet_train.data.transforms import TrainPreset, collate_encoded, collate_hwc
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -82,19 +99,143 @@ def images_per_s(loader: DataLoader, repeats: int) -> tuple[float, int]:
     return statistics.median(rates), n
 
 
+class Replay(torch.utils.data.Dataset):
+    """Items made beforehand, so that the workers only collate and send."""
+
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]):
+        return self.items[key[0]]
+
+
+def collate_per_image(batch: list) -> tuple[list, torch.Tensor, list]:
+    """The baseline: one tensor per image in a list (for data.decode: device, a JPEG's bytes as
+    a uint8 tensor with its plan, as the hand-off was before EncodedBatch)."""
+    good = [(item, t) for item, t in batch if item is not None]
+    out = [(torch.frombuffer(bytearray(item.data), dtype=torch.uint8), item.path, item.plan)
+           if isinstance(item, EncodedImage) else item for item, _ in good]
+    return out, torch.tensor([t for _, t in good], dtype=torch.int64), [t for item, t in batch if item is None]
+
+
+class _TensorCount(pickle.Pickler):
+    """Counts the tensors a pickle holds: each crosses processes as its own shared-memory segment."""
+
+    def __init__(self) -> None:
+        super().__init__(io.BytesIO())
+        self.tensors = 0
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor):
+            self.tensors += 1
+            return torch.empty, (0,)
+        return NotImplemented
+
+
+def tensors_per_batch(batch) -> int:
+    counter = _TensorCount()
+    counter.dump(batch)
+    return counter.tensors
+
+
+def handoff_us(items: list, collate, batch: int, workers: int, rounds: int) -> tuple[float, float, int]:
+    """(microseconds per image the main process spends in next(), and in releasing the batch,
+    tensors per batch), each the median over ``rounds`` of a round's total, the workers ahead.
+
+    A round is what make_loader keeps in flight at once (prefetch 4 per worker), so after the
+    wait every batch of it is ready and no worker runs while it is timed.  Totals, not single
+    batches: a next() that finds a later batch first unpickles that one too, for a later call.
+    """
+    n = min(len(items), workers * 4 * batch)
+    items = items[:n]
+    started = time.perf_counter()
+    one = collate(items[:batch])
+    collate_s = time.perf_counter() - started
+    tensors = tensors_per_batch(one)
+    del one
+    # Time for the workers to collate and send every batch of a round, with room to spare.
+    settle = 1.0 + 4 * math.ceil(math.ceil(n / batch) / workers) * collate_s
+    loader = make_loader(Replay(items), EpochSampler(n, shuffle=False), batch, workers, False, collate)
+    receive, release = [], []
+    try:
+        for _ in range(rounds + 1):  # the first round starts the workers: untimed
+            it = iter(loader)
+            time.sleep(settle)
+            spent, freed, images = 0.0, 0.0, 0
+            while True:
+                started = time.perf_counter()
+                try:
+                    got = next(it)
+                except StopIteration:
+                    break
+                received = time.perf_counter()
+                images += len(got[1])
+                del got  # the last reference: the shared memory is unmapped and freed here
+                spent += received - started
+                freed += time.perf_counter() - received
+            receive.append(1e6 * spent / images)
+            release.append(1e6 * freed / images)
+    finally:
+        close_loader(loader)
+    return statistics.median(receive[1:]), statistics.median(release[1:]), tensors
+
+
+def handoff_main(args) -> int:
+    cfg = DataConfig()
+    _classes, samples = scan_image_folder(args.data)
+    keys = list(EpochSampler(len(samples), seed=0))
+    started = time.perf_counter()
+    encoded_ds, worker_ds = EncodedDataset(samples, TrainPreset(cfg)), ImageDataset(samples, TrainPreset(cfg))
+    encoded = [encoded_ds[key] for key in keys]
+    finished = [worker_ds[key] for key in keys]
+    jpegs = sum(isinstance(item, EncodedImage) for item, _ in encoded)
+    print(f"items: {len(keys)} made in {time.perf_counter() - started:.1f}s; data.decode: device ships {jpegs} as "
+          f"JPEG bytes ({DEVICE_DECODER} decodes them), {len(keys) - jpegs} as crops finished in the worker")
+    workers = args.workers or 2
+    print(f"hand-off: {workers} workers, batch {args.batch_size}, median of {args.repeats} rounds, workers ahead; "
+          "main process, us/image: receive = next(), release = dropping the batch")
+    print(f"{'data.decode':<13}{'collation':<19}{'tensors/batch':>14}{'receive':>9}{'release':>9}{'total':>8}"
+          f"{'receive vs baseline':>21}")
+    receive = {}
+    for mode, items, ours in (("device", encoded, collate_encoded), ("worker", finished, collate_hwc)):
+        for name, collate in (("baseline", collate_per_image), ("ours", ours)):
+            got, freed, tensors = handoff_us(items, collate, args.batch_size, workers, args.repeats)
+            receive[mode, name] = got
+            label = "per-image tensors" if name == "baseline" else ours.__name__
+            print(f"{mode:<13}{label:<19}{tensors:>14}{got:>9.1f}{freed:>9.1f}{got + freed:>8.1f}"
+                  f"{receive[mode, 'baseline'] / got:>20.1f}x", flush=True)
+    baseline = receive["device", "baseline"]
+    print(f"handoff: device={receive['device', 'ours']:.1f} worker={receive['worker', 'ours']:.1f} "
+          f"baseline={baseline:.1f} ratio={baseline / receive['device', 'ours']:.1f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="ImageFolder of original JPEGs (e.g. data/imagenet-sample/train, from alexnet-data imagenet-sample)")
     p.add_argument("--workers", type=int, default=0,
                    help="DataLoader workers (default 0: in-process, the exact per-core cost)")
     p.add_argument("--prepared", help="the prepared 256x256 copy of --data (default: made into a temp folder)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3, help="timed passes per pipeline (median reported)")
+    p.add_argument("--batch-size", type=int, help="default 64; 128 (the paper's batch) with --handoff")
+    p.add_argument("--repeats", type=int, help="timed passes per pipeline, median reported (default 3; 9 "
+                   "rounds with --handoff)")
+    p.add_argument("--handoff", action="store_true",
+                   help="measure what receiving a batch from a worker costs the training process, per data.decode "
+                        "mode, against one tensor per image (--workers default 2)")
     args = p.parse_args(argv)
     if not os.path.isdir(args.data):
         print(f"bench_data: error: --data {args.data}: directory not found", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
+    if args.handoff:
+        args.batch_size = args.batch_size or 128
+        args.repeats = args.repeats or 9
+        return handoff_main(args)
+    args.batch_size = args.batch_size or 64
+    args.repeats = args.repeats or 3
     cores = max(1, args.workers)
 
     with tempfile.TemporaryDirectory(prefix="bench-prepared-") as tmp:

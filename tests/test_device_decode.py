@@ -8,6 +8,7 @@ import io
 import random
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -29,11 +30,12 @@ from .conftest import (DEMO_CONFIG as DEMO, assert_bit_identical, checkpoint_wei
 
 
 @pytest.fixture(autouse=True)
-def restore_device_decoder():
-    """Every test leaves the process's device backend as the environment chooses it.  Autouse
-    fixtures are set up first, so this one is torn down after ``monkeypatch`` has undone its
-    environment changes."""
+def restore_device_decoder(monkeypatch):
+    """Every test leaves the process's device backend as the environment chooses it: the test's
+    environment and sys.modules changes are undone first (teardown order alone did not: a
+    forced ``nvjpeg`` outlived its test and left later tests without a device decoder)."""
     yield
+    monkeypatch.undo()
     decode_mod.use_device_decoder()
 
 
@@ -205,6 +207,41 @@ def test_nvjpeg_never_writes_memory_that_queued_kernels_still_read(backend):
         decode_jpegs(tensors, names, device)
         torch.cuda.synchronize()
         corrupted += sum(int(x) != 7 * numel for x in sums)
+    assert corrupted == 0
+
+
+@pytest.mark.cuda
+def test_decoding_on_cuda_neither_waits_for_the_callers_queue_nor_lets_it_read_reused_memory(backend):
+    """The decode runs on a stream of its own: it must not drain the caller's stream (the step
+    before it keeps running), and a decoded image the caller's queued kernels still read must
+    not be handed to the next decode (record_stream)."""
+    device = torch.device("cuda")
+    rng = np.random.default_rng(5)
+    photo = Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8), "RGB")
+    tensors = [torch.frombuffer(bytearray(jpeg_bytes(photo)), dtype=torch.uint8)] * 8
+    names = [f"{i}.JPEG" for i in range(8)]
+    first = decode_jpegs(tensors, names, device)  # warm-up: nvJPEG's state, the stream
+    want = int(first[0].sum(dtype=torch.int64))
+    torch.cuda.synchronize()
+    started = torch.cuda.Event(enable_timing=True)
+    ended = torch.cuda.Event(enable_timing=True)
+    started.record()
+    torch.cuda._sleep(300_000_000)
+    ended.record()
+    torch.cuda.synchronize()
+    sleep_s = started.elapsed_time(ended) / 1000
+    corrupted = 0
+    for _ in range(10):
+        out = decode_jpegs(tensors, names, device)
+        torch.cuda._sleep(300_000_000)  # ~0.2 s queued on the caller's stream, ahead of the reads
+        sums = [x.sum(dtype=torch.int64) for x in out]
+        del out  # freed while the sums are still queued
+        t0 = time.perf_counter()
+        decode_jpegs(tensors, names, device)  # must not be handed those blocks, nor wait for the sleep
+        waited = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        corrupted += sum(int(s) != want for s in sums)
+        assert waited < sleep_s / 2, (waited, sleep_s)
     assert corrupted == 0
 
 

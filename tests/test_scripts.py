@@ -31,6 +31,15 @@ def test_bench_data(tree):
     assert re.search(r"^speedup: original=\d+\.\d\d prepared=\d+\.\d\d$", out.splitlines()[-1])
 
 
+def test_bench_data_handoff(tree):
+    out = run_script("bench_data.py", "--data", str(tree), "--handoff", "--repeats", "1", "--batch-size", "4")
+    rows = [line.split() for line in out.splitlines() if line.startswith(("device ", "worker "))]
+    assert [(r[0], r[1]) for r in rows] == [("device", "per-image"), ("device", "collate_encoded"),
+                                            ("worker", "per-image"), ("worker", "collate_hwc")]
+    assert [r[-5] for r in rows] == ["5", "1", "5", "1"]  # tensors per batch: one per image, or one
+    assert re.search(r"^handoff: device=\d+\.\d worker=\d+\.\d baseline=\d+\.\d ratio=\d+\.\d$", out.splitlines()[-1])
+
+
 def test_bench_eval(tree):
     out = run_script("bench_eval.py", "--data", str(tree), "--repeats", "1", "--batch-size", "4")
     assert re.search(r"^speedup: \d+\.\d\d$", out.splitlines()[-1])

@@ -277,10 +277,13 @@ class ImageDataset(torch.utils.data.Dataset):
 
 @dataclass
 class EncodedImage:
-    """A JPEG's bytes and the preset's plan for it, for the training process to decode."""
+    """A JPEG's bytes and the preset's plan for it, for the training process to decode.
+
+    Plain bytes: it never leaves the worker as it is, but collated with the rest of its
+    batch into one :class:`~alexnet_train.data.transforms.EncodedBatch`."""
 
     path: str
-    data: torch.Tensor  # uint8 (n,)
+    data: bytes
     plan: tuple
 
 
@@ -290,7 +293,8 @@ class EncodedDataset(ImageDataset):
     A worker reads the file and draws the transform's plan from the JPEG header's size,
     with the same seed (so the same crops) as :class:`ImageDataset`.  Files the device
     decoder does not take as they are (PNG, CMYK, an EXIF turn ...) are decoded here, as
-    ``data.decode: worker`` would, and come as a finished uint8 crop.
+    ``data.decode: worker`` would, and come as a finished uint8 crop.  Collate with
+    :func:`~alexnet_train.data.transforms.collate_encoded`.
     """
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[object, int | tuple[str, str]]:
@@ -303,8 +307,7 @@ class EncodedDataset(ImageDataset):
             data = read_bytes(path)
             size = device_decodable(data)
             if size is not None:
-                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                return EncodedImage(path, encoded, self.transform.plan(*size, rng)), target
+                return EncodedImage(path, data, self.transform.plan(*size, rng)), target
             image = decode_bytes(data, path, getattr(self.transform, "min_side", None))
         except BadImageError as exc:
             return None, (path, exc.reason)

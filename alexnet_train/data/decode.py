@@ -291,17 +291,39 @@ def device_decodable(data: bytes) -> tuple[int, int] | None:
     return info[1], info[0]
 
 
+_decode_streams: dict[int, "torch.cuda.Stream"] = {}
+
+
+def _decode_stream(device: torch.device) -> "torch.cuda.Stream":
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _decode_streams:
+        _decode_streams[index] = torch.cuda.Stream(index)
+    return _decode_streams[index]
+
+
 def _decode_on(encoded: list[torch.Tensor], device: torch.device) -> list:
-    if device.type == "cuda":
-        # The decoders' outputs are allocated on the caller's stream, but nvJPEG can write them
-        # before kernels queued there have finished reading the memory the caching allocator just
-        # handed back: torchvision decodes on a private stream never ordered after the caller's
-        # (pytorch/vision#9606, every nvJPEG path), and nvJPEG's hardware batched path does it
-        # under TorchCodec 0.16 too (meta-pytorch/torchcodec#1634; both measured on H100).  A
-        # drained stream is the barrier that made both clean; it costs the overlap of one decode
-        # with the step before it, where the alternative is silently corrupted activations.
-        torch.cuda.current_stream(device).synchronize()
-    return _device_decode(encoded, device)
+    if device.type != "cuda":
+        return _device_decode(encoded, device)
+    # A stream of its own, because the backends cannot be trusted with memory that kernels queued
+    # on the caller's stream still read: torchvision decodes on a private stream never ordered
+    # after the caller's (pytorch/vision#9606, every nvJPEG path), and nvJPEG's hardware batched
+    # path writes before the work queued on its stream has run (meta-pytorch/torchcodec#1634,
+    # TorchCodec 0.16; both measured on H100).  Either harms only through the caching allocator
+    # handing the decoder a block that queued kernels still read.  On this stream only decodes
+    # allocate, so the outputs come from its pool, and record_stream keeps each block out of that
+    # pool until the caller's kernels that read it have run; and nothing is ever queued on it
+    # ahead of a decode, so there is nothing to overtake.  TorchCodec's host sync of the stream it
+    # decodes on then waits for the decode alone, not for the training step queued on the
+    # caller's: no drain per batch.  (vision#9606's thread reports its reproducer clean when the
+    # decode is called under another stream than the one that freed the memory; not yet run here.)
+    caller = torch.cuda.current_stream(device)
+    decoding = _decode_stream(device)
+    with torch.cuda.stream(decoding):
+        out = _device_decode(encoded, device)
+    caller.wait_stream(decoding)
+    for x in out:
+        x.record_stream(caller)
+    return out
 
 
 def decode_jpegs(encoded: list[torch.Tensor], paths: list[str], device: torch.device) -> list:
@@ -309,8 +331,10 @@ def decode_jpegs(encoded: list[torch.Tensor], paths: list[str], device: torch.de
     with the ``DEVICE_DECODER`` backend.
 
     Returns, per input, a uint8 (3, H, W) tensor on ``device`` or the reason it could not
-    be decoded.  A batch the decoder refuses is retried one by one, and an image it
-    refuses goes to PIL, as :func:`decode_rgb` does, so the bad file is named.
+    be decoded.  On CUDA the decode neither waits for nor overtakes the work queued on the
+    current stream, and what it returns is ready for that stream.  A batch the decoder
+    refuses is retried one by one, and an image it refuses goes to PIL, as
+    :func:`decode_rgb` does, so the bad file is named.
     """
     if not encoded:
         return []
