@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -171,11 +172,42 @@ def join_process_group(dist: DistInfo, backend: str, device, timeout_minutes: fl
 NCCL_ENVIRONMENT = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
 
 
-def leave_process_group() -> None:
+def leave_process_group(failure: BaseException | None = None) -> None:
+    """Destroy the process group(s), and with them their backends' threads, before this process exits.
+
+    ``failure``: the error the run is leaving with, if any (its traceback holds the trainer).
+
+    destroy_process_group only unregisters a group; gloo's worker threads end in the group's
+    C++ destructor, when the last reference to it goes: ours (SAVE_GROUP), DDP's reducer
+    (the model sits in reference cycles, freed only by a collection) and the frames of a
+    failure's traceback.  Left alive until the interpreter exits, a worker still releasing
+    its last collective's tensors takes the GIL to drop their Python objects; once the
+    interpreter is finalizing, taking it ends the thread (pthread_exit), and that unwinding
+    through torch's noexcept release is std::terminate: "terminate called without an active
+    exception" and SIGABRT, on a rank of a run that finished.  Destroyed here, with Python
+    alive, the destructor waits for the workers (releasing the GIL while it does).
+    """
+    import gc
+
     import torch.distributed as tdist
 
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()
+    from . import distributed
+
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return
+    tdist.destroy_process_group()
+    distributed.SAVE_GROUP = None
+    chain, seen = [failure], set()
+    while chain:  # the failure and the errors it was raised from or while handling
+        exc = chain.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        # Only the locals of frames that have returned go (a traceback still prints); a frame
+        # still executing (run_training's, its callers') is left alone.
+        traceback.clear_frames(exc.__traceback__)
+        chain += [exc.__cause__, exc.__context__]
+    gc.collect()
 
 
 # --------------------------------------------------------------------------- resume decision
@@ -365,14 +397,16 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
                                "resumes from it") from None
             raise
         finally:
-            if tracker is not None:
-                try:
-                    tracker.close()
-                except ckpt.WriteError:
-                    if sys.exc_info()[0] is None:  # only when nothing else is being reported
-                        raise
-            if group:
-                leave_process_group()
+            try:
+                if tracker is not None:
+                    try:
+                        tracker.close()
+                    except ckpt.WriteError:
+                        if sys.exc_info()[0] is None:  # only when nothing else is being reported
+                            raise
+            finally:  # also when the close raised: the group must not outlive the run
+                if group:
+                    leave_process_group(sys.exc_info()[1])
 
 
 def _first_line(exc: BaseException) -> str:
