@@ -24,6 +24,7 @@ from alexnet_train.data.transforms import (PLAN_WIDTH, CenterPreset, Collated, D
                                            decode_plan, encode_plan)
 
 from .conftest import SHARED_DATA, write_image_folder
+from .test_device_decode import exif
 
 PRESETS = {
     "paper": lambda cfg: TrainPreset(cfg),
@@ -31,12 +32,6 @@ PRESETS = {
     "torchvision": lambda cfg: TrainPreset(dataclasses.replace(cfg, augment="torchvision")),
     "center": lambda cfg: CenterPreset(cfg),
 }
-
-
-def exif(value: int) -> bytes:
-    e = Image.Exif()
-    e[0x0112] = value
-    return e.tobytes()
 
 
 @pytest.fixture
