@@ -114,6 +114,27 @@ def write_image_folder(root: Path, classes: list[str], per_class: int, size: int
     return root
 
 
+def decoder_disagreement(root: Path, device: str = "cuda") -> float:
+    """Mean |device decode - CPU decode| per pixel value over the whole JPEGs under ``root``: what
+    the two JPEG decoders alone disagree by, before any crop or resize.
+
+    nvJPEG's IDCT and chroma upsampling round differently from libjpeg-turbo's; on the noisy test
+    JPEGs (sigma 20 at quality 90) that is a few grey levels (3-4 measured on an H200), so a test
+    comparing the two pipelines' crops takes its tolerance from this, not from a fixed guess.
+    """
+    import torch
+
+    from alexnet_train.data.decode import decode_bytes, decode_jpegs, is_jpeg
+
+    files = [(str(p), p.read_bytes()) for p in sorted(root.rglob("*.JPEG"))]
+    files = [(path, data) for path, data in files if is_jpeg(data)]
+    encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for _, data in files]
+    decoded = decode_jpegs(encoded, [path for path, _ in files], torch.device(device))
+    diffs = [(on_device.cpu().float() - decode_bytes(data, path).float()).abs().mean()
+             for on_device, (path, data) in zip(decoded, files)]
+    return float(torch.stack(diffs).mean())
+
+
 @pytest.fixture
 def image_tree(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     """(train_dir, val_dir, classes): 3 classes, 8 train and 3 val JPEGs each."""

@@ -23,7 +23,7 @@ from alexnet_train.data.transforms import (PLAN_WIDTH, CenterPreset, Collated, D
                                            TrainPreset, apply_plan, apply_plans, collate_encoded, collate_hwc,
                                            decode_plan, encode_plan)
 
-from .conftest import SHARED_DATA, write_image_folder
+from .conftest import SHARED_DATA, decoder_disagreement, write_image_folder
 from .test_device_decode import exif
 
 PRESETS = {
@@ -266,6 +266,8 @@ def test_pinned_batches_from_two_workers_decode_on_cuda(tmp_path):
     finally:
         close_loader(loader)
     assert any(packed.crops is not None for packed, _, _ in batches)
+    disagreement = decoder_disagreement(root)
+    assert disagreement < 8.0, f"nvJPEG and the CPU decoder disagree by {disagreement:.2f} levels per pixel"
     for packed, targets, bad in batches:
         assert packed.crops is None or packed.crops.is_pinned()
         on_cuda, kept, undecodable = DecodeOnDevice("cuda")(packed, targets)
@@ -273,5 +275,6 @@ def test_pinned_batches_from_two_workers_decode_on_cuda(tmp_path):
         assert on_cuda.device.type == "cuda" and on_cuda.shape == on_cpu.shape
         assert torch.equal(kept, kept_cpu) and bad == undecodable == undecodable_cpu == []
         assert on_cuda.is_contiguous(memory_format=torch.channels_last)
-        # nvJPEG's IDCT and upsampling round differently from libjpeg-turbo's: a few grey levels.
-        assert (on_cuda.cpu().float() - on_cpu.float()).abs().mean() < 2.0
+        # The decoders alone disagree by a few grey levels (conftest.decoder_disagreement).
+        diff = float((on_cuda.cpu().float() - on_cpu.float()).abs().mean())
+        assert diff < 1.25 * disagreement + 0.25, f"crops differ by {diff:.2f}, decoders by {disagreement:.2f}"
