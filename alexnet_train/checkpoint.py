@@ -18,13 +18,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from .errors import CheckpointError, RunLocked, WriteError
 
 CHECKPOINT_FORMAT = 1
 EPOCH_RE = re.compile(r"^epoch-(\d+)\.pth$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or is not ours; the message names the file."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -38,13 +35,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-class WriteError(RuntimeError):
-    """A file of the run could not be written (a full disk, a read-only mount ...).
-
-    The message names the file and the cause; the file's previous version, if any, is intact.
-    """
 
 
 def write_error(path: str | os.PathLike, exc: BaseException) -> WriteError:
@@ -253,10 +243,6 @@ def find_resume(out_dir: str | os.PathLike, log: Callable[[str], None] = print) 
             "with --resume PATH, or start over in another --out"
         )
     return None
-
-
-class RunLocked(RuntimeError):
-    """Another live process holds the output directory's lock."""
 
 
 class RunLock:

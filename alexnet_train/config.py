@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+from .errors import ConfigError
 
 # ImageNet's mean pixel and per-channel std on the 0-255 scale (RGB), and the
 # eigen-decomposition of its RGB covariance used by the paper's PCA colour
@@ -35,10 +36,6 @@ IMAGENET_EIGVEC = (
     (-0.5808, -0.0045, -0.8140),
     (-0.5836, -0.6948, 0.4203),
 )
-
-
-class ConfigError(ValueError):
-    """A bad config: the CLI prints it on one line and exits with status 2."""
 
 
 @dataclass(frozen=True)

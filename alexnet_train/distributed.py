@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+from .errors import PeerLost, RankFailed
 
 
 @dataclass(frozen=True)
@@ -169,14 +170,6 @@ def all_gather(value: object, world_size: int, group=None) -> list:
     gathered: list = [None] * world_size
     tdist.all_gather_object(gathered, value, group=group)
     return gathered
-
-
-class RankFailed(RuntimeError):
-    """Another rank failed in a way this one cannot name (an unexpected error: see its log)."""
-
-
-class PeerLost(RuntimeError):
-    """A collective failed or timed out: another rank died, hung, or left the run alone."""
 
 
 def agree_on_failure(dist: DistInfo, failure: BaseException | None, known: tuple[type, ...]) -> None:

@@ -55,16 +55,13 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import DataConfig
 from .inference import Loaded, load_for_inference
+from .errors import ExportError
 
 EXPORT_FORMAT = 1
 PREDICT_BATCH = 32  # images per forward pass in predict(): bounds memory for long image lists
 # An export is checked against the eager model on a random batch; float32 differences
 # between two runs of the same kernels are 0, this allows for a different op order.
 CHECK_ATOL = 1e-4
-
-
-class ExportError(RuntimeError):
-    """OUT cannot be written, or an exported file does not reproduce the model; names the file."""
 
 
 # --------------------------------------------------------------------------- export

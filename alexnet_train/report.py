@@ -26,6 +26,7 @@ import yaml
 
 from .checkpoint import atomic_write_bytes
 from .tracking import format_duration
+from .errors import PlotUnavailable, ReportError
 
 FIGSIZE = (10.0, 4.0)  # inches
 DPI = 110
@@ -33,14 +34,6 @@ DPI = 110
 # under dashed lines: the lr is then drawn as a curve of its own instead.
 MAX_LR_MARKS = 8
 PLOT_HINT = "matplotlib is not installed; pip install 'alexnet-train[plot]' (or pip install matplotlib)"
-
-
-class ReportError(Exception):
-    """OUT cannot be reported on; the message is one line naming the file at fault."""
-
-
-class PlotUnavailable(ReportError):
-    """matplotlib cannot be imported; the message says how to install it."""
 
 
 @dataclass

@@ -20,7 +20,6 @@ save a resumable mid-epoch ``last.pth`` as well.
 from __future__ import annotations
 
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,24 +41,7 @@ from .model import build_model
 from .rngstate import gather_rng_states, restore_rng_states, rng_state, seed_rank, step_seed
 from .tracking import RunClock, Tracker, format_duration
 from .transfer import HEAD, Pretrained, freeze
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM/SIGUSR1 arrived; a resumable checkpoint was saved first."""
-
-    def __init__(self, signum: int, path: Path | None) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; resumable checkpoint: {path}")
-        self.signum = signum
-        self.path = path
-        self.report = True  # False on DDP ranks other than 0: one line for the run, not one per rank
-
-
-class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN/inf; nothing was saved from the bad state."""
-
-
-class LoaderFailed(RuntimeError):
-    """This process's data loader raised (a worker died, a read failed); one line says what."""
+from .errors import Interrupted, LoaderFailed, NonFiniteLoss, first_line
 
 
 def run_errors() -> tuple[type, ...]:
@@ -781,12 +763,6 @@ class Trainer:
         if self.dist.distributed:
             self.agreement.settle()
         return FitResult(self.epoch, self.best_top1, self.last_eval, self.policy.should_stop)
-
-
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's text (the DataLoader's run to pages)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 def _until(loader, stop: StopRequest):

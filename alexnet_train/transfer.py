@@ -27,13 +27,10 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import DataConfig, ModelConfig, config_from_dict
 from .model import AlexNet, build_model
+from .errors import WeightsError
 
 HEAD = "classifier.6"  # FC8: the layer a fine-tune draws fresh
 STRIP_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel and torch.compile wrappers
-
-
-class WeightsError(ValueError):
-    """``model.weights`` does not fit the model: a config error (exit 2), one line naming the layer."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ import tarfile
 from pathlib import Path
 from typing import IO
 
-from .errors import PublicDataError
+from ..errors import PublicDataError
 from .transport import CHUNK
 
 

@@ -25,16 +25,12 @@ from PIL import Image, ImageOps
 
 # their home is .errors, so that decode (which this module calls) need not import this
 # one; most callers import them from here
-from .errors import BadImageError, DataError
+from ..errors import BadImageError, DataError, TooManyBadImages
 from .samples import SampleList
 from .treeindex import list_tree
 
 Sample = tuple[str, int]
 Log = Callable[[str], None]
-
-
-class TooManyBadImages(RuntimeError):
-    """More of a split is unreadable than ``data.max_bad_fraction`` allows."""
 
 
 class BadImages:

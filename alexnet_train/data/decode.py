@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import BadImageError
+from ..errors import BadImageError
 
 # ImageNet's largest files are ~ 20 megapixels; PIL's bomb guard (89 MP warning,
 # 179 MP error) would only stop legitimate scans.  A hard cap still refuses garbage.

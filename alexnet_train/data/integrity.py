@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .errors import PublicDataError
+from ..errors import PublicDataError
 from .transport import CHUNK, ByteProgress
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import PublicDataError, UsageError
+from ..errors import PublicDataError, UsageError
 from .integrity import Archive
 from .public_sets.ilsvrc import ilsvrc
 from .public_sets.imagenet_sample import imagenet_sample

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import IO, Callable, Iterable, Sequence
 
-from .errors import PublicDataError, UsageError
+from ..errors import PublicDataError, UsageError
 from .integrity import Archive, verify
 from .transport import download
 

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Callable
 
-from .errors import PublicDataError
+from ..errors import PublicDataError
 
 USER_AGENT = "alexnet-train (alexnet-data)"
 CHUNK = 1 << 20

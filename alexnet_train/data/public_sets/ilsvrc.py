@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Callable
 
 from ..archives import _copy, _safe_parts, _unpack_class_tar
-from ..errors import PublicDataError, UsageError
+from ...errors import PublicDataError, UsageError
 from ..integrity import Archive, verify
 from ..staging import STATE_DIR, Layout, _count_tree, write_synsets
 from ..transport import ByteProgress

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Callable
 
 from ..archives import _safe_parts
-from ..errors import PublicDataError
+from ...errors import PublicDataError
 from ..integrity import Archive, git_tree_id
 from ..staging import Layout, _count_tree, _fetch_and_lay_out, write_synsets
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Callable, Sequence
 
 from ..archives import _copy, _safe_parts
-from ..errors import PublicDataError, UsageError
+from ...errors import PublicDataError, UsageError
 from ..integrity import Archive
 from ..staging import Layout, _count_tree, _fetch_and_lay_out, write_synsets
 from ..transport import ByteProgress
