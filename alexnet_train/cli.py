@@ -88,8 +88,9 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     from .data import BadImageError, DataError
     from .data.datasets import TooManyBadImages
     from .lifecycle import run_training
-    from .distributed import PeerLost, RankFailed
-    from .train import Interrupted, LoaderFailed, NonFiniteLoss, versions
+    from .errors import PeerLost, RankFailed
+    from .train import Interrupted, LoaderFailed, NonFiniteLoss
+    from .tracking import versions
     from .transfer import WeightsError
 
     provenance = "# resolved config of this run; alexnet-train --config this-file reproduces it\n"
@@ -180,7 +181,7 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
     from .inference import load_for_inference
     from .lifecycle import join_process_group, launch_environment, leave_process_group
     from .tracking import Tracker
-    from .train import resolve_device
+    from .precision import resolve_device
 
     try:
         dist = launch_environment()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-from .errors import PeerLost, RankFailed
+from .errors import RankFailed
 
 
 @dataclass(frozen=True)

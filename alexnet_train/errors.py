@@ -108,3 +108,10 @@ def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's text (the DataLoader's run to pages)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return lines[0][:300] if lines else type(exc).__name__
+
+
+def run_errors() -> tuple[type, ...]:
+    """The errors of a run that keep their class (and so their exit code) when every DDP rank
+    raises one rank's error (see :func:`~alexnet_train.distributed.agree_on_failure`)."""
+    return (ConfigError, DataError, WeightsError, RunLocked, CheckpointError, WriteError,
+            NonFiniteLoss, BadImageError, TooManyBadImages, LoaderFailed, OSError)

@@ -32,7 +32,8 @@ from typing import Any, Callable
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_to_dict, dump_yaml, replace
-from .distributed import DistInfo, PeerLost, agree_on_failure, all_gather, is_collective_error
+from .distributed import DistInfo, agree_on_failure, all_gather, is_collective_error
+from .errors import PeerLost
 
 Log = Callable[[str], None]
 
@@ -110,7 +111,7 @@ def join_process_group(dist: DistInfo, backend: str, device, timeout_minutes: fl
                        save_timeout_minutes: float | None = None) -> None:
     """Join the group of ``dist.world_size`` processes (any launch under dist.mode=ddp).
 
-    ``device`` is this process's device from :func:`~alexnet_train.train.resolve_device` (a
+    ``device`` is this process's device from :func:`~alexnet_train.precision.resolve_device` (a
     ``torch.device`` with its index on CUDA; a bare type string is taken as that type's first
     device): a CUDA one is made current here, whatever the backend, so that nothing that
     allocates on "the current device" lands on another rank's GPU.
@@ -301,7 +302,8 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
     takes alone before training (the checks, the resume decision, rank 0's first writes) ends
     in an agreement: if any rank failed, every rank raises that rank's error (:class:`Together`).
     """
-    from .train import Interrupted, fit, resolve_device
+    from .precision import resolve_device
+    from .train import Interrupted, fit
 
     dist = launch_environment(cfg.dist.mode)
     say = log if dist.is_main else (lambda _m: None)
@@ -378,7 +380,7 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
             return result
         except Exception as exc:
             from .distributed import RankFailed
-            from .train import run_errors
+            from .errors import run_errors
 
             if group:
                 # Every rank is leaving at the same step with the same code.  torchrun SIGTERMs a
@@ -427,7 +429,7 @@ class Together:
         self.dist, self.group = dist, group
 
     def __call__(self, step: Callable[[], Any]) -> Any:
-        from .train import run_errors
+        from .errors import run_errors
 
         if not self.group:
             return step()

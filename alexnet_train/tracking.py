@@ -337,3 +337,18 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
     """The rows :meth:`Tracker.epoch_metrics` wrote to ``OUT/metrics.jsonl``, one dict per epoch."""
     text = (Path(out_dir) / "metrics.jsonl").read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def versions() -> dict:
+    import PIL
+    import torchvision
+
+    from . import __version__
+
+    return {
+        "alexnet_train": __version__,
+        "torch": str(torch.__version__),  # TorchVersion would not load with weights_only=True
+        "torchvision": str(torchvision.__version__),
+        "pillow": str(PIL.__version__),
+        "python": ".".join(map(str, __import__("sys").version_info[:3])),
+    }

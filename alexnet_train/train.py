@@ -1,10 +1,6 @@
-"""The training loop and the pure learning-rate policy.
+"""The training loop: the step, the epoch, and the run of epochs.
 
 Usage::
-
-    policy = LrPolicy(cfg.schedule, base_lr=0.01, epochs=90)
-    policy.lr                        # lr for the next epoch
-    policy.epoch_end(val_error=42.0) # -> ["lr 0.01 -> 0.001 (no improvement for 5 epochs)"]
 
     result = fit(cfg, splits, out_dir, tracker, stop=stop_signals, resume_state=None)
 
@@ -30,293 +26,27 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .agreement import Decision, RankAgreement
-from .config import Config, ConfigError, OptimConfig, ScheduleConfig, config_to_dict
+from .config import Config, config_to_dict
 from .data.datasets import BadImages
-from .data.loaders import Loaders, Splits, build_loaders
+from .data.loaders import Loaders, Splits, _worker_killed, build_loaders, loader_failure
 from .data.transforms import BatchPreprocess, DecodeOnDevice
-from .distributed import DistInfo, all_reduce_sum, rank_gpu
+from .distributed import DistInfo, all_reduce_sum
 from .evaluate import EvalResult, evaluate
 from .logwindow import LogWindow
 from .model import build_model
 from .rngstate import gather_rng_states, restore_rng_states, rng_state, seed_rank, step_seed
-from .tracking import RunClock, Tracker, format_duration
-from .transfer import HEAD, Pretrained, freeze
-from .errors import Interrupted, LoaderFailed, NonFiniteLoss, first_line
-
-
-def run_errors() -> tuple[type, ...]:
-    """The errors of a run that keep their class (and so their exit code) when every DDP rank
-    raises one rank's error (see :func:`~alexnet_train.distributed.agree_on_failure`)."""
-    from .data import DataError
-    from .data.datasets import BadImageError, TooManyBadImages
-    from .transfer import WeightsError
-
-    return (ConfigError, DataError, WeightsError, ckpt.RunLocked, ckpt.CheckpointError, ckpt.WriteError,
-            NonFiniteLoss, BadImageError, TooManyBadImages, LoaderFailed, OSError)
-
-
-def _worker_killed(exc: BaseException) -> bool:
-    """The DataLoader's error for a worker that died (a signal, the OOM killer).
-
-    Its own message names the worker; but a worker killed while it was sending a batch can
-    break the pipe under the main process first, which then reads a connection error.
-    """
-    return (isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)) or isinstance(
-        exc, (ConnectionError, EOFError))
-
-
-def loader_failure(exc: BaseException) -> str:
-    """One line for an exception the data loader raised."""
-    if isinstance(exc, (ConnectionError, EOFError)):
-        return f"a DataLoader worker died while sending a batch ({first_line(exc)})"
-    return first_line(exc)
+from .errors import Interrupted, LoaderFailed, NonFiniteLoss, run_errors
+from .optim import build_sgd, start_momentum
+from .precision import FeaturesDataParallel, configure_cuda, resolve_device
+from .schedule import LrPolicy
+from .tracking import RunClock, Tracker, format_duration, versions
+from .transfer import Pretrained, freeze
 
 
 class StopRequest:
     """What the trainer reads between steps: the signal number of a stop request, or None."""
 
     signum: int | None = None
-
-
-class LrPolicy:
-    """Learning rate per epoch; pure (no optimizer), and its whole state is in ``state_dict``.
-
-    plateau: the paper's rule.  After each epoch, if validation top-1 error has
-    not improved on the best by more than ``threshold`` for ``patience``
-    epochs, lr *= ``factor``; once ``max_reductions`` reductions are spent, the
-    next plateau ends the run (``should_stop``).
-    step: lr *= ``factor`` every ``step_size`` epochs.  cosine: from lr to
-    ``min_lr`` over the epochs.  step and cosine ramp up linearly over
-    ``warmup_epochs`` first.
-    """
-
-    def __init__(self, cfg: ScheduleConfig, base_lr: float, epochs: int) -> None:
-        self.cfg = cfg
-        self.base_lr = base_lr
-        self.epochs = epochs
-        self.epoch = 0  # epochs completed
-        self.current = base_lr  # plateau's lr
-        self.best_error = math.inf
-        self.bad_epochs = 0
-        self.reductions = 0
-        self.should_stop = False
-
-    @property
-    def lr(self) -> float:
-        """The learning rate for epoch ``self.epoch`` (0-based)."""
-        cfg, e = self.cfg, self.epoch
-        if cfg.kind == "plateau":
-            return self.current
-        if cfg.warmup_epochs and e < cfg.warmup_epochs:
-            return self.base_lr * (e + 1) / cfg.warmup_epochs
-        if cfg.kind == "step":
-            return self.base_lr * cfg.factor ** (e // cfg.step_size)
-        span = max(1, self.epochs - cfg.warmup_epochs)
-        t = min(1.0, (e - cfg.warmup_epochs) / span)
-        return cfg.min_lr + (self.base_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    def epoch_end(self, val_error: float) -> list[str]:
-        """Record one finished epoch's validation top-1 error (percent); return what changed."""
-        events: list[str] = []
-        self.epoch += 1
-        if self.cfg.kind != "plateau":
-            return events
-        if val_error < self.best_error - self.cfg.threshold:
-            self.best_error = val_error
-            self.bad_epochs = 0
-            return events
-        self.bad_epochs += 1
-        if self.bad_epochs >= self.cfg.patience:
-            self.bad_epochs = 0
-            if self.reductions < self.cfg.max_reductions:
-                old = self.current
-                self.current *= self.cfg.factor
-                self.reductions += 1
-                events.append(
-                    f"lr {old:.4g} -> {self.current:.4g} (val error not improved for {self.cfg.patience} epochs; "
-                    f"reduction {self.reductions}/{self.cfg.max_reductions})"
-                )
-            elif self.cfg.stop_after_last_plateau:
-                self.should_stop = True
-                events.append(f"stop: val error plateaued after {self.reductions} lr reductions")
-        return events
-
-    def state_dict(self) -> dict:
-        return {
-            "kind": self.cfg.kind,
-            "epoch": self.epoch,
-            "current": self.current,
-            "best_error": self.best_error,
-            "bad_epochs": self.bad_epochs,
-            "reductions": self.reductions,
-            "should_stop": self.should_stop,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != self.cfg.kind:
-            raise ValueError(f"lr policy in checkpoint is {state.get('kind')!r}, config says {self.cfg.kind!r}")
-        for key in ("epoch", "current", "best_error", "bad_epochs", "reductions", "should_stop"):
-            setattr(self, key, state[key])
-
-
-def cuda_problem() -> str | None:
-    """None where CUDA works here; otherwise what torch reported, as one line."""
-    try:
-        torch.cuda.init()  # raises with torch's reason: no driver, no device, a build without CUDA ...
-    except Exception as exc:  # noqa: BLE001 - whatever it raises is the reason to report
-        return " ".join(str(exc).split()) or type(exc).__name__
-    if torch.cuda.device_count() == 0:
-        return "torch.cuda.device_count() is 0"
-    return None
-
-
-def resolve_device(kind: str, local_rank: int = 0, world_size: int = 1,
-                   setting: str = "train.device") -> tuple[torch.device, str]:
-    """(device, what it is and why) for ``kind``: auto | cpu | cuda (and cuda:N, for evaluation
-    in one process).  The one place a process's device is chosen.
-
-    A CUDA device always carries its index, the GPU of :func:`~alexnet_train.distributed.rank_gpu`
-    for ``local_rank`` among the GPUs this process sees, so nothing that later moves a tensor or
-    a model depends on which device happens to be current.  ``cuda`` without a usable GPU, a
-    ``cuda:N`` under a launch of several processes (every rank would take GPU N), or more local
-    ranks than visible GPUs is a ConfigError naming ``setting``; ``auto`` without a GPU falls
-    back to the CPU and says why.
-    """
-    if kind == "cpu":
-        return torch.device("cpu"), f"cpu ({setting}: cpu)"
-    try:
-        requested = torch.device(kind if kind != "auto" else "cuda")
-    except RuntimeError as exc:
-        raise ConfigError(f"{setting}: {kind!r}: {exc}") from None
-    if requested.type != "cuda":
-        raise ConfigError(f"{setting}: {kind!r}: expected auto, cpu, cuda or cuda:N")
-    if requested.index is not None and world_size > 1:
-        raise ConfigError(f"{setting}: {kind} under a launch of {world_size} processes would put every rank "
-                          "on that one GPU; pass cuda (each rank takes the GPU of its local rank)")
-    problem = cuda_problem()
-    if problem is not None:
-        if kind != "auto":
-            raise ConfigError(f"{setting}: {kind}, but there is no usable CUDA device here: {problem}")
-        return torch.device("cpu"), f"cpu: no CUDA device ({problem})"
-    visible = torch.cuda.device_count()
-    if requested.index is not None:
-        if requested.index >= visible:
-            raise ConfigError(f"{setting}: {kind}, but this process sees {visible} GPU(s)")
-        index = requested.index
-    else:
-        try:
-            index = rank_gpu(local_rank, visible)
-        except ValueError as exc:
-            raise ConfigError(f"{setting}: {kind}: {exc}") from None
-    return torch.device("cuda", index), f"cuda:{index} {torch.cuda.get_device_name(index)} ({setting}: {kind})"
-
-
-def configure_cuda(tf32: bool) -> None:
-    """cuDNN autotuning (the input size is fixed) and the TF32 choice for float32 work."""
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-
-
-def param_groups(model: nn.Module, weight_decay: float, decay_biases: bool,
-                 split_head: bool = False) -> list[dict]:
-    """SGD groups over the trainable parameters (frozen ones get no decay and no momentum buffer).
-
-    Weights (and biases, with ``decay_biases``) decay; with ``split_head`` the last layer
-    (FC8, ``classifier.6``) gets groups of its own, marked ``head``, whose lr is the epoch's
-    lr times ``optim.head_lr_mult``.  Empty groups are left out.
-    """
-    # Decaying group first: the order checkpoints written before the head split expect.
-    groups: dict[tuple[bool, bool], list] = {(h, d): [] for h in (False, True) for d in (True, False)}
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            head = split_head and name.startswith(HEAD + ".")
-            groups[head, decay_biases or not name.endswith(".bias")].append(param)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "head": head}
-            for (head, decay), params in groups.items() if params]
-
-
-def build_sgd(model: nn.Module, cfg: OptimConfig, fused: bool) -> torch.optim.SGD:
-    """The run's SGD over :func:`param_groups`, its momentum started (:func:`start_momentum`)."""
-    optimizer = torch.optim.SGD(
-        param_groups(model, cfg.weight_decay, cfg.decay_biases, split_head=cfg.head_lr_mult != 1.0),
-        lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **({"fused": True} if fused else {}),
-    )
-    start_momentum(optimizer)
-    return optimizer
-
-
-def start_momentum(optimizer: torch.optim.SGD) -> None:
-    """Give every parameter a zero momentum buffer where it has none yet.
-
-    SGD makes the buffers at its first step.  The fused kernel allocates them uninitialised
-    (``empty_like``) and fills them in the kernel, which returns before writing anything when
-    GradScaler passes it ``found_inf``: an fp16 overflow at the first step (likely at the
-    starting scale of 65536) left garbage as momentum, and step 2 applied it to the weights.
-    With a zero buffer the first real step is the same one SGD takes without it
-    (momentum * 0 + grad = grad: dampening is 0), on every kernel.
-    """
-    for group in optimizer.param_groups:
-        if not group["momentum"]:
-            continue
-        for param in group["params"]:
-            state = optimizer.state[param]
-            if state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-
-def versions() -> dict:
-    import PIL
-    import torchvision
-
-    from . import __version__
-
-    return {
-        "alexnet_train": __version__,
-        "torch": str(torch.__version__),  # TorchVersion would not load with weights_only=True
-        "torchvision": str(torchvision.__version__),
-        "pillow": str(PIL.__version__),
-        "python": ".".join(map(str, __import__("sys").version_info[:3])),
-    }
-
-
-class Autocast(nn.Module):
-    """Runs ``module`` under autocast to ``dtype`` (None: as it is), inside its own forward.
-
-    DataParallel runs each replica in a thread of its own, and autocast's state is per
-    thread: its ``parallel_apply`` re-enables autocast there, but with the device's
-    default dtype (fp16), so a bf16 run's replicas ran in fp16.  Autocast inside the
-    replicated forward is PyTorch's documented remedy.
-    """
-
-    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
-        super().__init__()
-        self.module, self.device_type, self.dtype = module, device_type, dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None):
-            return self.module(x)
-
-
-class FeaturesDataParallel(nn.Module):
-    """DataParallel over the conv ``features`` only; the FC layers run on the first GPU.
-
-    The FC layers hold 58 of AlexNet's 61M parameters but little of its compute:
-    DataParallel re-broadcasts every replicated parameter each step, so replicating
-    them costs more than it saves (pytorch/examples' imagenet/main.py wraps AlexNet
-    this way for that reason).  The wrapped model's own state_dict is unchanged.
-    ``amp_dtype``: the autocast dtype each replica runs in (see :class:`Autocast`).
-    """
-
-    def __init__(self, model: nn.Module, amp_dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.module = model
-        self.parallel_features = nn.DataParallel(Autocast(model.features, "cuda", amp_dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.parallel_features(x)
-        x = self.module.avgpool(x)
-        return self.module.classifier(torch.flatten(x, 1))
 
 
 @dataclass

@@ -38,7 +38,7 @@ import torchvision
 
 from alexnet_train.config import load_config
 from alexnet_train.model import build_model
-from alexnet_train.train import build_sgd
+from alexnet_train.optim import build_sgd
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_TRAIN = 1_281_167  # ILSVRC-2012 training images: one epoch

@@ -17,7 +17,7 @@ from alexnet_train.config import (
     replace,
 )
 from alexnet_train.model import build_model
-from alexnet_train.train import LrPolicy
+from alexnet_train.schedule import LrPolicy
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

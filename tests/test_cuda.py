@@ -293,7 +293,7 @@ def test_fused_sgd_on_cuda_after_an_fp16_overflow_at_step_1_takes_stock_sgds_ste
     import torch.nn.functional as F
 
     from alexnet_train.model import build_model
-    from alexnet_train.train import build_sgd
+    from alexnet_train.optim import build_sgd
 
     cfg = load_config(DEMO, ["model.arch=custom", "model.conv_widths=[8,16,16,16,16]", "model.fc_widths=[32,32]",
                              "model.num_classes=3", "model.init=kaiming"])

@@ -55,7 +55,7 @@ def test_the_training_sampler_drops_the_ragged_tail_and_validation_stays_exact()
 
 def test_a_rank_failure_is_rebuilt_with_its_class_and_rank_and_rank_0_reports_it():
     from alexnet_train.data.datasets import BadImageError
-    from alexnet_train.train import run_errors
+    from alexnet_train.errors import run_errors
 
     for rank in (0, 1):
         me = DistInfo(rank=rank, world_size=2, launcher="torchrun")

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from alexnet_train.config import ScheduleConfig
-from alexnet_train.train import LrPolicy
+from alexnet_train.schedule import LrPolicy
 
 
 def run(policy: LrPolicy, errors: list[float]) -> list[float]:

@@ -174,7 +174,7 @@ def test_train_device_cuda_without_a_gpu_exits_2_in_one_line_before_writing(tree
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("alexnet-train: error: train.device: cuda") and "no usable CUDA device" in err
     assert "Traceback" not in err and not out.exists()
-    from alexnet_train.train import cuda_problem
+    from alexnet_train.precision import cuda_problem
 
     assert cuda_problem() in err  # what torch itself reported
 
@@ -203,7 +203,7 @@ def test_train_device_auto_names_the_gpu_it_chose(tree, tmp_path, capsys):
 @no_cuda
 def test_eval_device_cuda_without_a_gpu_exits_2_with_torchs_reason(trained, capsys):
     from alexnet_train.cli import eval_main
-    from alexnet_train.train import cuda_problem
+    from alexnet_train.precision import cuda_problem
 
     path, val = trained
     capsys.readouterr()
@@ -230,7 +230,7 @@ def test_fused_sgd_after_an_fp16_overflow_at_step_1_takes_stock_sgds_step_2():
 
     import torch.nn.functional as F
 
-    from alexnet_train.train import build_sgd
+    from alexnet_train.optim import build_sgd
 
     cfg = load_config(DEMO, ["model.arch=custom", "model.conv_widths=[8,16,16,16,16]", "model.fc_widths=[32,32]",
                              "model.num_classes=3", "model.init=kaiming"])

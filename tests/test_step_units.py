@@ -17,7 +17,8 @@ from alexnet_train.data.datasets import BadImageError, BadImages, TooManyBadImag
 from alexnet_train.distributed import DistInfo
 from alexnet_train.logwindow import LogWindow
 from alexnet_train.tracking import Tracker
-from alexnet_train.train import LoaderFailed, _worker_killed, loader_failure, run_errors
+from alexnet_train.data.loaders import _worker_killed, loader_failure
+from alexnet_train.errors import LoaderFailed, run_errors
 
 
 def _agreement(dist: DistInfo, policy: str, log: list, counted: list, max_fraction: float = 0.5) -> RankAgreement:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..config import DataConfig
 from ..distributed import DistInfo
+from ..errors import first_line
 from .datasets import DataError, EncodedDataset, ImageDataset, Sample, check_dir, labelled_samples, scan_image_folder
 from .samples import SampleList
 from .transforms import CenterPreset, TrainPreset, collate_encoded, collate_hwc
@@ -259,3 +260,20 @@ def build_loaders(cfg: DataConfig, splits: Splits, dist: DistInfo, seed: int, pi
         val=make_loader(dataset(splits.val, CenterPreset(cfg)), val_sampler, batch, cfg.workers, pin_memory,
                         collate),
     )
+
+
+def _worker_killed(exc: BaseException) -> bool:
+    """The DataLoader's error for a worker that died (a signal, the OOM killer).
+
+    Its own message names the worker; but a worker killed while it was sending a batch can
+    break the pipe under the main process first, which then reads a connection error.
+    """
+    return (isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)) or isinstance(
+        exc, (ConnectionError, EOFError))
+
+
+def loader_failure(exc: BaseException) -> str:
+    """One line for an exception the data loader raised."""
+    if isinstance(exc, (ConnectionError, EOFError)):
+        return f"a DataLoader worker died while sending a batch ({first_line(exc)})"
+    return first_line(exc)
