@@ -1,13 +1,11 @@
 """Command-line entry points: the only reader of argv and the only caller of sys.exit.
 
-Exit codes: 0 done; 1 runtime failure (one line naming the file or setting);
-2 bad usage or config (nothing written); 75 another alexnet-train holds the
-output directory (EX_TEMPFAIL: try again later); 130 / 143 / 138 interrupted
-by SIGINT / SIGTERM / SIGUSR1 after saving a resumable checkpoint (128 + signal
-number; 138 is Slurm's warning before a time limit or preemption: requeue).
-The run itself (lock, resume, launch environment, signals) is
-:mod:`alexnet_train.lifecycle`; this module only parses argv and maps its
-exceptions to these codes.
+Exit codes: 0 done; otherwise the code of the error, one line on stderr
+(:data:`alexnet_train.errors.EXITS`: 1 runtime failure, 2 bad usage or config,
+75 another run holds OUT, 128 + the signal after a stop that saved).  The run
+itself (lock, resume, launch environment, signals) is :mod:`alexnet_train.lifecycle`
+and alexnet-eval's program is :mod:`alexnet_train.evaluate`; this module only
+parses argv and maps exceptions to exit codes.
 """
 from __future__ import annotations
 
@@ -20,9 +18,7 @@ import time
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-EXIT_RUNTIME = 1
-EXIT_CONFIG = 2
-EXIT_LOCKED = 75
+from .errors import EXIT_CONFIG, EXIT_RUNTIME
 
 
 def _fail(prog: str, code: int, message: str) -> NoReturn:
@@ -84,40 +80,24 @@ def train_main(argv: Sequence[str] | None = None) -> None:
         print(dump_yaml(cfg), end="")
         return
 
-    from . import checkpoint as ckpt
-    from .data import BadImageError, DataError
-    from .data.datasets import TooManyBadImages
+    from .errors import USER_ERRORS, Interrupted, exit_code, message
     from .lifecycle import run_training
-    from .errors import PeerLost, RankFailed
-    from .train import Interrupted, LoaderFailed, NonFiniteLoss
     from .tracking import versions
-    from .transfer import WeightsError
 
     provenance = "# resolved config of this run; alexnet-train --config this-file reproduces it\n"
     provenance += "# " + ", ".join(f"{k} {v}" for k, v in versions().items())
     provenance += f"\n# git {git_sha() or 'unknown'}\n"
-    # Under DDP every rank raises the same error at the same step; ``report`` is False on all
-    # but rank 0, so the run prints one line (a lost peer is each survivor's own line).
-    def fail(code: int, exc: BaseException, message: str | None = None) -> NoReturn:
-        if getattr(exc, "report", True):
-            print(f"{prog}: error: {message or exc}", file=sys.stderr, flush=True)
-        sys.exit(code)
-
     try:
         run_training(cfg, args.resume, _log, provenance)
-    except Interrupted as exc:
-        if exc.report:
-            _log(str(exc))
-        sys.exit(128 + exc.signum)
-    except (ConfigError, DataError, WeightsError) as exc:
-        fail(EXIT_CONFIG, exc)
-    except ckpt.RunLocked as exc:
-        fail(EXIT_LOCKED, exc)
-    except (ckpt.CheckpointError, ckpt.WriteError, NonFiniteLoss, BadImageError, TooManyBadImages, LoaderFailed,
-            PeerLost, RankFailed) as exc:
-        fail(EXIT_RUNTIME, exc)
-    except OSError as exc:  # a read that failed (a vanished file, an I/O error)
-        fail(EXIT_RUNTIME, exc, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+    except USER_ERRORS as exc:
+        # Under DDP every rank raises the same error at the same step; ``report`` is False on all
+        # but rank 0, so the run prints one line (a lost peer is each survivor's own line).
+        if getattr(exc, "report", True):
+            if isinstance(exc, Interrupted):
+                _log(str(exc))
+            else:
+                print(f"{prog}: error: {message(exc)}", file=sys.stderr, flush=True)
+        sys.exit(exit_code(exc))
 
 
 # --------------------------------------------------------------------------- alexnet-eval

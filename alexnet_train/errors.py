@@ -104,14 +104,62 @@ class ExportError(RuntimeError):
     """OUT cannot be written, or an exported file does not reproduce the model; names the file."""
 
 
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's text (the DataLoader's run to pages)."""
+def first_line(exc: BaseException, with_type: bool = False) -> str:
+    """The first non-empty line of an exception's text (the DataLoader's run to pages);
+    ``with_type``: after the class name, at most 200 characters (for errors of other libraries)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
+    if not with_type:
+        return lines[0][:300] if lines else type(exc).__name__
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2  # argparse's code for bad usage
+EXIT_LOCKED = 75  # EX_TEMPFAIL: try again later
+
+# Each class once: its exit code, and whether a DDP rank's error of that class is raised as
+# itself on every rank (True) or, as an error the others cannot name, as RankFailed.  A
+# subclass comes before its base.  Adding a failure kind: its class above, its row here.
+EXITS: tuple[tuple[type, int, bool], ...] = (
+    (ConfigError, EXIT_CONFIG, True),
+    (DataError, EXIT_CONFIG, True),
+    (UsageError, EXIT_CONFIG, False),
+    (WeightsError, EXIT_CONFIG, True),
+    (RunLocked, EXIT_LOCKED, True),
+    (BadImageError, EXIT_RUNTIME, True),
+    (TooManyBadImages, EXIT_RUNTIME, True),
+    (CheckpointError, EXIT_RUNTIME, True),
+    (WriteError, EXIT_RUNTIME, True),
+    (NonFiniteLoss, EXIT_RUNTIME, True),
+    (LoaderFailed, EXIT_RUNTIME, True),
+    (RankFailed, EXIT_RUNTIME, False),
+    (PeerLost, EXIT_RUNTIME, False),
+    (PublicDataError, EXIT_RUNTIME, False),
+    (ReportError, EXIT_RUNTIME, False),
+    (ExportError, EXIT_RUNTIME, False),
+    (OSError, EXIT_RUNTIME, True),  # a read or write that failed: a vanished file, an I/O error
+)
+
+# What a command reports on one line with its exit code; anything else is a bug (a traceback).
+USER_ERRORS: tuple[type, ...] = (Interrupted, *(cls for cls, _, _ in EXITS))
 
 
 def run_errors() -> tuple[type, ...]:
     """The errors of a run that keep their class (and so their exit code) when every DDP rank
     raises one rank's error (see :func:`~alexnet_train.distributed.agree_on_failure`)."""
-    return (ConfigError, DataError, WeightsError, RunLocked, CheckpointError, WriteError,
-            NonFiniteLoss, BadImageError, TooManyBadImages, LoaderFailed, OSError)
+    return tuple(cls for cls, _, agreed in EXITS if agreed)
+
+
+def exit_code(exc: BaseException) -> int:
+    """The process exit code for ``exc``: 128 + the signal for a stop, else its row in EXITS."""
+    if isinstance(exc, Interrupted):
+        return 128 + exc.signum
+    return next((code for cls, code, _ in EXITS if isinstance(exc, cls)), EXIT_RUNTIME)
+
+
+def message(exc: BaseException) -> str:
+    """The one line a command prints for ``exc`` (after ``PROG: error:``)."""
+    if isinstance(exc, OSError):
+        return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
+    return str(exc)

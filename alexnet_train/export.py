@@ -55,7 +55,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import DataConfig
 from .inference import Loaded, load_for_inference
-from .errors import ExportError
+from .errors import ExportError, first_line
 
 EXPORT_FORMAT = 1
 PREDICT_BATCH = 32  # images per forward pass in predict(): bounds memory for long image lists
@@ -94,12 +94,6 @@ def _write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Path:
     return path
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
 def _check_same(path: Path, got: torch.Tensor, want: torch.Tensor) -> None:
     diff = (got - want).abs().max().item()
     if not diff <= CHECK_ATOL:  # also catches NaN
@@ -132,7 +126,7 @@ def _torchscript(wrapped: nn.Module, example: torch.Tensor, out: Path, log: Call
             with torch.no_grad():
                 got = reloaded(example)
     except Exception as exc:  # noqa: BLE001 - any TorchScript failure sends us to torch.export
-        log(f"TorchScript unavailable ({_first_line(exc)}); writing a torch.export program (model.pt2) instead")
+        log(f"TorchScript unavailable ({first_line(exc, with_type=True)}); writing a torch.export program (model.pt2) instead")
     else:
         path = out / "model.pt"
         _check_same(path, got, want)
@@ -226,7 +220,7 @@ def _onnx(wrapped: InputNormalized, example: torch.Tensor, out: Path, log: Calla
                     warnings.simplefilter("ignore")
                     torch.onnx.export(wrapped, (example,), buf, dynamo=dynamo, **kwargs)
             except Exception as exc:  # noqa: BLE001 - report why and go on without ONNX
-                errors.append(_first_line(exc))
+                errors.append(first_line(exc, with_type=True))
                 continue
             return _write(path, lambda fh: fh.write(buf.getvalue()))
     finally:

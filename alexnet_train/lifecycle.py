@@ -13,11 +13,8 @@ is written, joins the process group, writes config.yaml, and trains with
 SIGINT / SIGTERM / SIGUSR1 turned into a stop request (:class:`StopSignals`);
 however it ends, it leaves the process group and releases the lock.
 
-Errors it raises, for the caller to map: ConfigError / DataError / WeightsError
-(bad config or data, nothing written), RunLocked (another run holds OUT),
-CheckpointError / WriteError / NonFiniteLoss / BadImageError / TooManyBadImages
-(runtime failures, one line naming the file or setting), Interrupted (a signal;
-a resumable checkpoint was saved).
+The errors it raises are :mod:`alexnet_train.errors`' (the caller maps them to exit
+codes with :func:`~alexnet_train.errors.exit_code`).
 """
 from __future__ import annotations
 
@@ -33,7 +30,7 @@ from typing import Any, Callable
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, config_to_dict, dump_yaml, replace
 from .distributed import DistInfo, agree_on_failure, all_gather, is_collective_error
-from .errors import PeerLost
+from .errors import USER_ERRORS, Interrupted, PeerLost, first_line, run_errors
 
 Log = Callable[[str], None]
 
@@ -163,7 +160,7 @@ def join_process_group(dist: DistInfo, backend: str, device, timeout_minutes: fl
                     "can read the previous attempt's addresses (pytorch/pytorch#135712): run torchrun with "
                     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
         raise PeerLost(f"rank {dist.rank}: cannot join the {dist.world_size} processes at {dist.init_method} "
-                       f"({_first_line(exc)}){hint}") from None
+                       f"({first_line(exc)}){hint}") from None
 
 
 # What join_process_group sets for NCCL unless the environment already does.  2: at a
@@ -303,7 +300,7 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
     in an agreement: if any rank failed, every rank raises that rank's error (:class:`Together`).
     """
     from .precision import resolve_device
-    from .train import Interrupted, fit
+    from .train import fit
 
     dist = launch_environment(cfg.dist.mode)
     say = log if dist.is_main else (lambda _m: None)
@@ -379,9 +376,6 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
                 say(f"done: nothing to do, {out} already holds {result.epochs_run} epochs")
             return result
         except Exception as exc:
-            from .distributed import RankFailed
-            from .errors import run_errors
-
             if group:
                 # Every rank is leaving at the same step with the same code.  torchrun SIGTERMs a
                 # worker's siblings the moment one exits: taken now, that SIGTERM would turn this
@@ -392,9 +386,8 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
                     except ValueError:  # not the main thread
                         pass
 
-            ours = (*run_errors(), Interrupted, PeerLost, RankFailed)
-            if group and not isinstance(exc, ours) and is_collective_error(exc):
-                raise PeerLost(f"rank {dist.rank}: lost contact with the other ranks ({_first_line(exc)}); "
+            if group and not isinstance(exc, USER_ERRORS) and is_collective_error(exc):
+                raise PeerLost(f"rank {dist.rank}: lost contact with the other ranks ({first_line(exc)}); "
                                "stopped without saving; OUT's last checkpoint is kept, and the same command "
                                "resumes from it") from None
             raise
@@ -411,11 +404,6 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
                     leave_process_group(sys.exc_info()[1])
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else type(exc).__name__
-
-
 class Together:
     """Runs a step each rank takes alone, then has all ranks agree on its outcome.
 
@@ -429,8 +417,6 @@ class Together:
         self.dist, self.group = dist, group
 
     def __call__(self, step: Callable[[], Any]) -> Any:
-        from .errors import run_errors
-
         if not self.group:
             return step()
         failure, result = None, None
