@@ -38,39 +38,62 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
+    """Where the images come from, how they are cropped, coloured and normalized, and who decodes them."""
+
     train_dir: Optional[str] = None
+    """The training images: an ImageFolder (one folder per class), or a folder of WebDataset
+    tar shards.  Its class folders give the class list."""
     val_dir: Optional[str] = None
-    # A flat validation folder's labels file (lines "filename wnid").
+    """The validation images: an ImageFolder, a flat folder with ``data.val_labels``, or a
+    folder of WebDataset tar shards."""
     val_labels: Optional[str] = None
-    # Where train_dir/val_dir are unset, generate (once) and use the synthetic demo ImageFolder.
+    """A flat validation folder's labels file (lines ``filename wnid``)."""
     demo: bool = False
+    """Where ``train_dir``/``val_dir`` are unset, generate (once) and use the synthetic demo ImageFolder."""
     demo_cache: Optional[str] = None
+    """Where the demo ImageFolder is kept; null: ``$ALEXNET_TRAIN_CACHE``, else the user's cache
+    folder (``$XDG_CACHE_HOME`` or ``~/.cache``) under ``alexnet-train``."""
     batch_size: int = 128
+    """Images per step over all processes (the global batch; must be > 0 and divisible by the
+    number of DDP processes)."""
     workers: int = 4
+    """Loader worker processes per training process (must be >= 0); 0 loads in the training process."""
     resize_size: int = 256
+    """The shorter side is resized to this many pixels before cropping: always in evaluation,
+    in training with augment paper (must be > 0)."""
     crop_size: int = 224
-    # paper: shorter side to resize_size, (optionally) centre square, random crop_size crop;
-    # torchvision: RandomResizedCrop(crop_size) as in torchvision's reference recipe.
+    """The side of the square crop the model sees (must be >= 63, AlexNet's strides need it;
+    with augment paper, no larger than ``resize_size``)."""
     augment: Literal["paper", "torchvision"] = "paper"
+    """paper: shorter side to ``resize_size``, (optionally) centre square, random ``crop_size``
+    crop; torchvision: RandomResizedCrop(``crop_size``) as in torchvision's reference recipe."""
     center_square: bool = False
+    """augment paper: take the centre square of the resized image before the random crop."""
     hflip: bool = True
-    # Std of the paper's PCA colour noise (alpha ~ N(0, pca_std)); 0 turns it off.
+    """Flip training crops horizontally with probability 0.5."""
     pca_std: float = 0.1
-    # paper: subtract the mean pixel (0-255 scale); torchvision: (x - mean) / std
-    # (what model.init=kaiming needs: He init on 0-255 inputs diverges).
+    """Std of the paper's PCA colour noise (alpha ~ N(0, pca_std)); 0 turns it off (must be >= 0)."""
     normalize: Literal["paper", "torchvision"] = "paper"
+    """paper: subtract the mean pixel (0-255 scale); torchvision: (x - mean) / std
+    (what model.init=kaiming needs: He init on 0-255 inputs diverges)."""
     mean: tuple[float, ...] = IMAGENET_MEAN
+    """The mean pixel, R, G, B on the 0-255 scale (3 values; ImageNet's by default)."""
     std: tuple[float, ...] = IMAGENET_STD
+    """Per-channel std, R, G, B on the 0-255 scale (3 values, each > 0), for normalize torchvision."""
     eigval: tuple[float, ...] = IMAGENET_EIGVAL
+    """Eigenvalues of the RGB covariance (pixels on the 0-1 scale; 3 values, descending) for the
+    PCA colour noise."""
     eigvec: tuple[tuple[float, ...], ...] = IMAGENET_EIGVEC
-    # error: an unreadable image stops the run (exit 1, naming it); skip: log it once,
-    # count it in metrics.jsonl, and stop only if more than max_bad_fraction of a split is bad.
+    """The matching eigenvectors: a 3x3 matrix whose columns are the eigenvectors (rows are R, G, B)."""
     on_bad_image: Literal["error", "skip"] = "error"
+    """error: an unreadable image stops the run (exit 1, naming it); skip: log it once, count
+    it in metrics.jsonl, and stop only if more than ``max_bad_fraction`` of a split is bad."""
     max_bad_fraction: float = 0.001
-    # worker: loader processes decode and crop; device: they only read the file bytes and
-    # draw the crops, and the training process decodes each batch on the training device
-    # (TorchCodec; nvJPEG on a GPU) and crops there.  Same crops either way.
+    """on_bad_image skip: the largest fraction of a split that may be unreadable (within [0, 1])."""
     decode: Literal["worker", "device"] = "worker"
+    """worker: loader processes decode and crop; device: they only read the file bytes and draw
+    the crops, and the training process decodes each batch on the training device (TorchCodec;
+    nvJPEG on a GPU) and crops there.  Same crops either way."""
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "resize_size", "crop_size")
@@ -111,33 +134,42 @@ PAPER_FC = (4096, 4096)
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """Which AlexNet, its initialisation, and the weights it starts from."""
+
     arch: Literal["paper", "torchvision", "custom"] = "paper"
-    # null: the number of class folders in data.train_dir (what a fine-tuning config wants).
+    """paper: the 2012 network (96-256-384-384-256 convs, LRN); torchvision: torchvision's
+    AlexNet (64-192-384-256-256, no LRN); custom: the paper's layout with the widths below."""
     num_classes: Optional[int] = 1000
-    # 2 = the paper's two-GPU towers: conv2, conv4 and conv5 see only their own half
-    # (arch paper and custom; torchvision's AlexNet has none, so it ignores this, with a notice).
+    """Outputs of the last layer (must be > 0); null: the number of class folders in
+    data.train_dir (what a fine-tuning config wants)."""
     groups: int = 1
-    # paper: N(0, 0.01), bias 1 in conv2/4/5 and FC6/7; caffe: bvlc_alexnet's
-    # (N(0, 0.01) convs, N(0, 0.005) FC6/7, bias 0.1); kaiming: He-normal for ReLUs;
-    # torch: PyTorch's defaults.  caffe by default: the paper's own init sat at
-    # chance in every measurement (scripts/init_study.py, README "Initialisation").
+    """2 = the paper's two-GPU towers: conv2, conv4 and conv5 see only their own half (must be
+    > 0 and divide every conv width; arch paper and custom; torchvision's AlexNet has none, so it
+    ignores this, with a notice)."""
     init: Literal["paper", "caffe", "kaiming", "torch"] = "caffe"
+    """paper: N(0, 0.01), bias 1 in conv2/4/5 and FC6/7; caffe: bvlc_alexnet's (N(0, 0.01)
+    convs, N(0, 0.005) FC6/7, bias 0.1); kaiming: He-normal for ReLUs; torch: PyTorch's defaults.
+    caffe by default: the paper's own init sat at chance in every measurement
+    (scripts/init_study.py, README "Initialisation")."""
     dropout: float = 0.5
-    # arch=custom only: five conv widths, two FC widths, LRN after conv1/conv2.
-    # The rule for every arch-specific key (these and groups): an arch that does not use
-    # a key ignores it, with a notice naming it, so --set model.arch=... works on any config.
+    """Dropout probability before FC6 and FC7 (within [0, 1))."""
+    # The rule for every arch-specific key (these three and groups, see ARCH_KEYS): an arch that
+    # does not use a key ignores it, with a notice naming it, so --set model.arch=... works on any config.
     conv_widths: Optional[tuple[int, ...]] = None
+    """arch custom: the five conv widths (5 positive ints); null: the paper's."""
     fc_widths: Optional[tuple[int, ...]] = None
+    """arch custom: the two hidden FC widths (2 positive ints); null: the paper's 4096, 4096."""
     lrn: Optional[bool] = None
-    # Start from trained weights instead of model.init: null (none), torchvision
-    # (torchvision's ImageNet weights, arch torchvision, via the torch hub cache) or
-    # the path of an alexnet-train checkpoint or a plain state_dict.  Layers are
-    # matched by name and shape; a last layer of another class count is drawn fresh.
+    """arch custom: local response normalization after conv1 and conv2; null: on, as in the paper."""
     weights: Optional[str] = None
-    # none: train every layer; features: only the FC layers (conv1-conv5 fixed);
-    # all_but_last: only the last layer (FC8).  Frozen parameters get no gradient,
-    # no weight decay and no momentum buffer.
+    """Start from trained weights instead of model.init: null (none), torchvision (torchvision's
+    ImageNet weights, arch torchvision, via the torch hub cache) or the path of an alexnet-train
+    checkpoint or a plain state_dict.  Layers are matched by name and shape; a last layer of
+    another class count is drawn fresh."""
     freeze: Literal["none", "features", "all_but_last"] = "none"
+    """none: train every layer; features: only the FC layers (conv1-conv5 fixed); all_but_last:
+    only the last layer (FC8).  Frozen parameters get no gradient, no weight decay and no
+    momentum buffer."""
 
     def __post_init__(self) -> None:
         _positive(self, "groups")
@@ -198,14 +230,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """SGD with momentum, as in the paper."""
+
     lr: float = 0.01
+    """The base learning rate (must be > 0); ``schedule`` changes it from epoch to epoch."""
     momentum: float = 0.9
+    """SGD momentum (within [0, 1))."""
     weight_decay: float = 5e-4
+    """L2 weight decay (must be >= 0)."""
     nesterov: bool = False
-    # The paper decays every weight; False exempts biases (and LRN has none).
+    """Nesterov momentum (needs optim.momentum > 0)."""
     decay_biases: bool = True
-    # The last layer (FC8, the one a fine-tune draws fresh) learns at lr * head_lr_mult.
+    """The paper decays every weight; false exempts biases (and LRN has none)."""
     head_lr_mult: float = 1.0
+    """The last layer (FC8, the one a fine-tune draws fresh) learns at lr * head_lr_mult (must be > 0)."""
 
     def __post_init__(self) -> None:
         _positive(self, "lr", "head_lr_mult")
@@ -219,22 +257,29 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
+    """How the learning rate changes from epoch to epoch, and the paper's stopping rule."""
+
     kind: Literal["plateau", "step", "cosine"] = "plateau"
-    # plateau: lr *= factor after this many epochs in a row without improvement of val top-1
-    # error (>= 1).  PyTorch's ReduceLROnPlateau counts one fewer: its patience=N is our N + 1
-    # (its 0, cut after the first bad epoch, is our 1).
+    """plateau: the paper's rule, lr *= factor when validation top-1 error stops improving;
+    step: lr *= factor every step_size epochs; cosine: anneal from lr to min_lr."""
     patience: int = 5
+    """plateau: lr *= factor after this many epochs in a row without improvement of val top-1
+    error (must be >= 1).  PyTorch's ReduceLROnPlateau counts one fewer: its patience=N is our
+    N + 1 (its 0, cut after the first bad epoch, is our 1)."""
     factor: float = 0.1
+    """plateau and step: what each cut multiplies lr by (within (0, 1))."""
     max_reductions: int = 3
-    # plateau: an improvement must beat the best error by more than this (percentage points).
+    """plateau: how many times lr is cut (must be >= 0)."""
     threshold: float = 0.0
-    # plateau: after max_reductions and one more plateau, end the run (the paper's stopping rule).
+    """plateau: an improvement must beat the best error by more than this (percentage points; must be >= 0)."""
     stop_after_last_plateau: bool = True
-    # step: lr *= factor every step_size epochs.
+    """plateau: after max_reductions and one more plateau, end the run (the paper's stopping rule)."""
     step_size: int = 30
-    # cosine: anneal from lr to min_lr over the epochs after warmup.
+    """step: lr *= factor every step_size epochs (must be > 0)."""
     min_lr: float = 0.0
+    """cosine: anneal from lr to min_lr over the epochs after warmup (must be >= 0)."""
     warmup_epochs: int = 0
+    """step and cosine: ramp lr up linearly over this many first epochs (must be >= 0)."""
 
     def __post_init__(self) -> None:
         _positive(self, "step_size")
@@ -254,30 +299,39 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The run: its length, seed, device, precision, output folder and checkpoints."""
+
     epochs: int = 90
+    """Epochs to train (must be > 0); schedule plateau may end the run sooner."""
     seed: int = 0
+    """Base seed (must be >= 0): each rank seeds its RNGs with seed + rank; the shuffle, crops and
+    colour noise are drawn from (seed, epoch, sample or step) alone, so a resumed run draws what
+    an uninterrupted one would, with any number of ranks and workers."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA if a GPU is usable, else the CPU (and says why); cuda without a usable GPU is an error."""
     out_dir: str = "runs/paper"
-    # How many epoch-NNN.pth checkpoints to keep besides last.pth and best.pth (0: none).
+    """The output folder (checkpoints, metrics.jsonl, TensorBoard; must not be empty); ``--out`` overrides it."""
     keep_last: int = 2
-    # Steps between log lines / TensorBoard scalars.
+    """How many epoch-NNN.pth checkpoints to keep besides last.pth and best.pth (0: none; must be >= 0)."""
     log_interval: int = 50
-    # torch.set_num_threads on CPU; 0 leaves torch's default.
+    """Steps between log lines / TensorBoard scalars (must be > 0)."""
     threads: int = 0
-    # Mixed precision on CUDA (fp16 uses a GradScaler); a notice and fp32 elsewhere.
+    """torch.set_num_threads on CPU (must be >= 0); 0 leaves torch's default."""
     amp: Literal["none", "bf16", "fp16"] = "none"
-    # Model and batches in channels-last memory (faster convolutions on tensor cores).
+    """Mixed precision on CUDA (fp16 uses a GradScaler); a notice and fp32 elsewhere."""
     channels_last: bool = False
-    # torch.compile the model (a notice and eager mode where it is unavailable).
+    """Model and batches in channels-last memory (faster convolutions on tensor cores)."""
     compile: bool = False
-    # On CUDA, float32 matrix products and convolutions on TF32 tensor cores (10-bit
-    # mantissa; PyTorch's own default leaves matmuls in full float32).
+    """torch.compile the model (a notice and eager mode where it is unavailable)."""
     tf32: bool = True
-    # A resumable mid-epoch last.pth at least every N minutes / N steps (0: off), so a kill -9,
-    # the OOM killer or a lost spot VM costs at most that much training.  The minutes are
-    # checked at log-interval steps (which all DDP ranks share).
+    """On CUDA, float32 matrix products and convolutions on TF32 tensor cores (10-bit mantissa;
+    PyTorch's own default leaves matmuls in full float32)."""
     checkpoint_minutes: float = 0.0
+    """A resumable mid-epoch last.pth at least every this many minutes (0: off; must be >= 0), so a kill -9,
+    the OOM killer or a lost spot VM costs at most that much training.  Checked at
+    log-interval steps (which all DDP ranks share)."""
     checkpoint_steps: int = 0
+    """A resumable mid-epoch last.pth at least every this many steps (0: off; must be >= 0)."""
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "log_interval")
@@ -290,17 +344,23 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistConfig:
+    """Several GPUs: DataParallel in one process, or DDP over torchrun/Slurm processes."""
+
     mode: Literal["none", "dp", "ddp"] = "none"
+    """none: one device; dp: DataParallel over the conv layers of the GPUs this process sees (the
+    FC layers stay on the first); ddp: DistributedDataParallel, one process per GPU, launched
+    by torchrun or srun (without a launcher: one process, with a notice)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    # How long any collective (the process group's rendezvous, a gradient all-reduce, the
-    # ranks' agreements) may wait for a rank that has stopped answering before the run ends
-    # with an error: NCCL's own default is 10 minutes, gloo's 30.  Longer than the slowest
-    # honest wait between ranks other than a checkpoint write: one rank's data scan at start.
+    """ddp's process group backend; auto: nccl on CUDA, gloo on the CPU."""
     timeout_minutes: float = 5.0
-    # How long the other ranks wait for rank 0 to write a checkpoint (last.pth and its copies)
-    # before the run ends with "lost contact": a slow shared filesystem is not a dead peer.
-    # They wait in a CPU (gloo) group of its own, which NCCL's watchdog does not watch.
+    """How long any collective (the process group's rendezvous, a gradient all-reduce, the
+    ranks' agreements) may wait for a rank that has stopped answering before the run ends with
+    an error (must be > 0): NCCL's own default is 10 minutes, gloo's 30.  Longer than the
+    slowest honest wait between ranks other than a checkpoint write: one rank's data scan at start."""
     save_timeout_minutes: float = 30.0
+    """How long the other ranks wait for rank 0 to write a checkpoint (last.pth and its copies)
+    before the run ends with "lost contact" (must be > 0): a slow shared filesystem is not a
+    dead peer.  They wait in a CPU (gloo) group of its own, which NCCL's watchdog does not watch."""
 
     def __post_init__(self) -> None:
         _positive(self, "timeout_minutes")
