@@ -6,9 +6,12 @@ Usage::
     cfg.optim.lr          # 0.02
     print(dump_yaml(cfg))  # the resolved config
 
-Every section is a frozen dataclass.  Unknown sections or keys, values of the
-wrong type and inconsistent combinations raise :class:`ConfigError` with a
-one-line message that names the key (and the file or ``--set`` it came from).
+Every section is a frozen dataclass; the string under each field documents that
+key, and docs/configuration.md is rendered from them (``python -m
+alexnet_train.configref``).  Unknown sections or keys, values of the wrong type
+and inconsistent combinations raise :class:`ConfigError` with a one-line message
+that names the key (and the file or ``--set`` it came from).  Reading YAML and
+``--set`` lives in :mod:`alexnet_train.configload`; its names are importable from here.
 """
 from __future__ import annotations
 

@@ -17,9 +17,6 @@ from typing import Any, Literal
 import yaml
 
 
-# --------------------------------------------------------------------------- type checking
-
-
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
