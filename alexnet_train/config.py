@@ -6,22 +6,22 @@ Usage::
     cfg.optim.lr          # 0.02
     print(dump_yaml(cfg))  # the resolved config
 
-Every section is a frozen dataclass.  Unknown sections or keys, values of the
-wrong type and inconsistent combinations raise :class:`ConfigError` with a
-one-line message that names the key (and the file or ``--set`` it came from).
+Every section is a frozen dataclass; the string under each field documents that
+key, and docs/configuration.md is rendered from them (``python -m
+alexnet_train.configref``).  Unknown sections or keys, values of the wrong type
+and inconsistent combinations raise :class:`ConfigError` with a one-line message
+that names the key (and the file or ``--set`` it came from).  Reading YAML and
+``--set`` lives in :mod:`alexnet_train.configload`; its names are importable from here.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from .errors import ConfigError
+
 
 # ImageNet's mean pixel and per-channel std on the 0-255 scale (RGB), and the
 # eigen-decomposition of its RGB covariance used by the paper's PCA colour
@@ -40,39 +40,61 @@ IMAGENET_EIGVEC = (
 
 @dataclass(frozen=True)
 class DataConfig:
+    """Where the images come from, how they are cropped, coloured and normalized, and who decodes them."""
+
     train_dir: Optional[str] = None
+    """The training images: an ImageFolder (one folder per class); its class folders give the
+    class list."""
     val_dir: Optional[str] = None
-    # A flat validation folder's labels file (lines "filename wnid").
+    """The validation images: an ImageFolder, or a flat folder with ``data.val_labels``."""
     val_labels: Optional[str] = None
-    # Where train_dir/val_dir are unset, generate (once) and use the synthetic demo ImageFolder.
+    """A flat validation folder's labels file (lines ``filename wnid``)."""
     demo: bool = False
+    """Where ``train_dir``/``val_dir`` are unset, generate (once) and use the synthetic demo ImageFolder."""
     demo_cache: Optional[str] = None
+    """Where the demo ImageFolder is kept; null: ``$ALEXNET_TRAIN_CACHE``, else the user's cache
+    folder (``$XDG_CACHE_HOME`` or ``~/.cache``) under ``alexnet-train``."""
     batch_size: int = 128
+    """Images per step over all processes (the global batch; must be > 0 and divisible by the
+    number of DDP processes)."""
     workers: int = 4
+    """Loader worker processes per training process (must be >= 0); 0 loads in the training process."""
     resize_size: int = 256
+    """The shorter side is resized to this many pixels before cropping: always in evaluation,
+    in training with augment paper (must be > 0)."""
     crop_size: int = 224
-    # paper: shorter side to resize_size, (optionally) centre square, random crop_size crop;
-    # torchvision: RandomResizedCrop(crop_size) as in torchvision's reference recipe.
+    """The side of the square crop the model sees (must be >= 63, AlexNet's strides need it;
+    with augment paper, no larger than ``resize_size``)."""
     augment: Literal["paper", "torchvision"] = "paper"
+    """paper: shorter side to ``resize_size``, (optionally) centre square, random ``crop_size``
+    crop; torchvision: RandomResizedCrop(``crop_size``) as in torchvision's reference recipe."""
     center_square: bool = False
+    """augment paper: take the centre square of the resized image before the random crop."""
     hflip: bool = True
-    # Std of the paper's PCA colour noise (alpha ~ N(0, pca_std)); 0 turns it off.
+    """Flip training crops horizontally with probability 0.5."""
     pca_std: float = 0.1
-    # paper: subtract the mean pixel (0-255 scale); torchvision: (x - mean) / std
-    # (what model.init=kaiming needs: He init on 0-255 inputs diverges).
+    """Std of the paper's PCA colour noise (alpha ~ N(0, pca_std)); 0 turns it off (must be >= 0)."""
     normalize: Literal["paper", "torchvision"] = "paper"
+    """paper: subtract the mean pixel (0-255 scale); torchvision: (x - mean) / std
+    (what model.init=kaiming needs: He init on 0-255 inputs diverges)."""
     mean: tuple[float, ...] = IMAGENET_MEAN
+    """The mean pixel, R, G, B on the 0-255 scale (3 values; ImageNet's by default)."""
     std: tuple[float, ...] = IMAGENET_STD
+    """Per-channel std, R, G, B on the 0-255 scale (3 values, each > 0), for normalize torchvision."""
     eigval: tuple[float, ...] = IMAGENET_EIGVAL
+    """Eigenvalues of the RGB covariance (pixels on the 0-1 scale; 3 values, descending) for the
+    PCA colour noise."""
     eigvec: tuple[tuple[float, ...], ...] = IMAGENET_EIGVEC
-    # error: an unreadable image stops the run (exit 1, naming it); skip: log it once,
-    # count it in metrics.jsonl, and stop only if more than max_bad_fraction of a split is bad.
+    """The matching eigenvectors: a 3x3 matrix whose columns are the eigenvectors (rows are R, G, B)."""
     on_bad_image: Literal["error", "skip"] = "error"
+    """error: an unreadable image stops the run (exit 1, naming it); skip: log it once, count
+    it in metrics.jsonl, and stop only if more than ``max_bad_fraction`` of a split is bad."""
     max_bad_fraction: float = 0.001
-    # worker: loader processes decode and crop; device: they only read the file bytes and
-    # draw the crops, and the training process decodes each batch on the training device
-    # (TorchCodec; nvJPEG on a GPU) and crops there.  Same crops either way.
+    """on_bad_image skip: the largest fraction of a split that may be unreadable (within [0, 1])."""
     decode: Literal["worker", "device"] = "worker"
+    """worker: loader processes decode and crop; device: they only read the file bytes and draw
+    the crops, and the training process decodes each batch on the training device (TorchCodec;
+    nvJPEG on a GPU) and crops there.  Same crops either way."""
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "resize_size", "crop_size")
@@ -113,33 +135,42 @@ PAPER_FC = (4096, 4096)
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """Which AlexNet, its initialisation, and the weights it starts from."""
+
     arch: Literal["paper", "torchvision", "custom"] = "paper"
-    # null: the number of class folders in data.train_dir (what a fine-tuning config wants).
+    """paper: the 2012 network (96-256-384-384-256 convs, LRN); torchvision: torchvision's
+    AlexNet (64-192-384-256-256, no LRN); custom: the paper's layout with the widths below."""
     num_classes: Optional[int] = 1000
-    # 2 = the paper's two-GPU towers: conv2, conv4 and conv5 see only their own half
-    # (arch paper and custom; torchvision's AlexNet has none, so it ignores this, with a notice).
+    """Outputs of the last layer (must be > 0); null: the number of class folders in
+    data.train_dir (what a fine-tuning config wants)."""
     groups: int = 1
-    # paper: N(0, 0.01), bias 1 in conv2/4/5 and FC6/7; caffe: bvlc_alexnet's
-    # (N(0, 0.01) convs, N(0, 0.005) FC6/7, bias 0.1); kaiming: He-normal for ReLUs;
-    # torch: PyTorch's defaults.  caffe by default: the paper's own init sat at
-    # chance in every measurement (scripts/init_study.py, README "Initialisation").
+    """2 = the paper's two-GPU towers: conv2, conv4 and conv5 see only their own half (must be
+    > 0 and divide every conv width; arch paper and custom; torchvision's AlexNet has none, so it
+    ignores this, with a notice)."""
     init: Literal["paper", "caffe", "kaiming", "torch"] = "caffe"
+    """paper: N(0, 0.01), bias 1 in conv2/4/5 and FC6/7; caffe: bvlc_alexnet's (N(0, 0.01)
+    convs, N(0, 0.005) FC6/7, bias 0.1); kaiming: He-normal for ReLUs; torch: PyTorch's defaults.
+    caffe by default: the paper's own init sat at chance in every measurement
+    (scripts/init_study.py, README "Initialisation")."""
     dropout: float = 0.5
-    # arch=custom only: five conv widths, two FC widths, LRN after conv1/conv2.
-    # The rule for every arch-specific key (these and groups): an arch that does not use
-    # a key ignores it, with a notice naming it, so --set model.arch=... works on any config.
+    """Dropout probability before FC6 and FC7 (within [0, 1))."""
+    # The rule for every arch-specific key (these three and groups, see ARCH_KEYS): an arch that
+    # does not use a key ignores it, with a notice naming it, so --set model.arch=... works on any config.
     conv_widths: Optional[tuple[int, ...]] = None
+    """arch custom: the five conv widths (5 positive ints); null: the paper's."""
     fc_widths: Optional[tuple[int, ...]] = None
+    """arch custom: the two hidden FC widths (2 positive ints); null: the paper's 4096, 4096."""
     lrn: Optional[bool] = None
-    # Start from trained weights instead of model.init: null (none), torchvision
-    # (torchvision's ImageNet weights, arch torchvision, via the torch hub cache) or
-    # the path of an alexnet-train checkpoint or a plain state_dict.  Layers are
-    # matched by name and shape; a last layer of another class count is drawn fresh.
+    """arch custom: local response normalization after conv1 and conv2; null: on, as in the paper."""
     weights: Optional[str] = None
-    # none: train every layer; features: only the FC layers (conv1-conv5 fixed);
-    # all_but_last: only the last layer (FC8).  Frozen parameters get no gradient,
-    # no weight decay and no momentum buffer.
+    """Start from trained weights instead of model.init: null (none), torchvision (torchvision's
+    ImageNet weights, arch torchvision, via the torch hub cache) or the path of an alexnet-train
+    checkpoint or a plain state_dict.  Layers are matched by name and shape; a last layer of
+    another class count is drawn fresh."""
     freeze: Literal["none", "features", "all_but_last"] = "none"
+    """none: train every layer; features: only the FC layers (conv1-conv5 fixed); all_but_last:
+    only the last layer (FC8).  Frozen parameters get no gradient, no weight decay and no
+    momentum buffer."""
 
     def __post_init__(self) -> None:
         _positive(self, "groups")
@@ -200,14 +231,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """SGD with momentum, as in the paper."""
+
     lr: float = 0.01
+    """The base learning rate (must be > 0); ``schedule`` changes it from epoch to epoch."""
     momentum: float = 0.9
+    """SGD momentum (within [0, 1))."""
     weight_decay: float = 5e-4
+    """L2 weight decay (must be >= 0)."""
     nesterov: bool = False
-    # The paper decays every weight; False exempts biases (and LRN has none).
+    """Nesterov momentum (needs optim.momentum > 0)."""
     decay_biases: bool = True
-    # The last layer (FC8, the one a fine-tune draws fresh) learns at lr * head_lr_mult.
+    """The paper decays every weight; false exempts biases (and LRN has none)."""
     head_lr_mult: float = 1.0
+    """The last layer (FC8, the one a fine-tune draws fresh) learns at lr * head_lr_mult (must be > 0)."""
 
     def __post_init__(self) -> None:
         _positive(self, "lr", "head_lr_mult")
@@ -221,22 +258,29 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
+    """How the learning rate changes from epoch to epoch, and the paper's stopping rule."""
+
     kind: Literal["plateau", "step", "cosine"] = "plateau"
-    # plateau: lr *= factor after this many epochs in a row without improvement of val top-1
-    # error (>= 1).  PyTorch's ReduceLROnPlateau counts one fewer: its patience=N is our N + 1
-    # (its 0, cut after the first bad epoch, is our 1).
+    """plateau: the paper's rule, lr *= factor when validation top-1 error stops improving;
+    step: lr *= factor every step_size epochs; cosine: anneal from lr to min_lr."""
     patience: int = 5
+    """plateau: lr *= factor after this many epochs in a row without improvement of val top-1
+    error (must be >= 1).  PyTorch's ReduceLROnPlateau counts one fewer: its patience=N is our
+    N + 1 (its 0, cut after the first bad epoch, is our 1)."""
     factor: float = 0.1
+    """plateau and step: what each cut multiplies lr by (within (0, 1))."""
     max_reductions: int = 3
-    # plateau: an improvement must beat the best error by more than this (percentage points).
+    """plateau: how many times lr is cut (must be >= 0)."""
     threshold: float = 0.0
-    # plateau: after max_reductions and one more plateau, end the run (the paper's stopping rule).
+    """plateau: an improvement must beat the best error by more than this (percentage points; must be >= 0)."""
     stop_after_last_plateau: bool = True
-    # step: lr *= factor every step_size epochs.
+    """plateau: after max_reductions and one more plateau, end the run (the paper's stopping rule)."""
     step_size: int = 30
-    # cosine: anneal from lr to min_lr over the epochs after warmup.
+    """step: lr *= factor every step_size epochs (must be > 0)."""
     min_lr: float = 0.0
+    """cosine: anneal from lr to min_lr over the epochs after warmup (must be >= 0)."""
     warmup_epochs: int = 0
+    """step and cosine: ramp lr up linearly over this many first epochs (must be >= 0)."""
 
     def __post_init__(self) -> None:
         _positive(self, "step_size")
@@ -256,30 +300,39 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The run: its length, seed, device, precision, output folder and checkpoints."""
+
     epochs: int = 90
+    """Epochs to train (must be > 0); schedule plateau may end the run sooner."""
     seed: int = 0
+    """Base seed (must be >= 0): each rank seeds its RNGs with seed + rank; the shuffle, crops and
+    colour noise are drawn from (seed, epoch, sample or step) alone, so a resumed run draws what
+    an uninterrupted one would, with any number of ranks and workers."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA if a GPU is usable, else the CPU (and says why); cuda without a usable GPU is an error."""
     out_dir: str = "runs/paper"
-    # How many epoch-NNN.pth checkpoints to keep besides last.pth and best.pth (0: none).
+    """The output folder (checkpoints, metrics.jsonl, TensorBoard; must not be empty); ``--out`` overrides it."""
     keep_last: int = 2
-    # Steps between log lines / TensorBoard scalars.
+    """How many epoch-NNN.pth checkpoints to keep besides last.pth and best.pth (0: none; must be >= 0)."""
     log_interval: int = 50
-    # torch.set_num_threads on CPU; 0 leaves torch's default.
+    """Steps between log lines / TensorBoard scalars (must be > 0)."""
     threads: int = 0
-    # Mixed precision on CUDA (fp16 uses a GradScaler); a notice and fp32 elsewhere.
+    """torch.set_num_threads on CPU (must be >= 0); 0 leaves torch's default."""
     amp: Literal["none", "bf16", "fp16"] = "none"
-    # Model and batches in channels-last memory (faster convolutions on tensor cores).
+    """Mixed precision on CUDA (fp16 uses a GradScaler); a notice and fp32 elsewhere."""
     channels_last: bool = False
-    # torch.compile the model (a notice and eager mode where it is unavailable).
+    """Model and batches in channels-last memory (faster convolutions on tensor cores)."""
     compile: bool = False
-    # On CUDA, float32 matrix products and convolutions on TF32 tensor cores (10-bit
-    # mantissa; PyTorch's own default leaves matmuls in full float32).
+    """torch.compile the model (a notice and eager mode where it is unavailable)."""
     tf32: bool = True
-    # A resumable mid-epoch last.pth at least every N minutes / N steps (0: off), so a kill -9,
-    # the OOM killer or a lost spot VM costs at most that much training.  The minutes are
-    # checked at log-interval steps (which all DDP ranks share).
+    """On CUDA, float32 matrix products and convolutions on TF32 tensor cores (10-bit mantissa;
+    PyTorch's own default leaves matmuls in full float32)."""
     checkpoint_minutes: float = 0.0
+    """A resumable mid-epoch last.pth at least every this many minutes (0: off; must be >= 0), so a kill -9,
+    the OOM killer or a lost spot VM costs at most that much training.  Checked at
+    log-interval steps (which all DDP ranks share)."""
     checkpoint_steps: int = 0
+    """A resumable mid-epoch last.pth at least every this many steps (0: off; must be >= 0)."""
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "log_interval")
@@ -292,17 +345,23 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistConfig:
+    """Several GPUs: DataParallel in one process, or DDP over torchrun/Slurm processes."""
+
     mode: Literal["none", "dp", "ddp"] = "none"
+    """none: one device; dp: DataParallel over the conv layers of the GPUs this process sees (the
+    FC layers stay on the first); ddp: DistributedDataParallel, one process per GPU, launched
+    by torchrun or srun (without a launcher: one process, with a notice)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    # How long any collective (the process group's rendezvous, a gradient all-reduce, the
-    # ranks' agreements) may wait for a rank that has stopped answering before the run ends
-    # with an error: NCCL's own default is 10 minutes, gloo's 30.  Longer than the slowest
-    # honest wait between ranks other than a checkpoint write: one rank's data scan at start.
+    """ddp's process group backend; auto: nccl on CUDA, gloo on the CPU."""
     timeout_minutes: float = 5.0
-    # How long the other ranks wait for rank 0 to write a checkpoint (last.pth and its copies)
-    # before the run ends with "lost contact": a slow shared filesystem is not a dead peer.
-    # They wait in a CPU (gloo) group of its own, which NCCL's watchdog does not watch.
+    """How long any collective (the process group's rendezvous, a gradient all-reduce, the
+    ranks' agreements) may wait for a rank that has stopped answering before the run ends with
+    an error (must be > 0): NCCL's own default is 10 minutes, gloo's 30.  Longer than the
+    slowest honest wait between ranks other than a checkpoint write: one rank's data scan at start."""
     save_timeout_minutes: float = 30.0
+    """How long the other ranks wait for rank 0 to write a checkpoint (last.pth and its copies)
+    before the run ends with "lost contact" (must be > 0): a slow shared filesystem is not a
+    dead peer.  They wait in a CPU (gloo) group of its own, which NCCL's watchdog does not watch."""
 
     def __post_init__(self) -> None:
         _positive(self, "timeout_minutes")
@@ -337,232 +396,17 @@ def _section_name(obj: Any) -> str:
     return type(obj).__name__
 
 
-# --------------------------------------------------------------------------- type checking
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin is typing.Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        args = typing.get_args(tp)
-        return f"list of {_type_name(args[0])}"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-    if origin is typing.Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError:
-                pass
-        raise bad
-    if origin is Literal:
-        if value in typing.get_args(tp) and isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        (inner, *_rest) = typing.get_args(tp)
-        return tuple(_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(float(value)):
-                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-            return float(value)
-        # YAML 1.1 reads "5e-4" (no dot) as a string; accept it as the number it means.
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                raise bad from None
-            if math.isfinite(number):
-                return number
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        # Paths like 2012 or numbers as names are still strings to the user.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    raise bad
-
-
-def _build_section(name: str, raw: Any, where: str) -> Any:
-    cls = SECTIONS[name]
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: section '{name}' must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in hints:
-            raise ConfigError(
-                f"{where}: unknown key '{name}.{key}' (valid keys in {name}: {', '.join(valid)})"
-            )
-        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: invalid YAML{at}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    return raw
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """The file's mapping with its ``include:`` files merged underneath it."""
-    raw = _read_yaml(path)
-    includes = raw.pop("include", None) or []
-    if isinstance(includes, str):
-        includes = [includes]
-    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
-        raise ConfigError(f"{path}: 'include' must be a file name or a list of file names")
-    merged: dict = {}
-    for inc in includes:
-        inc_path = (path.parent / inc) if not os.path.isabs(inc) else Path(inc)
-        if inc_path.resolve() in seen:
-            raise ConfigError(f"{path}: include cycle through {inc_path}")
-        merged = _merge(merged, _load_raw(inc_path, seen + (path.resolve(),)))
-    return _merge(merged, raw)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"optim.lr=0.1"`` -> (["optim", "lr"], 0.1); the value is a YAML scalar (or flow list)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. optim.lr=0.02")
-    key, _, value_text = text.partition("=")
-    parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"--set {text}: KEY must be SECTION.NAME, e.g. optim.lr")
-    try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {text}: value is not valid YAML") from None
-    return parts, value
-
-
-def build_config(raw: dict, where: str = "config") -> Config:
-    unknown = [k for k in raw if k not in SECTIONS]
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown section '{unknown[0]}' (valid sections: {', '.join(SECTIONS)})"
-        )
-    return Config(**{name: _build_section(name, raw.get(name), where) for name in SECTIONS})
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """The config from ``path`` (or the defaults) with ``--set`` overrides applied, validated."""
-    raw = _load_raw(Path(path)) if path is not None else {}
-    where = str(path) if path is not None else "config"
-    for text in overrides:
-        (section, key), value = parse_override(text)
-        if section not in SECTIONS:
-            raise ConfigError(f"--set {text}: unknown section '{section}' (valid sections: {', '.join(SECTIONS)})")
-        sect = raw.get(section)
-        raw[section] = dict(sect) if isinstance(sect, dict) else {}
-        raw[section][key] = value
-        # Type-check each override on its own so the message names the --set at fault;
-        # cross-field checks run on the whole config below.
-        hints = typing.get_type_hints(SECTIONS[section])
-        if key not in hints:
-            raise ConfigError(
-                f"--set {text}: unknown key '{section}.{key}' (valid keys in {section}: {', '.join(hints)})"
-            )
-        try:
-            _coerce(f"{section}.{key}", value, hints[key])
-        except ConfigError as exc:
-            raise ConfigError(f"--set {text}: {exc}") from None
-    if overrides:
-        where = f"{where} with --set"
-    return build_config(raw, where)
-
-
-def config_to_dict(cfg: Config) -> dict:
-    def plain(value: Any) -> Any:
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return plain(dataclasses.asdict(cfg))
-
-
-def config_from_dict(raw: dict) -> Config:
-    """Rebuild a Config saved by :func:`config_to_dict` (e.g. from a checkpoint)."""
-    return build_config(raw, "checkpoint config")
-
-
-class _Dumper(yaml.SafeDumper):
-    """Block-style sections with short lists of numbers on one line."""
-
-
-def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
-    flow = all(not isinstance(v, (list, dict)) for v in data)
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
-
-
-_Dumper.add_representer(list, _represent_list)
-
-
-def dump_yaml(cfg: Config | dict) -> str:
-    data = cfg if isinstance(cfg, dict) else config_to_dict(cfg)
-    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
-
-
 def replace(cfg: Config, section: str, **changes: Any) -> Config:
     """A copy of ``cfg`` with fields of one section changed (the config stays frozen)."""
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
+
+
+# Reading, --set and dumping live in configload; their names stay importable from here.
+from .configload import (  # noqa: E402,F401  (re-exported)
+    build_config,
+    config_from_dict,
+    config_to_dict,
+    dump_yaml,
+    load_config,
+    parse_override,
+)
