@@ -134,9 +134,13 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
         if value is not None and value < (1 if name == "batch_size" else 0):
             _fail(prog, EXIT_CONFIG, f"--{name.replace('_', '-')}: must be >= {1 if name == 'batch_size' else 0}")
 
+    from .errors import USER_ERRORS, exit_code, message
     from .evaluate import run_eval
 
-    run_eval(args, prog)
+    try:
+        run_eval(args)
+    except USER_ERRORS as exc:
+        _fail(prog, exit_code(exc), message(exc))
 
 
 # --------------------------------------------------------------------------- alexnet-summary

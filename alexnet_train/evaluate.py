@@ -162,82 +162,101 @@ def _resized_image_kind(samples: list, resize: int) -> str:
     return f"crops of the {resize}x{resize} prepared image, as in the paper"
 
 
-def run_eval(args, prog: str) -> None:
-    """alexnet-eval's program, for the arguments of :func:`alexnet_train.cli.eval_parser`."""
-    from .cli import EXIT_CONFIG, EXIT_RUNTIME, _fail
-
-    import torch
-
-    from . import checkpoint as ckpt
-    from .config import ConfigError
-    from .data import BadImageError, DataError
-    from .data.datasets import BadImages, ImageDataset, TooManyBadImages, check_dir, labelled_samples
-    from .data.loaders import EpochSampler, make_loader
-    from .data.transforms import BatchPreprocess, CenterPreset, TenCropPreset
-    from .distributed import all_reduce_sum
-    from .evaluate import evaluate_crops
+def _eval_inputs(args, dist):
+    """(device, loaded checkpoint, data folder, labelled samples) for alexnet-eval's arguments."""
+    from .data.datasets import check_dir, labelled_samples
+    from .errors import DataError
     from .inference import load_for_inference
-    from .lifecycle import join_process_group, launch_environment, leave_process_group
-    from .tracking import Tracker
     from .precision import resolve_device
 
-    try:
-        dist = launch_environment()
-    except ConfigError as exc:
-        _fail(prog, EXIT_CONFIG, str(exc))
-    try:
-        # The training's rule: under torchrun or srun each rank takes the GPU of its local rank.
-        device, _ = resolve_device(args.device, dist.local_rank, dist.world_size, setting="--device")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # before anything allocates on "the current device"
-            torch.backends.cudnn.benchmark = True
-        loaded = load_for_inference(args.checkpoint, device)
-        cfg = loaded.config
-        if args.data is None and cfg is None:
-            raise DataError("--data: required for a plain state_dict (it names no validation set)")
-        data_dir = args.data or cfg.data.val_dir
-        check_dir(data_dir, "--data" if args.data else "data.val_dir (from the checkpoint; pass --data)")
-        labels = args.labels or (cfg.data.val_labels if not args.data and cfg is not None else None)
-        if labels is not None and not os.path.isfile(labels):
-            raise DataError(f"--labels: file not found: {labels}")
-        samples = labelled_samples(data_dir, loaded.classes, labels)
-    except (DataError, ConfigError) as exc:
-        _fail(prog, EXIT_CONFIG, str(exc))
-    except ckpt.CheckpointError as exc:
-        _fail(prog, EXIT_RUNTIME, str(exc))
+    # The training's rule: under torchrun or srun each rank takes the GPU of its local rank.
+    device, _ = resolve_device(args.device, dist.local_rank, dist.world_size, setting="--device")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before anything allocates on "the current device"
+        torch.backends.cudnn.benchmark = True
+    loaded = load_for_inference(args.checkpoint, device)
+    cfg = loaded.config
+    if args.data is None and cfg is None:
+        raise DataError("--data: required for a plain state_dict (it names no validation set)")
+    data_dir = args.data or cfg.data.val_dir
+    check_dir(data_dir, "--data" if args.data else "data.val_dir (from the checkpoint; pass --data)")
+    labels = args.labels or (cfg.data.val_labels if not args.data and cfg is not None else None)
+    if labels is not None and not os.path.isfile(labels):
+        raise DataError(f"--labels: file not found: {labels}")
+    return device, loaded, data_dir, labelled_samples(data_dir, loaded.classes, labels)
 
-    if dist.distributed:
-        join_process_group(dist, "auto", device)
-    data_cfg = loaded.data
-    batch_size = args.batch_size or data_cfg.batch_size
-    workers = data_cfg.workers if args.workers is None else args.workers
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp) if device.type == "cuda" else None
-    tracker = Tracker(None, enabled=dist.is_main, tensorboard=False)
-    if args.amp != "none" and amp_dtype is None:
-        tracker.log(f"notice: --amp {args.amp} needs a CUDA device; evaluating in float32")
-    preset = TenCropPreset(data_cfg) if args.ten_crop else CenterPreset(data_cfg)
-    sampler = EpochSampler(len(samples), shuffle=False, rank=dist.rank, world=dist.world_size)
-    loader = make_loader(ImageDataset(samples, preset), sampler, batch_size, workers, device.type == "cuda")
-    own = [samples[i] for i in sampler.order()]  # this rank's samples, in loader order
-    rows: list[tuple] = []
 
-    def record(scores: torch.Tensor | None, targets: torch.Tensor, bad: list) -> None:
-        # A batch covers the next len(targets) + len(bad) of this rank's samples, in order.
+class _Predictions:
+    """The rows of ``--predictions`` for this rank: (path, label, pred1..pred5) in wnids.
+
+    A batch covers the next ``len(targets) + len(bad)`` of this rank's samples, in loader order.
+    """
+
+    def __init__(self, own: list, classes: list[str]) -> None:
+        self.own, self.classes, self.cursor, self.rows = own, classes, 0, []
+
+    def __call__(self, scores: torch.Tensor | None, targets: torch.Tensor, bad: list) -> None:
         bad_paths = {p for p, _ in bad}
-        span = own[record.cursor : record.cursor + targets.shape[0] + len(bad)]
-        record.cursor += len(span)
+        span = self.own[self.cursor : self.cursor + targets.shape[0] + len(bad)]
+        self.cursor += len(span)
         if scores is None:
             return
         batch = [path for path, _ in span if path not in bad_paths]
         top = scores.topk(min(5, scores.shape[1]), dim=1).indices.tolist()
         for path, target, preds in zip(batch, targets.tolist(), top):
-            rows.append((path, loaded.classes[target], *[loaded.classes[i] for i in preds]))
+            self.rows.append((path, self.classes[target], *[self.classes[i] for i in preds]))
 
-    record.cursor = 0
 
-    bad = BadImages(data_cfg.on_bad_image, data_cfg.max_bad_fraction, {"val": len(samples)}, tracker.log)
-    started = time.monotonic()
+def _write_outputs(args, results: dict, rows: list) -> None:
+    """``--json`` and ``--predictions``, each written atomically."""
+    from .checkpoint import atomic_write_bytes
+
+    if args.json:
+        payload = json.dumps({k: r.as_dict() for k, r in results.items()}, indent=2) + "\n"
+        atomic_write_bytes(args.json, lambda fh: fh.write(payload.encode()))
+    if args.predictions:
+        import csv
+        import io
+
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["path", "label", "pred1", "pred2", "pred3", "pred4", "pred5"])
+        writer.writerows(sorted(rows))
+        atomic_write_bytes(args.predictions, lambda fh: fh.write(buf.getvalue().encode()))
+
+
+def run_eval(args) -> None:
+    """alexnet-eval's program, for the arguments of :func:`alexnet_train.cli.eval_parser`.
+
+    Raises the errors of :mod:`alexnet_train.errors` (the caller maps them to exit codes).
+    Under torchrun or srun every rank evaluates its shard and rank 0 prints and writes.
+    """
+    from .data.datasets import BadImages, ImageDataset
+    from .data.loaders import EpochSampler, make_loader
+    from .data.transforms import BatchPreprocess, CenterPreset, TenCropPreset
+    from .distributed import all_gather, all_reduce_sum
+    from .lifecycle import join_process_group, launch_environment, leave_process_group
+    from .tracking import Tracker
+
+    dist = launch_environment()
+    device, loaded, data_dir, samples = _eval_inputs(args, dist)
+    if dist.distributed:
+        join_process_group(dist, "auto", device)
+    failure = None
     try:
+        data_cfg = loaded.data
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp) if device.type == "cuda" else None
+        tracker = Tracker(None, enabled=dist.is_main, tensorboard=False)
+        if args.amp != "none" and amp_dtype is None:
+            tracker.log(f"notice: --amp {args.amp} needs a CUDA device; evaluating in float32")
+        preset = TenCropPreset(data_cfg) if args.ten_crop else CenterPreset(data_cfg)
+        sampler = EpochSampler(len(samples), shuffle=False, rank=dist.rank, world=dist.world_size)
+        workers = data_cfg.workers if args.workers is None else args.workers
+        loader = make_loader(ImageDataset(samples, preset), sampler, args.batch_size or data_cfg.batch_size,
+                             workers, device.type == "cuda")
+        record = _Predictions([samples[i] for i in sampler.order()], loaded.classes)
+        bad = BadImages(data_cfg.on_bad_image, data_cfg.max_bad_fraction, {"val": len(samples)}, tracker.log)
+        started = time.monotonic()
         with tracker.progress(len(loader), "eval ten-crop" if args.ten_crop else "eval center", interval=50) as bar:
             results = evaluate_crops(
                 loaded.model, loader, BatchPreprocess(data_cfg, device), device, ten_crop=args.ten_crop,
@@ -245,40 +264,23 @@ def run_eval(args, prog: str) -> None:
                 bad_images=lambda b: bad.check(b, "val"), on_batch=record if args.predictions else None,
                 amp_dtype=amp_dtype,
             )
-    except (BadImageError, TooManyBadImages) as exc:
-        _fail(prog, EXIT_RUNTIME, str(exc))
-    if args.predictions and dist.distributed:
-        import torch.distributed as tdist
-
-        gathered: list = [None] * dist.world_size
-        tdist.all_gather_object(gathered, rows)
-        rows = [row for part in gathered for row in part]
-    leave_process_group()
+        rows = record.rows
+        if args.predictions and dist.distributed:
+            rows = [row for part in all_gather(rows, dist.world_size) for row in part]
+    except BaseException as exc:
+        failure = exc
+        raise
+    finally:
+        if dist.distributed:
+            leave_process_group(failure)
     if not dist.is_main:
         return
     seconds = time.monotonic() - started
-    images = results["center"].images
-    print(f"{args.checkpoint} ({loaded.kind}) on {data_dir}: {images} images in {seconds:.1f}s"
+    print(f"{args.checkpoint} ({loaded.kind}) on {data_dir}: {results['center'].images} images in {seconds:.1f}s"
           + (f"; ten-crop: {_resized_image_kind(samples, data_cfg.resize_size)}" if args.ten_crop else ""))
     print(f"{'':<10}{'top-1':>9}{'top-5':>9}{'loss':>9}")
     for key, label in (("center", "center"), ("ten_crop", "ten-crop")):
         if key in results:
             r = results[key]
             print(f"{label:<10}{r.top1:>8.2f}%{r.top5:>8.2f}%{r.loss:>9.4f}")
-    from .checkpoint import atomic_write_bytes
-
-    try:
-        if args.json:
-            payload = json.dumps({k: r.as_dict() for k, r in results.items()}, indent=2) + "\n"
-            atomic_write_bytes(args.json, lambda fh: fh.write(payload.encode()))
-        if args.predictions:
-            import csv
-            import io
-
-            buf = io.StringIO()
-            writer = csv.writer(buf, lineterminator="\n")
-            writer.writerow(["path", "label", "pred1", "pred2", "pred3", "pred4", "pred5"])
-            writer.writerows(sorted(rows))
-            atomic_write_bytes(args.predictions, lambda fh: fh.write(buf.getvalue().encode()))
-    except OSError as exc:
-        _fail(prog, EXIT_RUNTIME, f"{exc.filename}: {exc.strerror or exc}")
+    _write_outputs(args, results, rows)
