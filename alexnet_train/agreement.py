@@ -4,6 +4,7 @@ Usage (the trainer's side)::
 
     agreement = RankAgreement(dist, device, bad_images, known=run_errors(),
                               count_bad=lambda n: ..., held_elsewhere=lambda: tracker.failure)
+    for batch in agreement.guard(loader, steps, stop): ...  # the loader's error held as one line
     agreement.unreadable(bad, "train")   # a batch's unreadable files: judged now or at the next agreement
     agreement.fail(exc)                  # this rank's failure: raised at once alone, held under DDP
     decision = agreement.decide(stop=signum, save=time_due, nonfinite=not finite)  # at a log step
@@ -25,7 +26,9 @@ from typing import Callable, Sequence
 import torch
 
 from .data.datasets import BadImageError, BadImages, TooManyBadImages
+from .data.loaders import _worker_killed, loader_failure
 from .distributed import DistInfo, all_gather, all_reduce_max, rebuild_failure, save_group
+from .errors import LoaderFailed
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,34 @@ class RankAgreement:
             self.fail(BadImageError(*bad[0]))
         else:
             self.pending_bad.extend((split, path, reason) for path, reason in bad)
+
+    def guard(self, batches, steps: int, stop, blank: bool = True):
+        """``batches`` (at most ``steps``), with the loader's errors as one line, not a traceback.
+
+        ``stop``: the run's stop request (``stop.signum`` set once a stop signal arrived).  A
+        loader whose workers died of the stop signal itself (SIGTERM to the whole process
+        group: torchrun's shutdown, scancel, ``timeout``) is the end of the data, not an error.
+        Under DDP a rank whose loader is gone holds the failure and, with ``blank``, yields
+        ``(None, None, [])`` for the epoch's remaining steps, so it keeps joining the gradient
+        all-reduce until the ranks' next agreement (evaluation has no per-batch collective).
+        """
+        it = iter(batches)
+        done = 0
+        while done < steps:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - whatever the loader raised, as one line
+                if not (stop.signum is not None and _worker_killed(exc)):
+                    self.fail(LoaderFailed(f"the data loader failed: {loader_failure(exc)}"))
+                if not (blank and self.distributed):
+                    return
+                for _ in range(steps - done):
+                    yield None, None, []
+                return
+            done += 1
+            yield batch
 
     def agree(self, *values: float, group=None) -> list[float]:
         """The maximum of each value over all ranks (the values themselves in one process)."""

@@ -9,6 +9,8 @@ Usage::
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -68,6 +70,18 @@ def resolve_device(kind: str, local_rank: int = 0, world_size: int = 1,
     return torch.device("cuda", index), f"cuda:{index} {torch.cuda.get_device_name(index)} ({setting}: {kind})"
 
 
+# train.channels_last -> the memory format of the model's weights and of its inputs
+MEMORY_FORMATS = {False: torch.preserve_format, True: torch.channels_last}
+
+
+def configure_device(device: torch.device, tf32: bool, threads: int) -> None:
+    """CUDA's settings (:func:`configure_cuda`) on a GPU; ``train.threads`` (0: torch's choice) on the CPU."""
+    if device.type == "cuda":
+        configure_cuda(tf32)
+    elif threads:
+        torch.set_num_threads(threads)
+
+
 def configure_cuda(tf32: bool) -> None:
     """cuDNN autotuning (the input size is fixed) and the TF32 choice for float32 work."""
     torch.backends.cudnn.benchmark = True
@@ -112,3 +126,65 @@ class FeaturesDataParallel(nn.Module):
         x = self.parallel_features(x)
         x = self.module.avgpool(x)
         return self.module.classifier(torch.flatten(x, 1))
+
+
+def amp_dtype(amp: str, device: torch.device, log: Callable[[str], None]) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on ``device`` (None: float32), saying why when it falls back."""
+    if amp == "none":
+        return None
+    if device.type != "cuda":
+        log(f"notice: train.amp={amp} needs a CUDA device; training in float32")
+        return None
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        log("notice: train.amp=bf16: this GPU has no bfloat16; training in float32")
+        return None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def compiled(net: nn.Module, enabled: bool, log: Callable[[str], None]) -> nn.Module:
+    """``torch.compile(net)`` for ``train.compile``, where this torch has it."""
+    if not enabled:
+        return net
+    if not hasattr(torch, "compile"):
+        log("notice: train.compile: this torch has no torch.compile; running eagerly")
+        return net
+    return torch.compile(net)
+
+
+def wrap(model: nn.Module, mode: str, device: torch.device, distributed: bool, dtype: torch.dtype | None,
+         log: Callable[[str], None]) -> nn.Module:
+    """``model`` as ``dist.mode`` runs it: DataParallel over the features (dp, 2+ GPUs), DDP on
+    this rank's device (ddp under a launch of several processes), or as it is."""
+    if mode == "dp":
+        if device.type != "cuda" or torch.cuda.device_count() < 2:
+            log("notice: dist.mode=dp needs 2+ CUDA devices; training on one device")
+            return model
+        return FeaturesDataParallel(model, dtype)
+    if mode == "ddp" and distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return model
+
+
+def settle_ddp_buckets(net: nn.Module, optimizer: torch.optim.Optimizer, blank: torch.Tensor,
+                       dtype: torch.dtype | None) -> None:
+    """One zero-weight forward and backward before the first step, so every step of every
+    launch all-reduces its gradients in the same bucket layout.
+
+    DDP lays its buckets out anew after its first backward pass, in the order gradients
+    became ready.  A resumed launch's first step would otherwise all-reduce in the initial
+    layout where the uninterrupted run, at that step, used the rebuilt one; with more than
+    two ranks the sums then run in another order and the weights differ in the last bit
+    (measured with 4 gloo ranks).  The optimizer does not step and dropout's random state
+    is put back, so the run is as without it.  ``blank``: zeros in the input's shape and layout.
+    """
+    device = blank.device
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        logits = net(blank)
+    (logits.float().sum() * 0.0).backward()
+    optimizer.zero_grad(set_to_none=True)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)

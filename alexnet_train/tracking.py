@@ -268,6 +268,15 @@ class Tracker:
         grid = make_grid(w, nrow=int(math.ceil(math.sqrt(w.shape[0]))), padding=1, pad_value=1.0)
         self._tb(self.writer.add_image, tag, grid, step)
 
+    def run_hparams(self, cfg, epochs: int, best_top1: float, last) -> None:
+        """The run's hyperparameters and final metrics, for TensorBoard's HParams view."""
+        self.hparams(
+            {"arch": cfg.model.arch, "groups": cfg.model.effective_groups, "init": cfg.model.init, "lr": cfg.optim.lr,
+             "batch_size": cfg.data.batch_size, "weight_decay": cfg.optim.weight_decay,
+             "schedule": cfg.schedule.kind, "epochs": epochs},
+            {"hparam/best_top1": best_top1, "hparam/val_top1": last.top1, "hparam/val_top5": last.top5},
+        )
+
     def hparams(self, hparams: dict, metrics: dict) -> None:
         if self.writer is None:
             return
@@ -331,6 +340,28 @@ def _quiet_event_writer_thread() -> None:
 
     hook._alexnet_train = True  # type: ignore[attr-defined]
     threading.excepthook = hook
+
+
+def epoch_row(epoch: int, lr: float, acc: dict, result, world_size: int, val_seconds: float) -> dict:
+    """The epoch's metrics.jsonl row from the trainer's accumulators and the validation result."""
+    seconds = max(acc["seconds"], 1e-9)
+    return {
+        "epoch": epoch, "lr": lr, "train_loss": acc["loss_sum"] / max(1, acc["images"]), "val_loss": result.loss,
+        "val_top1": result.top1, "val_top5": result.top5, "val_images": result.images,
+        "bad_images": acc["bad_images"], "images_per_s": acc["images"] * world_size / seconds,
+        "data_wait": acc["data_seconds"] / seconds,
+        # training (across an interruption) and validation, not the time between runs
+        "epoch_seconds": acc["seconds"] + val_seconds,
+    }
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """The log line of an epoch's row."""
+    return (f"epoch {row['epoch']}/{epochs}: lr {row['lr']:.4g} train_loss {row['train_loss']:.4f} "
+            f"val_loss {row['val_loss']:.4f} val_top1 {row['val_top1']:.2f}% val_top5 {row['val_top5']:.2f}% "
+            f"({row['val_images']} images) {row['images_per_s']:.0f} img/s, data wait {100 * row['data_wait']:.0f}%, "
+            f"took {format_duration(row['epoch_seconds'])}"
+            + (f", {row['bad_images']} unreadable images skipped" if row["bad_images"] else ""))
 
 
 def read_metrics(out_dir: str | Path) -> list[dict]:

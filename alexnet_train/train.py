@@ -28,19 +28,19 @@ from . import checkpoint as ckpt
 from .agreement import Decision, RankAgreement
 from .config import Config, config_to_dict
 from .data.datasets import BadImages
-from .data.loaders import Loaders, Splits, _worker_killed, build_loaders, loader_failure
+from .data.loaders import Loaders, Splits, build_loaders
 from .data.transforms import BatchPreprocess, DecodeOnDevice
 from .distributed import DistInfo, all_reduce_sum
 from .evaluate import EvalResult, evaluate
 from .logwindow import LogWindow
-from .model import build_model
 from .rngstate import gather_rng_states, restore_rng_states, rng_state, seed_rank, step_seed
-from .errors import Interrupted, LoaderFailed, NonFiniteLoss, run_errors
+from .errors import Interrupted, NonFiniteLoss, run_errors
 from .optim import build_sgd, start_momentum
-from .precision import FeaturesDataParallel, configure_cuda, resolve_device
+from .precision import (MEMORY_FORMATS, amp_dtype, compiled, configure_device, resolve_device, settle_ddp_buckets,
+                        wrap)
 from .schedule import LrPolicy
-from .tracking import RunClock, Tracker, format_duration, versions
-from .transfer import Pretrained, freeze
+from .tracking import RunClock, Tracker, epoch_line, epoch_row, versions
+from .transfer import Pretrained, start_model
 
 
 class StopRequest:
@@ -66,33 +66,21 @@ class Trainer:
         self.dist = dist or DistInfo()
         # The lifecycle chose it (and made it current) before the process group; alone, choose here.
         self.device = device if device is not None else resolve_device(cfg.train.device, self.dist.local_rank)[0]
-        if self.device.type == "cuda":
-            configure_cuda(cfg.train.tf32)
-        if self.device.type == "cpu" and cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        configure_device(self.device, cfg.train.tf32, cfg.train.threads)
         seed = cfg.train.seed
         seed_rank(seed, self.dist.rank)
 
-        self.model = build_model(cfg.model)
+        self.model = start_model(cfg.model, pretrained, resume_state is not None, tracker.log)
+        self.model = self.model.to(self.device, memory_format=MEMORY_FORMATS[cfg.train.channels_last])
         # Where the weights came from; a resumed run keeps its checkpoint's record.
         self.transfer = pretrained.record() if pretrained is not None else None
-        if pretrained is not None and resume_state is None:
-            pretrained.apply(self.model)
-        frozen = freeze(self.model, cfg.model.freeze)
-        if frozen:
-            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-            total = sum(p.numel() for p in self.model.parameters())
-            tracker.log(f"model.freeze={cfg.model.freeze}: {', '.join(frozen)} fixed; training "
-                        f"{trainable:,} of {total:,} parameters")
         if cfg.optim.head_lr_mult != 1.0:
             tracker.log(f"optim.head_lr_mult={cfg.optim.head_lr_mult:g}: fc8 learns at {cfg.optim.head_lr_mult:g} x lr")
-        self.model = self.model.to(self.device)
-        if cfg.train.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.amp_dtype = self._amp_dtype()
+        self.amp_dtype = amp_dtype(cfg.train.amp, self.device, tracker.log)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self._wrapped = self._wrap(self.model)
-        self.net = self._compile(self._wrapped)
+        self._wrapped = wrap(self.model, cfg.dist.mode, self.device, self.dist.distributed, self.amp_dtype,
+                             tracker.log)
+        self.net = compiled(self._wrapped, cfg.train.compile, tracker.log)
         # On CUDA the fused kernel: besides being one launch, it is the SGD that takes the
         # GradScaler's inf check on the device, so fp16 steps need no .item() (a host sync).
         # The CPU keeps the default kernels.
@@ -127,28 +115,7 @@ class Trainer:
             self._restore(resume_state)
             self.last_saved = f"the checkpoint this run resumed from, {resume_path} ({self._position()}), is kept"
         if isinstance(self._wrapped, nn.parallel.DistributedDataParallel):
-            self._settle_ddp_buckets()
-
-    def _settle_ddp_buckets(self) -> None:
-        """One zero-weight forward and backward before the first step, so every step of every
-        launch all-reduces its gradients in the same bucket layout.
-
-        DDP lays its buckets out anew after its first backward pass, in the order gradients
-        became ready.  A resumed launch's first step would otherwise all-reduce in the initial
-        layout where the uninterrupted run, at that step, used the rebuilt one; with more than
-        two ranks the sums then run in another order and the weights differ in the last bit
-        (measured with 4 gloo ranks).  The optimizer does not step and dropout's random state
-        is put back, so the run is as without it.
-        """
-        cpu = torch.get_rng_state()
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits = self.net(self._blank_inputs())
-        (logits.float().sum() * 0.0).backward()
-        self.optimizer.zero_grad(set_to_none=True)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, self.device)
+            settle_ddp_buckets(self.net, self.optimizer, self._blank_inputs(), self.amp_dtype)
 
     @staticmethod
     def _fresh_accum() -> dict:
@@ -162,38 +129,6 @@ class Trainer:
         size = self.cfg.data.crop_size
         x = torch.zeros((self.batch, 3, size, size), device=self.device)
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else x
-
-    def _amp_dtype(self) -> torch.dtype | None:
-        amp = self.cfg.train.amp
-        if amp == "none":
-            return None
-        if self.device.type != "cuda":
-            self.tracker.log(f"notice: train.amp={amp} needs a CUDA device; training in float32")
-            return None
-        if amp == "bf16" and not torch.cuda.is_bf16_supported():
-            self.tracker.log("notice: train.amp=bf16: this GPU has no bfloat16; training in float32")
-            return None
-        return torch.bfloat16 if amp == "bf16" else torch.float16
-
-    def _compile(self, net: nn.Module) -> nn.Module:
-        if not self.cfg.train.compile:
-            return net
-        if not hasattr(torch, "compile"):
-            self.tracker.log("notice: train.compile: this torch has no torch.compile; running eagerly")
-            return net
-        return torch.compile(net)
-
-    def _wrap(self, model: nn.Module) -> nn.Module:
-        mode = self.cfg.dist.mode
-        if mode == "dp":
-            if self.device.type != "cuda" or torch.cuda.device_count() < 2:
-                self.tracker.log("notice: dist.mode=dp needs 2+ CUDA devices; training on one device")
-                return model
-            return FeaturesDataParallel(model, self.amp_dtype)
-        if mode == "ddp" and self.dist.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return model
 
     def _restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -298,7 +233,7 @@ class Trainer:
                            self.tracker, self.cfg.data.workers)
         with self.tracker.progress(total, f"epoch {self.epoch + 1}/{self.cfg.train.epochs} train", window.interval,
                                    initial=self.step_in_epoch, eta=self._eta("train")) as bar:
-            for images, targets, bad in window.timed(self._guarded(self._batches(loader), len(loader), stop)):
+            for images, targets, bad in window.timed(self.agreement.guard(self._batches(loader), len(loader), stop)):
                 self.agreement.unreadable(bad, "train")
                 window.add(*self._learn(images, targets))
                 self.step_in_epoch += 1
@@ -368,33 +303,6 @@ class Trainer:
         epoch = self.epoch
         return lambda steps_left, per_step: self.clock.left(epoch, phase, steps_left, per_step)
 
-    def _guarded(self, batches, steps: int, stop: StopRequest, blank: bool = True):
-        """``batches`` (at most ``steps``), with the loader's errors as one line, not a traceback.
-
-        A loader whose workers died of the stop signal itself (SIGTERM to the whole process
-        group: torchrun's shutdown, scancel, ``timeout``) is the end of the data, not an error.
-        Under DDP a rank whose loader is gone holds the failure and, with ``blank``, yields
-        ``(None, None, [])`` for the epoch's remaining steps, so it keeps joining the gradient
-        all-reduce until the ranks' next agreement (evaluation has no per-batch collective).
-        """
-        it = iter(batches)
-        done = 0
-        while done < steps:
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            except Exception as exc:  # noqa: BLE001 - whatever the loader raised, as one line
-                if not (stop.signum is not None and _worker_killed(exc)):
-                    self.agreement.fail(LoaderFailed(f"the data loader failed: {loader_failure(exc)}"))
-                if not (blank and self.dist.distributed):
-                    return
-                for _ in range(steps - done):
-                    yield None, None, []
-                return
-            done += 1
-            yield batch
-
     def _batches(self, loader):
         """The loader's (uint8 images, targets, unreadable files), decoded on the device first
         under ``data.decode: device``."""
@@ -413,7 +321,7 @@ class Trainer:
                                    self.cfg.train.log_interval, eta=self._eta("val")) as bar:
             try:
                 # Under the training's autocast: the accuracy it reports is the model it trains.
-                batches = self._guarded(self._batches(loader), len(loader), stop, blank=False)
+                batches = self.agreement.guard(self._batches(loader), len(loader), stop, blank=False)
                 result = evaluate(self.net, _until(batches, stop), self.preprocess, self.device,
                                   progress=bar,
                                   all_reduce=all_reduce_sum if self.dist.distributed else None,
@@ -440,30 +348,13 @@ class Trainer:
                 # Validation abandoned: the epoch's training is saved, validation reruns on resume.
                 raise Interrupted(stop.signum, self.save())
             self.last_eval = result
-            acc = self.accum
-            train_loss = acc["loss_sum"] / max(1, acc["images"])
-            images_per_s = acc["images"] * self.dist.world_size / max(acc["seconds"], 1e-9)
-            data_wait = acc["data_seconds"] / max(acc["seconds"], 1e-9)
             events = self.policy.epoch_end(100.0 - result.top1)
             epoch = self.epoch + 1
             improved = result.top1 > self.best_top1
             if improved:
                 self.best_top1, self.best_epoch = result.top1, epoch
-            row = {
-                "epoch": epoch, "lr": lr, "train_loss": train_loss, "val_loss": result.loss,
-                "val_top1": result.top1, "val_top5": result.top5, "val_images": result.images,
-                "bad_images": acc["bad_images"], "images_per_s": images_per_s, "data_wait": data_wait,
-                # training (across an interruption) and validation, not the time between runs
-                "epoch_seconds": acc["seconds"] + val_seconds,
-            }
-            tracker.log(
-                f"epoch {epoch}/{cfg.train.epochs}: lr {lr:.4g} train_loss {train_loss:.4f} "
-                f"val_loss {result.loss:.4f} val_top1 {result.top1:.2f}% val_top5 {result.top5:.2f}% "
-                f"({result.images} images) {images_per_s:.0f} img/s, data wait {100 * data_wait:.0f}%, "
-                f"took {format_duration(row['epoch_seconds'])}"
-                + (f", {acc['bad_images']} unreadable images skipped" if acc["bad_images"] else "")
-                + (" *best*" if improved else "")
-            )
+            row = epoch_row(epoch, lr, self.accum, result, self.dist.world_size, val_seconds)
+            tracker.log(epoch_line(row, cfg.train.epochs) + (" *best*" if improved else ""))
             for event in events:
                 tracker.log(event)
                 tracker.text("schedule/events", event, epoch)
@@ -483,13 +374,7 @@ class Trainer:
             if signum:
                 raise Interrupted(signum, last)
         if self.last_eval is not None:
-            tracker.hparams(
-                {"arch": cfg.model.arch, "groups": cfg.model.effective_groups, "init": cfg.model.init, "lr": cfg.optim.lr,
-                 "batch_size": cfg.data.batch_size, "weight_decay": cfg.optim.weight_decay,
-                 "schedule": cfg.schedule.kind, "epochs": self.epoch},
-                {"hparam/best_top1": self.best_top1, "hparam/val_top1": self.last_eval.top1,
-                 "hparam/val_top5": self.last_eval.top5},
-            )
+            tracker.run_hparams(cfg, self.epoch, self.best_top1, self.last_eval)
         if self.dist.distributed:
             self.agreement.settle()
         return FitResult(self.epoch, self.best_top1, self.last_eval, self.policy.should_stop)

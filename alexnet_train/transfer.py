@@ -241,3 +241,18 @@ def freeze(model: AlexNet, mode: str) -> list[str]:
         if name in names:
             fixed.append(labels[name.rsplit(".", 1)[0]])
     return list(dict.fromkeys(fixed))
+
+
+def start_model(cfg: ModelConfig, pretrained: Pretrained | None, resuming: bool,
+                log: Callable[[str], None]) -> AlexNet:
+    """The run's model before its first step: drawn by ``model.init``, the pretrained weights
+    applied (not when resuming: the checkpoint's weights follow), ``model.freeze`` applied."""
+    model = build_model(cfg)
+    if pretrained is not None and not resuming:
+        pretrained.apply(model)
+    frozen = freeze(model, cfg.freeze)
+    if frozen:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        log(f"model.freeze={cfg.freeze}: {', '.join(frozen)} fixed; training {trainable:,} of {total:,} parameters")
+    return model
