@@ -18,19 +18,19 @@ codes with :func:`~alexnet_train.errors.exit_code`).
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, config_to_dict, dump_yaml, replace
+from .config import Config, ConfigError, dump_yaml, replace
 from .distributed import DistInfo, agree_on_failure, all_gather, is_collective_error
 from .errors import USER_ERRORS, Interrupted, PeerLost, first_line, run_errors
+from .resume import (check_resume_config, confirm_resume, confirm_shared_out, decide_resume, resume_decision,
+                     trim_metrics)
 
 Log = Callable[[str], None]
 
@@ -208,87 +208,6 @@ def leave_process_group(failure: BaseException | None = None) -> None:
     gc.collect()
 
 
-# --------------------------------------------------------------------------- resume decision
-
-
-@dataclass
-class ResumePoint:
-    path: Path
-    state: dict
-
-
-def decide_resume(resume: str, out: Path, log: Log) -> ResumePoint | None:
-    """``--resume``: auto (OUT's newest readable checkpoint, if any), none (a fresh run; refused
-    over an existing one) or a file."""
-    if resume == "auto":
-        found = ckpt.find_resume(out, log=log)
-        return ResumePoint(*found) if found is not None else None
-    if resume == "none":
-        existing = [p for p in [out / "last.pth", *ckpt.epoch_checkpoints(out)] if p.exists()]
-        if existing:
-            raise ConfigError(f"{existing[0]}: {out} already holds a run; pass --resume auto to continue it "
-                              "or choose another --out")
-        return None
-    path = Path(resume)
-    state = ckpt.load_checkpoint(path)
-    if not ckpt.is_training_checkpoint(state):
-        raise ConfigError(f"{path}: not a training checkpoint of alexnet-train")
-    return ResumePoint(path, state)
-
-
-# Keys outside the model section a checkpoint cannot be resumed under another value of: the
-# optimizer's parameter groups (decay_biases, head_lr_mult) and the lr policy's saved state
-# (schedule.kind) are shaped by them.
-UNRESUMABLE = {("optim", "head_lr_mult"), ("optim", "decay_biases"), ("schedule", "kind")}
-
-
-def check_resume_config(saved: dict, cfg: Config, log: Log) -> None:
-    """Refuse a resume whose model differs from the checkpoint's; report other changed keys."""
-    new = config_to_dict(cfg)
-    defaults = config_to_dict(Config())  # for keys added since the checkpoint was written
-    for section, values in new.items():
-        old_values = saved.get(section, {})
-        for key, value in values.items():
-            old = old_values.get(key, defaults[section][key])
-            if old == value or section == "data" and key in ("train_dir", "val_dir") and old is not None:
-                continue
-            if section == "model" and key in cfg.model.unused_keys():
-                continue  # the arch (unchanged, or refused above) does not use it: the model is the same
-            if section == "model" and key in ("init", "weights"):
-                # Only a fresh run draws or loads weights: the checkpoint's are kept (and a config
-                # that changed its default init, as paper.yaml did, still resumes).
-                log(f"notice: model.{key} changed since the checkpoint: {old!r} -> {value!r}; "
-                    "it applies to fresh runs only, the checkpoint's weights are used")
-                continue
-            if section == "model" or (section, key) in UNRESUMABLE:
-                raise ConfigError(
-                    f"{section}.{key}: is {value!r} but the checkpoint was trained with {old!r}; "
-                    f"use the checkpoint's {section} settings or another --out"
-                )
-            log(f"notice: {section}.{key} changed since the checkpoint: {old!r} -> {value!r}")
-
-
-def trim_metrics(path: Path, epochs_done: int) -> None:
-    """Keep only the rows of epochs the resumed checkpoint already holds.
-
-    A crash may have left one more row, or (a full disk, before rows were written in one
-    piece) half of one: both go.
-    """
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    keep = []
-    for line in rows:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and row.get("epoch", 0) <= epochs_done:
-            keep.append(line)
-    if len(keep) != len(rows):
-        ckpt.atomic_write_bytes(path, lambda fh: fh.write("".join(line + "\n" for line in keep).encode()))
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -344,14 +263,14 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
             # Collectives stay outside the steps (a step that raises must not skip one).
             decision = None
             if group:
-                mine = together(lambda: _decision(point, out) if dist.is_main else None)
+                mine = together(lambda: resume_decision(point, out) if dist.is_main else None)
                 decision = all_gather(mine, dist.world_size)[0]
             point, pretrained = together(lambda: _confirm(cfg, splits, point, decision, out, dist, group, say))
             tracker = together(lambda: _start_out(cfg, out, lock, point, provenance, dist))
             if group:
                 mine = together(lambda: ckpt.file_digest(out / "config.yaml") if dist.is_main else None)
                 written = all_gather(mine, dist.world_size)[0]
-                together(lambda: _confirm_shared_out(out, written, dist))
+                together(lambda: confirm_shared_out(out, written, dist))
             if point is not None:
                 say(f"resuming from {point.path} (epoch {point.state['epoch'] + 1}, "
                     f"step {point.state['step_in_epoch']} of that epoch)")
@@ -472,26 +391,6 @@ def _check_and_decide(cfg: Config, resume: str, out: Path, lock: ckpt.RunLock, d
     return cfg, splits, point
 
 
-def _decision(point: "ResumePoint | None", out: Path) -> tuple[str, bool, int, str] | None:
-    """Rank 0's resume point as the other ranks check it: (path, whether it is a file of OUT,
-    size, SHA-256), or None.  A file of OUT is named within OUT: each rank reads its own OUT
-    (the same --out on every node, which must be one directory)."""
-    if point is None:
-        return None
-    size, sha = ckpt.file_digest(point.path)
-    in_out = point.path.parent.resolve() == out.resolve()
-    return (point.path.name if in_out else str(point.path)), in_out, size, sha
-
-
-SHARED_OUT = "must be on storage every node sees (a shared filesystem), not node-local scratch"
-
-
-def _where(dist: DistInfo) -> str:
-    import socket
-
-    return f"rank {dist.rank} (host {socket.gethostname()})"
-
-
 def _confirm(cfg: Config, splits, point, decision, out: Path, dist: DistInfo, group: bool, say: Log):
     """Every rank: rank 0's resume point, read from the same file (or none, as for rank 0);
     then the weights of a fresh fine-tune."""
@@ -505,29 +404,6 @@ def _confirm(cfg: Config, splits, point, decision, out: Path, dist: DistInfo, gr
     elif cfg.model.weights is not None:
         say("model.weights: not read, the resumed checkpoint holds the weights")
     return point, pretrained
-
-
-def confirm_resume(decision: tuple[str, bool, int, str] | None, out: Path, dist: DistInfo) -> "ResumePoint | None":
-    """This rank's copy of rank 0's resume point; ConfigError when it sees another OUT."""
-    where = _where(dist)
-    if decision is None:
-        found = ckpt.resume_candidates(out)
-        if found:
-            raise ConfigError(f"{where} finds {found[0]}, but rank 0 finds no checkpoint in {out}: "
-                              f"OUT {SHARED_OUT}")
-        return None
-    name, in_out, size, sha = decision
-    path = out / name if in_out else Path(name)
-    try:
-        mine = ckpt.file_digest(path)
-    except OSError as exc:
-        raise ConfigError(f"{where} cannot read {path}, the checkpoint rank 0 resumes from "
-                          f"({exc.strerror or exc}): OUT and the checkpoint {SHARED_OUT}") from None
-    if mine != (size, sha):
-        differs = f"{mine[0]} bytes, rank 0's {size}" if mine[0] != size else "same size, other content"
-        raise ConfigError(f"{where} reads another {path} than rank 0 does ({differs}): "
-                          f"OUT and the checkpoint {SHARED_OUT}")
-    return ResumePoint(Path(path), ckpt.load_checkpoint(path))
 
 
 def _start_out(cfg: Config, out: Path, lock: ckpt.RunLock, point, provenance: str, dist: DistInfo):
@@ -553,15 +429,3 @@ def _start_out(cfg: Config, out: Path, lock: ckpt.RunLock, point, provenance: st
     return Tracker(out, enabled=dist.is_main, defer_errors=dist.distributed)
 
 
-def _confirm_shared_out(out: Path, digest: tuple[int, str], dist: DistInfo) -> None:
-    """Every rank sees the config.yaml rank 0 has just written (``digest``): OUT is one
-    directory for all."""
-    if dist.is_main:
-        return
-    try:
-        mine = ckpt.file_digest(out / "config.yaml")
-    except OSError:
-        mine = None
-    if mine != digest:
-        raise ConfigError(f"{_where(dist)} does not see the {out / 'config.yaml'} rank 0 has just written: "
-                          f"OUT {SHARED_OUT}")

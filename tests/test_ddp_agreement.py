@@ -18,7 +18,7 @@ import torch
 from alexnet_train.config import Config, ConfigError, config_to_dict, replace
 from alexnet_train.data.loaders import EpochSampler
 from alexnet_train.distributed import DistInfo, RankFailed, rebuild_failure
-from alexnet_train.lifecycle import check_resume_config
+from alexnet_train.resume import check_resume_config
 from alexnet_train.tracking import Tracker
 
 from .conftest import DEMO_CONFIG as DEMO, assert_bit_identical, checkpoint_weights, console_script

@@ -1,0 +1,158 @@
+"""Where a run resumes from, decided by rank 0 and confirmed by every rank.
+
+Usage::
+
+    point = decide_resume("auto", out, log)            # OUT's newest readable checkpoint, or None
+    check_resume_config(point.state["config"], cfg, log)  # a changed model is refused
+    trim_metrics(out / "metrics.jsonl", point.state["epoch"])
+
+Under DDP rank 0 decides (:func:`resume_decision`: the file, its size and SHA-256) and every
+other rank confirms it reads the same file from the same OUT (:func:`confirm_resume`,
+:func:`confirm_shared_out`): OUT must be one directory for all ranks.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import checkpoint as ckpt
+from .config import Config, config_to_dict
+from .distributed import DistInfo
+from .errors import ConfigError
+
+Log = Callable[[str], None]
+
+# Keys outside the model section a checkpoint cannot be resumed under another value of: the
+# optimizer's parameter groups (decay_biases, head_lr_mult) and the lr policy's saved state
+# (schedule.kind) are shaped by them.
+UNRESUMABLE = {("optim", "head_lr_mult"), ("optim", "decay_biases"), ("schedule", "kind")}
+
+SHARED_OUT = "must be on storage every node sees (a shared filesystem), not node-local scratch"
+
+
+@dataclass
+class ResumePoint:
+    path: Path
+    state: dict
+
+
+def decide_resume(resume: str, out: Path, log: Log) -> ResumePoint | None:
+    """``--resume``: auto (OUT's newest readable checkpoint, if any), none (a fresh run; refused
+    over an existing one) or a file."""
+    if resume == "auto":
+        found = ckpt.find_resume(out, log=log)
+        return ResumePoint(*found) if found is not None else None
+    if resume == "none":
+        existing = [p for p in [out / "last.pth", *ckpt.epoch_checkpoints(out)] if p.exists()]
+        if existing:
+            raise ConfigError(f"{existing[0]}: {out} already holds a run; pass --resume auto to continue it "
+                              "or choose another --out")
+        return None
+    path = Path(resume)
+    state = ckpt.load_checkpoint(path)
+    if not ckpt.is_training_checkpoint(state):
+        raise ConfigError(f"{path}: not a training checkpoint of alexnet-train")
+    return ResumePoint(path, state)
+
+
+def check_resume_config(saved: dict, cfg: Config, log: Log) -> None:
+    """Refuse a resume whose model differs from the checkpoint's; report other changed keys."""
+    new = config_to_dict(cfg)
+    defaults = config_to_dict(Config())  # for keys added since the checkpoint was written
+    for section, values in new.items():
+        old_values = saved.get(section, {})
+        for key, value in values.items():
+            old = old_values.get(key, defaults[section][key])
+            if old == value or section == "data" and key in ("train_dir", "val_dir") and old is not None:
+                continue
+            if section == "model" and key in cfg.model.unused_keys():
+                continue  # the arch (unchanged, or refused above) does not use it: the model is the same
+            if section == "model" and key in ("init", "weights"):
+                # Only a fresh run draws or loads weights: the checkpoint's are kept (and a config
+                # that changed its default init, as paper.yaml did, still resumes).
+                log(f"notice: model.{key} changed since the checkpoint: {old!r} -> {value!r}; "
+                    "it applies to fresh runs only, the checkpoint's weights are used")
+                continue
+            if section == "model" or (section, key) in UNRESUMABLE:
+                raise ConfigError(
+                    f"{section}.{key}: is {value!r} but the checkpoint was trained with {old!r}; "
+                    f"use the checkpoint's {section} settings or another --out"
+                )
+            log(f"notice: {section}.{key} changed since the checkpoint: {old!r} -> {value!r}")
+
+
+def trim_metrics(path: Path, epochs_done: int) -> None:
+    """Keep only the rows of epochs the resumed checkpoint already holds.
+
+    A crash may have left one more row, or (a full disk, before rows were written in one
+    piece) half of one: both go.
+    """
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    keep = []
+    for line in rows:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("epoch", 0) <= epochs_done:
+            keep.append(line)
+    if len(keep) != len(rows):
+        ckpt.atomic_write_bytes(path, lambda fh: fh.write("".join(line + "\n" for line in keep).encode()))
+
+
+def resume_decision(point: "ResumePoint | None", out: Path) -> tuple[str, bool, int, str] | None:
+    """Rank 0's resume point as the other ranks check it: (path, whether it is a file of OUT,
+    size, SHA-256), or None.  A file of OUT is named within OUT: each rank reads its own OUT
+    (the same --out on every node, which must be one directory)."""
+    if point is None:
+        return None
+    size, sha = ckpt.file_digest(point.path)
+    in_out = point.path.parent.resolve() == out.resolve()
+    return (point.path.name if in_out else str(point.path)), in_out, size, sha
+
+
+def _where(dist: DistInfo) -> str:
+    import socket
+
+    return f"rank {dist.rank} (host {socket.gethostname()})"
+
+
+def confirm_resume(decision: tuple[str, bool, int, str] | None, out: Path, dist: DistInfo) -> "ResumePoint | None":
+    """This rank's copy of rank 0's resume point; ConfigError when it sees another OUT."""
+    where = _where(dist)
+    if decision is None:
+        found = ckpt.resume_candidates(out)
+        if found:
+            raise ConfigError(f"{where} finds {found[0]}, but rank 0 finds no checkpoint in {out}: "
+                              f"OUT {SHARED_OUT}")
+        return None
+    name, in_out, size, sha = decision
+    path = out / name if in_out else Path(name)
+    try:
+        mine = ckpt.file_digest(path)
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot read {path}, the checkpoint rank 0 resumes from "
+                          f"({exc.strerror or exc}): OUT and the checkpoint {SHARED_OUT}") from None
+    if mine != (size, sha):
+        differs = f"{mine[0]} bytes, rank 0's {size}" if mine[0] != size else "same size, other content"
+        raise ConfigError(f"{where} reads another {path} than rank 0 does ({differs}): "
+                          f"OUT and the checkpoint {SHARED_OUT}")
+    return ResumePoint(Path(path), ckpt.load_checkpoint(path))
+
+
+def confirm_shared_out(out: Path, digest: tuple[int, str], dist: DistInfo) -> None:
+    """Every rank sees the config.yaml rank 0 has just written (``digest``): OUT is one
+    directory for all."""
+    if dist.is_main:
+        return
+    try:
+        mine = ckpt.file_digest(out / "config.yaml")
+    except OSError:
+        mine = None
+    if mine != digest:
+        raise ConfigError(f"{_where(dist)} does not see the {out / 'config.yaml'} rank 0 has just written: "
+                          f"OUT {SHARED_OUT}")
