@@ -218,26 +218,13 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
     takes alone before training (the checks, the resume decision, rank 0's first writes) ends
     in an agreement: if any rank failed, every rank raises that rank's error (:class:`Together`).
     """
-    from .precision import resolve_device
     from .train import fit
 
     dist = launch_environment(cfg.dist.mode)
     say = log if dist.is_main else (lambda _m: None)
     out = Path(cfg.train.out_dir)
     group = joins_group(cfg.dist.mode, dist)
-    if cfg.dist.mode == "ddp" and not group:
-        say(SINGLE_PROCESS_NOTICE)
-    for notice in cfg.model.ignored_notices():
-        say(notice)
-    # Before the group: NCCL or gloo depends on it.  A rank without its GPU fails alone here;
-    # the others give up at the rendezvous after dist.timeout_minutes.
-    device, device_line = resolve_device(cfg.train.device, dist.local_rank)  # ConfigError before OUT is touched
-    say(f"device: {device_line}")
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.set_device(device)  # the one GPU of this process, current before anything allocates
-
+    device = _announce(cfg, dist, group, say)
     with ckpt.RunLock(out) as lock:
         if group:
             say(f"dist: rank {dist.rank} of {dist.world_size} from {dist.launcher}"
@@ -247,25 +234,7 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
         tracker = None
         try:
             together = Together(dist, group)
-            # Everything that can be wrong with the config or data is checked before OUT is
-            # touched; an existing OUT is locked first, so no other run writes it while we read it.
-            # Rank 0 first: its walk of the data writes the index the other ranks then read
-            # (one walk of ImageNet's 1.28M files per job, not one per rank).
-            data_lines: list[str] = []  # the other ranks' "data: ..." lines, for rank 0's summary
-            heard = say if dist.is_main else data_lines.append
-            first = together(lambda: _check_and_decide(cfg, resume, out, lock, dist, say, heard)
-                             if dist.is_main else None)
-            rest = together(lambda: None if dist.is_main
-                            else _check_and_decide(cfg, resume, out, lock, dist, say, heard))
-            cfg, splits, point = first if dist.is_main else rest
-            if group:
-                say(how_ranks_read_the_data(all_gather(data_lines, dist.world_size)))
-            # Collectives stay outside the steps (a step that raises must not skip one).
-            decision = None
-            if group:
-                mine = together(lambda: resume_decision(point, out) if dist.is_main else None)
-                decision = all_gather(mine, dist.world_size)[0]
-            point, pretrained = together(lambda: _confirm(cfg, splits, point, decision, out, dist, group, say))
+            cfg, splits, point, pretrained = _agree_on_inputs(cfg, resume, out, lock, dist, group, together, say)
             tracker = together(lambda: _start_out(cfg, out, lock, point, provenance, dist))
             if group:
                 mine = together(lambda: ckpt.file_digest(out / "config.yaml") if dist.is_main else None)
@@ -284,31 +253,11 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
                 except Interrupted as exc:
                     exc.report = dist.is_main
                     raise
-            if result.last is not None:
-                say(f"done: {result.epochs_run} epochs, final val top-1 {result.last.top1:.2f}% "
-                    f"top-5 {result.last.top5:.2f}%, best top-1 {result.best_top1:.2f}%; checkpoints in {out}")
-                if dist.is_main:
-                    from .report import report_run
-
-                    report_run(out, say)
-            else:
-                say(f"done: nothing to do, {out} already holds {result.epochs_run} epochs")
+            _say_done(result, out, dist, say)
             return result
         except Exception as exc:
             if group:
-                # Every rank is leaving at the same step with the same code.  torchrun SIGTERMs a
-                # worker's siblings the moment one exits: taken now, that SIGTERM would turn this
-                # rank's agreed exit (1, 2, 143 ...) into a kill.
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    try:
-                        signal.signal(sig, signal.SIG_IGN)
-                    except ValueError:  # not the main thread
-                        pass
-
-            if group and not isinstance(exc, USER_ERRORS) and is_collective_error(exc):
-                raise PeerLost(f"rank {dist.rank}: lost contact with the other ranks ({first_line(exc)}); "
-                               "stopped without saving; OUT's last checkpoint is kept, and the same command "
-                               "resumes from it") from None
+                raise _leaving_together(exc, dist)
             raise
         finally:
             try:
@@ -321,6 +270,83 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
             finally:  # also when the close raised: the group must not outlive the run
                 if group:
                     leave_process_group(sys.exc_info()[1])
+
+
+def _announce(cfg: Config, dist: DistInfo, group: bool, say: Log):
+    """The run's notices and this process's device, chosen (ConfigError before OUT is touched)
+    and made current before the process group: NCCL or gloo depends on it.  A rank without its
+    GPU fails alone here; the others give up at the rendezvous after dist.timeout_minutes."""
+    from .precision import resolve_device
+
+    if cfg.dist.mode == "ddp" and not group:
+        say(SINGLE_PROCESS_NOTICE)
+    for notice in cfg.model.ignored_notices():
+        say(notice)
+    device, device_line = resolve_device(cfg.train.device, dist.local_rank)
+    say(f"device: {device_line}")
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(device)  # the one GPU of this process, current before anything allocates
+    return device
+
+
+def _agree_on_inputs(cfg: Config, resume: str, out: Path, lock: ckpt.RunLock, dist: DistInfo, group: bool,
+                     together: "Together", say: Log):
+    """(cfg, splits, resume point, pretrained weights), every check agreed by all ranks.
+
+    Everything that can be wrong with the config or data is checked before OUT is touched; an
+    existing OUT is locked first, so no other run writes it while we read it.  Rank 0 first:
+    its walk of the data writes the index the other ranks then read (one walk of ImageNet's
+    1.28M files per job, not one per rank).  Collectives stay outside the steps (a step that
+    raises must not skip one).
+    """
+    data_lines: list[str] = []  # the other ranks' "data: ..." lines, for rank 0's summary
+    heard = say if dist.is_main else data_lines.append
+    first = together(lambda: _check_and_decide(cfg, resume, out, lock, dist, say, heard) if dist.is_main else None)
+    rest = together(lambda: None if dist.is_main else _check_and_decide(cfg, resume, out, lock, dist, say, heard))
+    cfg, splits, point = first if dist.is_main else rest
+    decision = None
+    if group:
+        say(how_ranks_read_the_data(all_gather(data_lines, dist.world_size)))
+        mine = together(lambda: resume_decision(point, out) if dist.is_main else None)
+        decision = all_gather(mine, dist.world_size)[0]
+    point, pretrained = together(lambda: _confirm(cfg, splits, point, decision, out, dist, group, say))
+    return cfg, splits, point, pretrained
+
+
+def _say_done(result, out: Path, dist: DistInfo, say: Log) -> None:
+    """The run's last lines, and rank 0's report (OUT/report.png and the summary)."""
+    if result.last is None:
+        say(f"done: nothing to do, {out} already holds {result.epochs_run} epochs")
+        return
+    say(f"done: {result.epochs_run} epochs, final val top-1 {result.last.top1:.2f}% "
+        f"top-5 {result.last.top5:.2f}%, best top-1 {result.best_top1:.2f}%; checkpoints in {out}")
+    if dist.is_main:
+        from .report import report_run
+
+        report_run(out, say)
+
+
+def _leaving_together(exc: Exception, dist: DistInfo) -> Exception:
+    """What a rank of a process group leaves with: ``exc``, or a lost peer for a collective's error.
+
+    Every rank is leaving at the same step with the same code.  torchrun SIGTERMs a worker's
+    siblings the moment one exits: taken now, that SIGTERM would turn this rank's agreed exit
+    (1, 2, 143 ...) into a kill, so both stop signals are ignored from here on.
+    """
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+    if not isinstance(exc, USER_ERRORS) and is_collective_error(exc):
+        lost = PeerLost(f"rank {dist.rank}: lost contact with the other ranks ({first_line(exc)}); "
+                        "stopped without saving; OUT's last checkpoint is kept, and the same command "
+                        "resumes from it")
+        lost.__suppress_context__ = True  # as "raise ... from None": one line, not the collective's chain
+        return lost
+    return exc
 
 
 class Together:
