@@ -66,6 +66,7 @@ def test_pickled_objects_are_refused_not_executed(tmp_path: Path):
         assert torch_text not in message
 
 
+@pytest.mark.slow
 def test_a_refused_checkpoint_is_one_line_from_alexnet_eval(tmp_path: Path):
     import argparse
     import subprocess

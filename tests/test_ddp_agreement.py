@@ -191,9 +191,6 @@ def _batch_read_by(rank: int, train: Path, step: int, epoch: int = 0) -> list[Pa
     return [Path(samples[i][0]) for i in order[2 * step: 2 * step + 2]]
 
 
-pytestmark_slow = pytest.mark.slow
-
-
 @pytest.mark.slow
 def test_a_broken_image_one_rank_reads_under_error_stops_both_ranks_with_one_line(tree, tmp_path):
     train, val = tree

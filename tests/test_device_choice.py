@@ -90,6 +90,7 @@ def test_a_device_string_that_is_not_one_is_a_config_error():
         resolve_device("meta", setting="--device")
 
 
+@pytest.mark.slow
 def test_alexnet_eval_under_torchrun_refuses_cuda_n_before_joining_any_group(tmp_path):
     """`--device cuda:0` on every rank of torchrun would put them all on GPU 0 (NCCL refuses)."""
     env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}

@@ -153,6 +153,7 @@ def test_export_onnx_reproduces_the_logits(custom_ckpt, custom_export):
     torch.testing.assert_close(torch.from_numpy(got), eager_logits(custom_ckpt, x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_export_torchvision_arch_writes_a_strict_loading_state_dict(tv_ckpt, tv_export):
     paths, _logs, meta = tv_export
     out = paths[0].parent
@@ -175,6 +176,7 @@ def test_export_torchvision_arch_writes_a_strict_loading_state_dict(tv_ckpt, tv_
     assert "not included" == meta["files"]["torchvision_state_dict.pth"]["normalization"]
 
 
+@pytest.mark.slow
 def test_export_plain_torchvision_state_dict(plain_sd, tmp_path):
     paths, _logs, meta = _export(plain_sd, tmp_path / "OUT")
     assert {p.name for p in paths} >= {"model.pt", "torchvision_state_dict.pth", "model.json"}
@@ -315,6 +317,7 @@ def test_format_predictions():
 # --------------------------------------------------------------------------- the console scripts
 
 
+@pytest.mark.slow
 def test_alexnet_export_and_predict_scripts(custom_ckpt, tree, tmp_path):
     import subprocess
 

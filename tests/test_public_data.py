@@ -127,7 +127,9 @@ class Server:
                 self.wfile.write(body)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # serve_forever polls for shutdown every poll_interval (0.5 s by default), which close() waits out
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                                       daemon=True)
         self.thread.start()
 
     def url(self, path: str) -> str:
@@ -468,6 +470,7 @@ def test_ilsvrc_checks_the_published_checksums(tmp_path, capsys):
     assert code == 2 and "nope.tar" in err
 
 
+@pytest.mark.slow
 def test_python_m_alexnet_train_data(tmp_path, tiny_served):
     archive = tmp_path / "t.zip"
     archive.write_bytes(tiny_served)

@@ -29,6 +29,8 @@ from PIL import Image
 from .conftest import CLASSES, REPO, read_metrics
 from .test_data_quirks import write_meta_mat
 
+pytestmark = pytest.mark.slow
+
 DEVKIT_IDS = {CLASSES[1]: 1, CLASSES[2]: 2, CLASSES[0]: 3}  # the devkit's own synset order
 VAL_LABELS = [CLASSES[i] for i in (0, 1, 2, 2, 1, 0)]  # ILSVRC2012_val_00000001 .. 6
 TRAIN_PER_CLASS = 4

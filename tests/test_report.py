@@ -246,6 +246,7 @@ def real_run(tmp_path_factory):
     return out, proc.stdout
 
 
+@pytest.mark.slow
 def test_a_finished_run_prints_the_summary_and_writes_report_png(real_run):
     out, stdout = real_run
     run = load_run(out)
@@ -267,6 +268,7 @@ def _report(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 def test_alexnet_report_redraws_any_out_on_demand(real_run, tmp_path):
     out, _ = real_run
     png = tmp_path / "again.png"
@@ -279,6 +281,7 @@ def test_alexnet_report_redraws_any_out_on_demand(real_run, tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
+@pytest.mark.slow
 def test_alexnet_report_on_a_directory_without_metrics_is_one_line_exit_1(tmp_path):
     proc = _report(tmp_path)
     assert proc.returncode == 1
@@ -286,6 +289,7 @@ def test_alexnet_report_on_a_directory_without_metrics_is_one_line_exit_1(tmp_pa
         f"alexnet-report: error: {tmp_path / 'metrics.jsonl'}: not found: no epoch has finished in this OUT"]
 
 
+@pytest.mark.slow
 def test_without_matplotlib_the_report_says_how_to_get_it(real_run, tmp_path):
     out, _ = real_run
     copy = tmp_path / "run"

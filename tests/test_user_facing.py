@@ -9,6 +9,8 @@ import pytest
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.slow
+
 USER_FACING = sorted([REPO / "README.md", *(REPO / "configs").glob("*.yaml"), *(REPO / "scripts").glob("*.py"),
                       *(REPO / "alexnet_train").rglob("*.py")])
 
