@@ -1,4 +1,5 @@
-"""Nothing a user reads names this project's own ../shared folder: users get data with alexnet-data."""
+"""Nothing a user reads (README, docs/, configs, scripts, the package) names this project's own
+../shared folder: users get data with alexnet-data."""
 from __future__ import annotations
 
 import re
@@ -9,7 +10,8 @@ import pytest
 
 from .conftest import REPO
 
-USER_FACING = sorted([REPO / "README.md", *(REPO / "configs").glob("*.yaml"), *(REPO / "scripts").glob("*.py"),
+USER_FACING = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "configs").glob("*.yaml"),
+                      *(REPO / "scripts").glob("*.py"),
                       *(REPO / "alexnet_train").rglob("*.py")])
 
 
