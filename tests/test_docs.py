@@ -26,6 +26,7 @@ import contextlib
 import io
 import re
 import shlex
+import textwrap
 import typing
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def rel(path: Path) -> str:
 
 def strip_code(text: str) -> str:
     """The text without fenced code blocks, inline code and HTML comments (links there are not links)."""
-    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    text = re.sub(r"^[ \t]*```.*?^[ \t]*```", "", text, flags=re.S | re.M)
     text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
     return re.sub(r"`[^`\n]*`", "", text)
 
@@ -58,7 +59,7 @@ def slug(heading: str) -> str:
 
 
 def anchors(path: Path) -> set[str]:
-    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+    text = re.sub(r"^[ \t]*```.*?^[ \t]*```", "", path.read_text(), flags=re.S | re.M)
     found: set[str] = set()
     for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*$", text, flags=re.M):
         base, n = slug(heading), 0
@@ -113,10 +114,16 @@ SEPARATORS = {";", "&&", "||", "|", "&", "(", ")"}
 KEYWORDS = {"until", "while", "if", "then", "else", "do", "done", "fi", "!", "time", "exec"}
 
 
+def code_blocks(path: Path) -> list[tuple[str, str]]:
+    """(language, text) of every fenced block, also one indented under a list item."""
+    return [(lang, textwrap.dedent(body)) for lang, body in
+            re.findall(r"^[ \t]*```(\w*)[ \t]*\n(.*?)^[ \t]*```", path.read_text(), flags=re.S | re.M)]
+
+
 def bash_commands(path: Path) -> list[str]:
     """Each simple command of the file's ```bash blocks: continuations joined, comments and redirections gone."""
     commands = []
-    for block in re.findall(r"^```bash\n(.*?)^```", path.read_text(), flags=re.S | re.M):
+    for block in [body for lang, body in code_blocks(path) if lang == "bash"]:
         for line in block.replace("\\\n", " ").splitlines():
             lexer = shlex.shlex(REDIRECT.sub(" ", line), posix=True, punctuation_chars=";&|()")
             lexer.commenters = "#"
@@ -275,6 +282,15 @@ def test_every_shown_command_parses(doc):
     checked = [kind for d, c in COMMANDS if d == doc and (kind := check_command(c)) is not None]
     if doc.name == "README.md":
         assert {"alexnet-data", "alexnet-prepare", "alexnet-train", "torchrun", "alexnet-eval"} <= set(checked)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=rel)
+def test_commands_are_shown_in_bash_blocks(doc):
+    """A block of commands of this project outside ```bash would escape the check above (output is fine)."""
+    ours = set(SCRIPTS) | {"torchrun", "python"}
+    for lang, body in code_blocks(doc):
+        first = next((line.split()[0] for line in body.splitlines() if line.split()), "")
+        assert lang == "bash" or first not in ours, f"{rel(doc)}: a ```{lang} block starts with {first}: make it ```bash"
 
 
 def test_the_checker_rejects_what_the_parsers_reject():
