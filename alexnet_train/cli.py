@@ -52,7 +52,7 @@ def git_sha() -> str | None:
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alexnet-train",
-        description="Train AlexNet on an ImageFolder tree (see README for configs and exit codes).",
+        description="Train AlexNet on an ImageFolder tree (see README.md and docs/ for configs and exit codes).",
     )
     p.add_argument("--config", required=True, metavar="FILE", help="YAML config (e.g. configs/paper.yaml)")
     _add_set(p)
@@ -380,7 +380,7 @@ def data_parser() -> argparse.ArgumentParser:
                                                 "50 val per class, 248 MB)")
     common(tiny)
     tiny.add_argument("--classes", metavar="WNIDS",
-                      help="keep only these classes: comma-separated wnids or a file of them (the README's "
+                      help="keep only these classes: comma-separated wnids or a file of them (docs/data.md's "
                            "tiny-imagenet-10 is ten of them)")
     tiny.add_argument("--train-per-class", type=int, metavar="N",
                       help="keep only the first N training images of each class, by file name (val stays whole)")

@@ -151,7 +151,7 @@ class ModelConfig:
     """paper: N(0, 0.01), bias 1 in conv2/4/5 and FC6/7; caffe: bvlc_alexnet's (N(0, 0.01)
     convs, N(0, 0.005) FC6/7, bias 0.1); kaiming: He-normal for ReLUs; torch: PyTorch's defaults.
     caffe by default: the paper's own init sat at chance in every measurement
-    (scripts/init_study.py, README "Initialisation")."""
+    (scripts/init_study.py, docs/training.md "Initialisation")."""
     dropout: float = 0.5
     """Dropout probability before FC6 and FC7 (within [0, 1))."""
     # The rule for every arch-specific key (these three and groups, see ARCH_KEYS): an arch that

@@ -114,7 +114,7 @@ optim:
 
 or for one run with `--set section.key=value`, which wins over the file:
 
-```
+```bash
 alexnet-train --config configs/paper.yaml --set optim.lr=0.02 --set data.decode=device
 ```
 

@@ -4,7 +4,7 @@
     python scripts/bench_data.py --data data/imagenet-sample/train [--workers 2] [--prepared DIR]
     python scripts/bench_data.py --data data/imagenet-sample/train --handoff [--workers 2] [--batch-size 128]
 
-The README's figures were measured on the 1000 full-resolution photos (one per
+docs/benchmarks.md's figures were measured on the 1000 full-resolution photos (one per
 ILSVRC-2012 class) that ``alexnet-data imagenet-sample data/imagenet-sample`` lays
 out; any ImageFolder of original JPEGs works (``alexnet-data imagenette DIR --size
 full`` gives 13,000 more).

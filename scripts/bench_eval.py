@@ -3,7 +3,7 @@
 
     python scripts/bench_eval.py --data data/imagenet-sample/train [--workers 0] [--repeats 3]
 
-The README's figures were measured on the 1000 full-resolution photos (one per
+docs/benchmarks.md's figures were measured on the 1000 full-resolution photos (one per
 ILSVRC-2012 class) that ``alexnet-data imagenet-sample data/imagenet-sample`` lays
 out; any ImageFolder of original JPEGs works (``alexnet-data imagenette DIR --size
 full`` gives 13,000 more).

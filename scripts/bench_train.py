@@ -4,7 +4,7 @@
     python scripts/bench_train.py --data data/imagenet-sample/train [--config configs/paper.yaml]
                                   [--set KEY=VALUE ...] [--steps 20] [--seconds S] [--workers 2] [--device cpu|cuda]
 
-The README's figures were measured on the 1000 full-resolution photos (one per
+docs/benchmarks.md's figures were measured on the 1000 full-resolution photos (one per
 ILSVRC-2012 class) that ``alexnet-data imagenet-sample data/imagenet-sample`` lays
 out; any ImageFolder of original JPEGs works (``alexnet-data imagenette DIR --size
 full`` gives 13,000 more).

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Every GPU number the README needs, in one command that fits a fixed time window.
+"""Every GPU number the docs need (docs/benchmarks.md), in one command that fits a fixed time window.
 
     python scripts/gpu_check.py --data DIR --report FILE.json [--budget 300] [--steps 300]
                                 [--wheels DIR] [--skip PART ...]

@@ -1,7 +1,7 @@
 """Transfer learning against training from scratch, on the same few images.
 
 Run from the repository root after making the data and the pretrained weights
-(README, "Fine-tuning on your own data")::
+(docs/fine-tuning.md)::
 
     python scripts/transfer_study.py                     # the recipe of configs/tiny-imagenet-finetune.yaml and scratch
     python scripts/transfer_study.py --grid               # + the recipes it was chosen from

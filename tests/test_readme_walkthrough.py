@@ -1,14 +1,17 @@
-"""The README's ImageNet walk-through, run as written on small ILSVRC-2012-shaped tar files.
+"""The README's "Reproduce AlexNet in five steps", run as written on small ILSVRC-2012-shaped tar files.
 
 The shell blocks are read from README.md itself (so the README cannot drift
-from the code): ``alexnet-data ilsvrc`` on the train tar of per-class tars, the
-flat val tar and the devkit with its ground truth and meta.mat, alexnet-prepare,
-alexnet-stats and the paper-config training command.  Only the paths change
-(``/path/to/`` becomes the folder of the fake tars, ``/data/`` a temporary
-folder), ``pip install`` lines are skipped (the dev install already has scipy),
+from the code): step 1's ``alexnet-data ilsvrc`` on the train tar of per-class
+tars, the flat val tar and the devkit with its ground truth and meta.mat, step
+2's alexnet-prepare, step 3's one-GPU training command (on the CPU here) and
+step 4's ``alexnet-eval --ten-crop``; then docs/data.md's ``alexnet-stats``
+block, which the README points to.  Only the paths change (``/path/to/``
+becomes the folder of the fake tars, ``/data/`` a temporary folder), ``pip
+install`` lines are skipped (the dev install already has scipy),
 ``alexnet-data`` gets ``--no-verify`` (these tars are not image-net.org's, so
 their MD5s differ), and the training command gets a one-epoch, three-class,
-tiny-batch tail.
+tiny-batch tail.  Step 3's torchrun block is not run here (it needs several
+processes); tests/test_docs.py parses it with the training command's parser.
 """
 from __future__ import annotations
 
@@ -73,9 +76,9 @@ def write_ilsvrc_tars(folder: Path) -> None:
     shutil.rmtree(folder / "devkit-src")
 
 
-def readme_blocks(start: str, end: str) -> list[str]:
-    """The ```bash blocks of README.md between the headings ``start`` and ``end``."""
-    text = (REPO / "README.md").read_text()
+def readme_blocks(start: str, end: str, doc: str = "README.md") -> list[str]:
+    """The ```bash blocks of ``doc`` (README.md) between the headings ``start`` and ``end``."""
+    text = (REPO / doc).read_text()
     section = text[text.index(start): text.index(end)]
     return re.findall(r"```bash\n(.*?)```", section, flags=re.S)
 
@@ -94,21 +97,32 @@ def walkthrough(tmp_path_factory):
     write_ilsvrc_tars(tars)
     shutil.copytree(REPO / "configs", work / "configs")
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    prepare = readme_blocks("## Preparing ImageNet", "## Training on ImageNet")
-    train = readme_blocks("## Training on ImageNet", "### Input pipeline\n")
-    assert len(prepare) == 3 and len(train) == 1, "the README's walk-through changed shape: update this test"
+    steps = readme_blocks("## Reproduce AlexNet in five steps", "## Running unattended")
+    stats = readme_blocks("## Mean pixel and colour PCA", "## Bad images", doc="docs/data.md")
+    kinds = [next((k for k in ("torchrun", "alexnet-data ilsvrc", "alexnet-prepare", "alexnet-train", "alexnet-eval")
+                   if k in block), None) for block in steps]
+    assert kinds == ["alexnet-data ilsvrc", "alexnet-prepare", "alexnet-train", "torchrun", "alexnet-eval"], (
+        f"the README's five steps changed shape ({kinds}): update this test")
+    assert len(stats) == 1 and "alexnet-stats" in stats[0], "docs/data.md's stats block changed shape"
     results = []
-    for block in prepare:
-        script = localise(block, tars, tmp)
-        if "alexnet-prepare" in script:
-            script = script.replace("--workers 16", "--workers 2")
-        script = script.replace("alexnet-data ilsvrc ", "alexnet-data ilsvrc --no-verify ")
+
+    def run(script: str, timeout: int) -> None:
         results.append(subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env,
-                                      capture_output=True, text=True, timeout=300))
-    script = localise(train[0], tars, tmp).rstrip("\n") + (
-        " \\\n    train.epochs=1 model.num_classes=3 data.batch_size=6 data.workers=0 --out runs/walkthrough\n")
-    results.append(subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=work, env=env,
-                                  capture_output=True, text=True, timeout=600))
+                                      capture_output=True, text=True, timeout=timeout))
+
+    for kind, block in zip(kinds, steps):
+        script = localise(block, tars, tmp)
+        if kind == "torchrun":
+            continue
+        if kind == "alexnet-data ilsvrc":
+            script = script.replace("alexnet-data ilsvrc ", "alexnet-data ilsvrc --no-verify ")
+        if kind == "alexnet-prepare":
+            script = script.replace("--workers 16", "--workers 2")
+        if kind == "alexnet-train":
+            script = script.rstrip("\n") + (
+                " \\\n    train.epochs=1 model.num_classes=3 data.batch_size=6 data.workers=0\n")
+        run(script, 600 if kind == "alexnet-train" else 300)
+    run(localise(stats[0], tars, tmp).replace("--workers 16", "--workers 2"), 300)
     return tmp, work, results
 
 
@@ -147,7 +161,7 @@ def test_stats_file_is_an_includable_config(walkthrough):
 def test_training_used_the_devkit_labels(walkthrough):
     """Val was sorted into wnid folders by the devkit's labels; training scored all of it."""
     _, work, _ = walkthrough
-    out = work / "runs" / "walkthrough"
+    out = work / "runs" / "paper"
     rows = read_metrics(out)
     assert [r["epoch"] for r in rows] == [1]
     assert rows[0]["val_images"] == len(VAL_LABELS)
@@ -161,3 +175,13 @@ def test_val_is_sorted_by_the_devkit(walkthrough):
     val = tmp / "data" / "imagenet" / "val"
     got = {p.name: p.parent.name for p in val.glob("*/*.JPEG")}
     assert got == {f"ILSVRC2012_val_{i:08d}.JPEG": w for i, w in enumerate(VAL_LABELS, 1)}
+
+
+def test_ten_crop_eval_scored_every_val_image(walkthrough):
+    """Step 4 evaluated step 3's best.pth on the config's val folder, centre and ten-crop."""
+    import json
+
+    _, work, _ = walkthrough
+    scores = json.loads((work / "runs" / "paper" / "eval.json").read_text())
+    assert set(scores) == {"center", "ten_crop"}
+    assert scores["ten_crop"]["images"] == scores["center"]["images"] == len(VAL_LABELS)

@@ -1,4 +1,5 @@
-"""Nothing a user reads names this project's own ../shared folder: users get data with alexnet-data."""
+"""Nothing a user reads (README, docs/, configs, scripts, the package) names this project's own
+../shared folder: users get data with alexnet-data."""
 from __future__ import annotations
 
 import re
@@ -9,9 +10,8 @@ import pytest
 
 from .conftest import REPO
 
-pytestmark = pytest.mark.slow
-
-USER_FACING = sorted([REPO / "README.md", *(REPO / "configs").glob("*.yaml"), *(REPO / "scripts").glob("*.py"),
+USER_FACING = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "configs").glob("*.yaml"),
+                      *(REPO / "scripts").glob("*.py"),
                       *(REPO / "alexnet_train").rglob("*.py")])
 
 
@@ -21,6 +21,7 @@ def test_no_user_facing_file_names_the_shared_folder(path):
     assert not re.search(r"\.\./shared|shared/data", text), f"{path.relative_to(REPO)} names ../shared"
 
 
+@pytest.mark.slow  # a Python process per script
 @pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "scripts").glob("*.py")))
 def test_script_help_names_no_shared_folder(script):
     done = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--help"], capture_output=True,
