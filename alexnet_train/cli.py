@@ -208,21 +208,17 @@ def report_parser() -> argparse.ArgumentParser:
 def report_main(argv: Sequence[str] | None = None) -> None:
     prog = "alexnet-report"
     args = report_parser().parse_args(argv)
-    from .checkpoint import WriteError
-    from .report import ReportError, draw, load_run, summary_lines
+    from .errors import USER_ERRORS, exit_code, message
+    from .report import draw, load_run, summary_lines
 
-    try:
+    try:  # ReportError (PlotUnavailable says how to install matplotlib), WriteError: exit 1
         run = load_run(args.out)
-    except ReportError as exc:
-        _fail(prog, EXIT_RUNTIME, str(exc))
-    for line in summary_lines(run):
-        _log(line)
-    if args.no_plot:
-        return
-    try:
-        _log(f"report: {draw(run, args.png or run.out_dir / 'report.png')}")
-    except (ReportError, WriteError) as exc:  # PlotUnavailable says how to install matplotlib
-        _fail(prog, EXIT_RUNTIME, str(exc))
+        for line in summary_lines(run):
+            _log(line)
+        if not args.no_plot:
+            _log(f"report: {draw(run, args.png or run.out_dir / 'report.png')}")
+    except USER_ERRORS as exc:
+        _fail(prog, exit_code(exc), message(exc))
 
 
 # --------------------------------------------------------------------------- alexnet-prepare

@@ -29,7 +29,8 @@ from .agreement import Decision, RankAgreement
 from .config import Config, config_to_dict
 from .data.datasets import BadImages
 from .data.loaders import Loaders, Splits, build_loaders
-from .data.transforms import BatchPreprocess, DecodeOnDevice
+from .data.batching import DecodeOnDevice
+from .data.transforms import BatchPreprocess
 from .distributed import DistInfo, all_reduce_sum
 from .evaluate import EvalResult, evaluate
 from .logwindow import LogWindow

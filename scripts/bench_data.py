@@ -64,7 +64,8 @@ from alexnet_train.data.datasets import EncodedDataset, EncodedImage, ImageDatas
 from alexnet_train.data.decode import DEVICE_DECODER
 from alexnet_train.data.loaders import EpochSampler, close_loader, make_loader, worker_init
 from alexnet_train.data.prepare import prepare_tree
-from alexnet_train.data.transforms import TrainPreset, collate_encoded, collate_hwc
+from alexnet_train.data.batching import collate_encoded, collate_hwc
+from alexnet_train.data.transforms import TrainPreset
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -44,7 +44,8 @@ from torchvision.datasets import ImageFolder
 from alexnet_train.config import DataConfig
 from alexnet_train.data.datasets import ImageDataset, scan_image_folder
 from alexnet_train.data.loaders import EpochSampler, worker_init
-from alexnet_train.data.transforms import BatchPreprocess, TenCropPreset, collate_hwc
+from alexnet_train.data.batching import collate_hwc
+from alexnet_train.data.transforms import BatchPreprocess, TenCropPreset
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -362,7 +362,8 @@ def part_epoch(train: Path, results: dict) -> None:
     from alexnet_train.config import load_config
     from alexnet_train.data.datasets import ImageDataset, scan_image_folder
     from alexnet_train.data.loaders import EpochSampler, close_loader, make_loader
-    from alexnet_train.data.transforms import TrainPreset, collate_hwc
+    from alexnet_train.data.batching import collate_hwc
+    from alexnet_train.data.transforms import TrainPreset
 
     _, samples = scan_image_folder(str(train))
     n = len(samples)

@@ -41,7 +41,8 @@ import torch
 
 from alexnet_train.config import ConfigError, load_config
 from alexnet_train.data.datasets import ImageDataset, scan_image_folder
-from alexnet_train.data.transforms import BatchPreprocess, CenterPreset, collate_hwc
+from alexnet_train.data.batching import collate_hwc
+from alexnet_train.data.transforms import BatchPreprocess, CenterPreset
 from alexnet_train.model import build_model
 from alexnet_train.tracking import read_metrics
 

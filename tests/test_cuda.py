@@ -20,7 +20,8 @@ import torch
 from alexnet_train.config import DataConfig, load_config
 from alexnet_train.data.datasets import EncodedDataset, ImageDataset, scan_image_folder
 from alexnet_train.data.loaders import Splits
-from alexnet_train.data.transforms import CenterPreset, DecodeOnDevice, TrainPreset, collate_encoded, collate_hwc
+from alexnet_train.data.batching import collate_encoded, collate_hwc, DecodeOnDevice
+from alexnet_train.data.transforms import CenterPreset, TrainPreset
 from alexnet_train.distributed import DistInfo
 from alexnet_train.tracking import Tracker
 from alexnet_train.train import StopRequest, Trainer

@@ -229,7 +229,8 @@ def test_dataset_yields_uint8_and_targets(image_tree):
 
 @pytest.mark.parametrize("shape", [(3, 300, 400), (3, 256, 256), (3, 400, 260), (3, 100, 120)])
 def test_ten_crop_preset_equals_torchvisions_resize_then_tencrop(shape):
-    from alexnet_train.data.transforms import TenCropPreset, collate_hwc
+    from alexnet_train.data.batching import collate_hwc
+    from alexnet_train.data.transforms import TenCropPreset
 
     x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     ours = TenCropPreset(DataConfig())(x)

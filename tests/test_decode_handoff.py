@@ -19,9 +19,9 @@ from alexnet_train.config import DataConfig
 from alexnet_train.data.datasets import EncodedDataset, EncodedImage, ImageDataset, scan_image_folder
 from alexnet_train.data.decode import decode_bytes, decode_jpegs
 from alexnet_train.data.loaders import EpochSampler, close_loader, make_loader
-from alexnet_train.data.transforms import (PLAN_WIDTH, CenterPreset, Collated, DecodeOnDevice, EncodedBatch,
-                                           TrainPreset, apply_plan, apply_plans, collate_encoded, collate_hwc,
-                                           decode_plan, encode_plan)
+from alexnet_train.data.batching import (Collated, DecodeOnDevice, EncodedBatch, PLAN_WIDTH, apply_plans,
+                                         collate_encoded, collate_hwc, decode_plan, encode_plan)
+from alexnet_train.data.transforms import CenterPreset, TrainPreset, apply_plan
 
 from .conftest import SHARED_DATA, decoder_disagreement, write_image_folder
 from .test_device_decode import exif

@@ -22,8 +22,8 @@ from alexnet_train.data import decode as decode_mod
 from alexnet_train.data.datasets import DataError, EncodedDataset, EncodedImage, ImageDataset, scan_image_folder
 from alexnet_train.data.decode import DEVICE_DECODER_ENV, DEVICE_DECODERS, decode_bytes, decode_jpegs, exif_orientation
 from alexnet_train.data.loaders import check_decode
-from alexnet_train.data.transforms import (CenterPreset, DecodeOnDevice, TrainPreset, collate_encoded, collate_hwc,
-                                           resize_shorter, resized_shape)
+from alexnet_train.data.batching import collate_encoded, collate_hwc, DecodeOnDevice
+from alexnet_train.data.transforms import CenterPreset, TrainPreset, resize_shorter, resized_shape
 
 from .conftest import (DEMO_CONFIG as DEMO, assert_bit_identical, checkpoint_weights, loader_batches, read_metrics,
                        run_train, tiny_overrides, write_image_folder)

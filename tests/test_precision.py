@@ -14,7 +14,8 @@ import torch
 from alexnet_train.config import DataConfig, ModelConfig, load_config
 from alexnet_train.data.datasets import ImageDataset, scan_image_folder
 from alexnet_train.data.loaders import Splits
-from alexnet_train.data.transforms import BatchPreprocess, CenterPreset, collate_hwc
+from alexnet_train.data.batching import collate_hwc
+from alexnet_train.data.transforms import BatchPreprocess, CenterPreset
 from alexnet_train.distributed import DistInfo
 from alexnet_train.evaluate import evaluate
 from alexnet_train.inference import load_for_inference

@@ -276,7 +276,7 @@ class EncodedImage:
     """A JPEG's bytes and the preset's plan for it, for the training process to decode.
 
     Plain bytes: it never leaves the worker as it is, but collated with the rest of its
-    batch into one :class:`~alexnet_train.data.transforms.EncodedBatch`."""
+    batch into one :class:`~alexnet_train.data.batching.EncodedBatch`."""
 
     path: str
     data: bytes
@@ -290,7 +290,7 @@ class EncodedDataset(ImageDataset):
     with the same seed (so the same crops) as :class:`ImageDataset`.  Files the device
     decoder does not take as they are (PNG, CMYK, an EXIF turn ...) are decoded here, as
     ``data.decode: worker`` would, and come as a finished uint8 crop.  Collate with
-    :func:`~alexnet_train.data.transforms.collate_encoded`.
+    :func:`~alexnet_train.data.batching.collate_encoded`.
     """
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[object, int | tuple[str, str]]:

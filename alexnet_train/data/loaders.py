@@ -25,7 +25,8 @@ from ..distributed import DistInfo
 from ..errors import first_line
 from .datasets import DataError, EncodedDataset, ImageDataset, Sample, check_dir, labelled_samples, scan_image_folder
 from .samples import SampleList
-from .transforms import CenterPreset, TrainPreset, collate_encoded, collate_hwc
+from .batching import collate_encoded, collate_hwc
+from .transforms import CenterPreset, TrainPreset
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -245,7 +246,7 @@ def check_decode(cfg: DataConfig) -> str | None:
 
 def build_loaders(cfg: DataConfig, splits: Splits, dist: DistInfo, seed: int, pin_memory: bool = False) -> Loaders:
     """Train and val loaders; with ``data.decode: device`` their batches go through
-    :class:`~alexnet_train.data.transforms.DecodeOnDevice` in the training process."""
+    :class:`~alexnet_train.data.batching.DecodeOnDevice` in the training process."""
     check_decode(cfg)
     batch = per_process_batch(cfg, dist)
     if len(splits.train) < cfg.batch_size:
