@@ -216,7 +216,8 @@ def smoke_worker(data: str, device: str) -> int:
     from alexnet_train.data.loaders import Splits
     from alexnet_train.distributed import DistInfo
     from alexnet_train.tracking import Tracker
-    from alexnet_train.train import NonFiniteLoss, StopRequest, Trainer
+    from alexnet_train.errors import NonFiniteLoss
+    from alexnet_train.train import StopRequest, Trainer
 
     gpu = device == "cuda"
     batch, steps = (32, 4) if gpu else (2, 2)
