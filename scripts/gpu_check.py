@@ -14,7 +14,7 @@ folder put first on every part's PYTHONPATH; without it nothing is installed.
 
 The parts, in this order, each a subprocess; share = of the time left when it starts:
 
-  part                 GPU: share  min   CPU: share  min   what it gives the README
+  part                 GPU: share  min   CPU: share  min   what it gives the docs
   smoke                      8 %   30 s        15 %  28 s  the environment, and one real training step per
                                                            precision (fp32, tf32, bf16, fp16, bf16 +
                                                            channels_last) through Trainer.train_epoch on
@@ -31,7 +31,7 @@ The parts, in this order, each a subprocess; share = of the time left when it st
   cuda_tests                22 %   45 s        16 %  10 s  pytest -m "cuda and not guard", each test's outcome
   compiled                  14 %   75 s          (skipped) torch.compile'd variants, best eager precision
 
-Why this order: a window can end early, so what the README needs most comes first.
+Why this order: a window can end early, so what the docs need most comes first.
 The smoke part is cheap and says at once whether each precision trains at all (a NaN
 under fp16 makes every later fp16 number moot); the guard tests come next, inside any
 budget of 300 s: they check what would corrupt a run or stop it before step 1 (fp16's
