@@ -8,7 +8,7 @@
 DIR is an ImageFolder of JPEGs (``<class>/<file>.JPEG``), e.g. the 256 px copy
 (``alexnet-prepare``, ~30 MB) of the 1000 photos of ``alexnet-data imagenet-sample``.
 A fresh GPU machine whose image has torch, torchvision, tensorboard, tqdm, pyyaml,
-pillow and pytest needs only ``pip install --no-deps -e .``.  ``--wheels DIR`` installs
+pillow and pytest needs only ``python -m pip install --no-deps -e .``.  ``--wheels DIR`` installs
 the wheels carried there (e.g. a TorchCodec built for that torch) into a temporary
 folder put first on every part's PYTHONPATH; without it nothing is installed.
 
