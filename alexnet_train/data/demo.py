@@ -108,14 +108,7 @@ def ensure_demo_dataset(
     Raises ValueError for nonsensical counts/sizes and OSError (naming the path)
     when the cache folder cannot be created or written.
     """
-    for name, value in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
-        # ImageFolder refuses empty class folders, so every split needs one image per class.
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(size, int) or size < 32:
-        raise ValueError(f"size must be an integer >= 32, got {size!r}")
-    if not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    _check_demo_args(train_per_class, val_per_class, size, seed)
     say = log if log is not None else (lambda _msg: None)
 
     root = demo_root(cache_dir)
@@ -139,6 +132,32 @@ def ensure_demo_dataset(
         raise _cache_error(f"cannot create demo data cache directory {root.parent}", exc) from exc
 
     _remove_stale_tmp(root)
+    tmp, count = _generate_beside(root, params)
+    if not _move_into_place(tmp, root, params):
+        say(f"demo data: using {root}")
+        return train_dir, val_dir
+
+    say(f"demo data: generated {count} JPEGs ({len(DEMO_CLASSES)} classes) into {root}")
+    return train_dir, val_dir
+
+
+def _check_demo_args(train_per_class: int, val_per_class: int, size: int, seed: int) -> None:
+    """Raise ValueError for a count, size or seed that cannot make a usable tree."""
+    for name, value in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
+        # ImageFolder refuses empty class folders, so every split needs one image per class.
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(size, int) or size < 32:
+        raise ValueError(f"size must be an integer >= 32, got {size!r}")
+    if not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+
+
+def _generate_beside(root: pathlib.Path, params: dict) -> tuple[pathlib.Path, int]:
+    """Draw the whole tree, marker last, into ``<root>.tmp-<pid>``; returns (that folder, image count).
+
+    Leaves nothing behind when it fails.
+    """
     tmp = root.parent / f"{root.name}.tmp-{os.getpid()}"
     try:
         if tmp.exists():
@@ -152,12 +171,17 @@ def ensure_demo_dataset(
         # Ctrl-C or a bug mid-generation: leave no half tree behind.
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return tmp, count
 
+
+def _move_into_place(tmp: pathlib.Path, root: pathlib.Path, params: dict) -> bool:
+    """Rename the finished ``tmp`` to ``root``; returns True, or False (``tmp`` deleted) when
+    another process put a tree of the same parameters there first.
+    """
     # Another process may have finished the same job while we were drawing.
     if _marker_matches(root, params):
         shutil.rmtree(tmp, ignore_errors=True)
-        say(f"demo data: using {root}")
-        return train_dir, val_dir
+        return False
 
     try:
         _move_aside(root)
@@ -165,13 +189,10 @@ def ensure_demo_dataset(
     except OSError as exc:
         if _marker_matches(root, params):
             shutil.rmtree(tmp, ignore_errors=True)
-            say(f"demo data: using {root}")
-            return train_dir, val_dir
+            return False
         shutil.rmtree(tmp, ignore_errors=True)
         raise _cache_error(f"cannot move demo data into place at {root}", exc) from exc
-
-    say(f"demo data: generated {count} JPEGs ({len(DEMO_CLASSES)} classes) into {root}")
-    return train_dir, val_dir
+    return True
 
 
 def _cache_error(message: str, exc: OSError) -> OSError:
@@ -306,6 +327,29 @@ def _shape_mask(rng: np.random.Generator, kind: str, width: int, height: int) ->
     ss = _SUPERSAMPLE
     extent = rng.uniform(0.30, 0.70) * min(width, height) * ss
     angle = math.radians(rng.uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG))
+    parts = _shape_parts(rng, kind, extent)
+
+    cos_a, sin_a = math.cos(angle), math.sin(angle)
+    rotation = np.array([[cos_a, sin_a], [-sin_a, cos_a]])
+    parts = [(poly @ rotation, value) for poly, value in parts]
+
+    # Place the shape so its rotated outline stays fully inside the image.
+    points = np.concatenate([poly for poly, _ in parts])
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    canvas_w, canvas_h = width * ss, height * ss
+    cx = rng.uniform(-lo[0] + 1, max(canvas_w - hi[0] - 1, -lo[0] + 1))
+    cy = rng.uniform(-lo[1] + 1, max(canvas_h - hi[1] - 1, -lo[1] + 1))
+
+    canvas = Image.new("L", (canvas_w, canvas_h), 0)
+    draw = ImageDraw.Draw(canvas)
+    for poly, value in parts:
+        draw.polygon([(float(x + cx), float(y + cy)) for x, y in poly], fill=value)
+    small = canvas.reduce(ss)
+    return np.asarray(small, dtype=np.float64) / 255.0
+
+
+def _shape_parts(rng: np.random.Generator, kind: str, extent: float) -> list[tuple[np.ndarray, int]]:
+    """Returns the (polygon, value) pairs of one ``kind`` of shape ``extent`` wide, centred on the origin."""
     half = extent / 2.0
 
     # Shapes are lists of (polygon, value) pairs in shape-centred coordinates;
@@ -329,7 +373,7 @@ def _shape_mask(rng: np.random.Generator, kind: str, width: int, height: int) ->
     elif kind in ("bars_horizontal", "bars_vertical"):
         # Equal bars and gaps; three bars on small shapes keeps each bar >= ~5 px
         # at 96 px, so the pattern survives the demo's downscale to ~80 px.
-        n = 3 if extent < 45 * ss else int(rng.integers(3, 5))
+        n = 3 if extent < 45 * _SUPERSAMPLE else int(rng.integers(3, 5))
         step = extent / (2 * n - 1)
         for b in range(n):
             top = -half + 2 * b * step
@@ -351,23 +395,7 @@ def _shape_mask(rng: np.random.Generator, kind: str, width: int, height: int) ->
     else:
         raise ValueError(f"unknown demo class {kind!r}")
 
-    cos_a, sin_a = math.cos(angle), math.sin(angle)
-    rotation = np.array([[cos_a, sin_a], [-sin_a, cos_a]])
-    parts = [(poly @ rotation, value) for poly, value in parts]
-
-    # Place the shape so its rotated outline stays fully inside the image.
-    points = np.concatenate([poly for poly, _ in parts])
-    lo, hi = points.min(axis=0), points.max(axis=0)
-    canvas_w, canvas_h = width * ss, height * ss
-    cx = rng.uniform(-lo[0] + 1, max(canvas_w - hi[0] - 1, -lo[0] + 1))
-    cy = rng.uniform(-lo[1] + 1, max(canvas_h - hi[1] - 1, -lo[1] + 1))
-
-    canvas = Image.new("L", (canvas_w, canvas_h), 0)
-    draw = ImageDraw.Draw(canvas)
-    for poly, value in parts:
-        draw.polygon([(float(x + cx), float(y + cy)) for x, y in poly], fill=value)
-    small = canvas.reduce(ss)
-    return np.asarray(small, dtype=np.float64) / 255.0
+    return parts
 
 
 def _rect(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:

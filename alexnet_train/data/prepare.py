@@ -288,6 +288,82 @@ def _write_indexes(dst: Path) -> list[tuple[Path, Path | None]]:
     return [(dst / name, write_index(sub_listing(listing, name))) for name in splits]
 
 
+def _list_sources_ready_dst(src: Path, dst: Path, size: int, quality: int,
+                            workers: int) -> tuple[list[tuple[str, list[str]]], int]:
+    """Check the arguments, list SRC's images and ready DST (made, settings checked or recorded, a
+    killed run's temp files gone); returns (each folder with its image names, how many images)."""
+    _check_args(src, dst, size, quality, workers)
+    folders = list(_walk_images(src))
+    found = sum(len(names) for _, names in folders)
+    if not found:
+        raise DataError(f"{src}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    dst.mkdir(parents=True, exist_ok=True)
+    _check_settings(dst, size, quality)
+    _finished_outputs(dst)  # the root too, for temp files of prepare-failures.txt / prepare.json
+    return folders, found
+
+
+def _plan(src: Path, dst: Path, folders: list[tuple[str, list[str]]]
+          ) -> tuple[list[tuple[str, str, tuple[str, ...]]], int]:
+    """Make the output folders that get files; returns (the batches still to write, as
+    ``_prepare_batch`` takes them, how many images are already done)."""
+    tasks: list[tuple[str, str, tuple[str, ...]]] = []
+    skipped = 0
+    for rel, names in folders:
+        out_dir = dst / rel
+        done = _finished_outputs(out_dir)
+        todo = [n for n in names if n not in done]
+        skipped += len(names) - len(todo)
+        if todo:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            tasks.extend((str(src / rel), str(out_dir), tuple(todo[i:i + BATCH])) for i in range(0, len(todo), BATCH))
+    return tasks, skipped
+
+
+def _run_batches(tasks: list[tuple[str, str, tuple[str, ...]]], work: Callable, workers: int, progress: Any,
+                 total: int, log: Callable[[str], None]) -> tuple[int, list[tuple[str, str]]]:
+    """Returns (written, failures) of ``work`` over ``tasks``, here or in a pool of ``workers``,
+    each file counted on ``progress`` (see ``prepare_tree``) and each failure logged."""
+    written, failed = 0, []
+    with contextlib.ExitStack() as stack:
+        results: Iterable[tuple[int, list[tuple[str, str]]]]
+        if workers > 0 and len(tasks) > 0:
+            pool = stack.enter_context(
+                _pool_context().Pool(min(workers, len(tasks)), initializer=_ignore_sigint)
+            )
+            results = pool.imap_unordered(work, tasks)
+        else:
+            results = map(work, tasks)
+        bar = progress
+        if progress is not None and not hasattr(progress, "update"):
+            bar = progress(total)
+            if hasattr(bar, "__exit__"):
+                stack.enter_context(bar)
+        for batch_written, batch_failed in results:
+            written += batch_written
+            for path, reason in batch_failed:
+                log(f"warning: {path}: unreadable image ({reason})")
+            failed.extend(batch_failed)
+            if bar is not None:
+                # One at a time: tracking.Progress logs when its count lands on a
+                # multiple of its interval, which steps of a batch would jump over.
+                for _ in range(batch_written + len(batch_failed)):
+                    bar.update(1)
+    return written, failed
+
+
+def _say_done(log: Callable[[str], None], dst: Path, written: int, skipped: int, failed: list[tuple[str, str]],
+              seconds: float, indexes: list[tuple[Path, Path | None]]) -> None:
+    """Log what the run wrote, skipped and failed, where the failures are listed and the indexes written."""
+    log(f"prepare: wrote {written}, skipped {skipped}, failed {len(failed)} in {seconds:.1f}s "
+        f"({written / seconds if seconds > 0 else 0.0:.0f} images/s)")
+    if failed:
+        log(f"prepare: {len(failed)} unreadable images listed in {dst / FAILURES_FILE}")
+    for tree, index in indexes:
+        log(f"prepare: index of {tree} written to {index}" if index else
+            f"prepare: no index of {tree} written (neither beside it nor in the cache folder could be written)")
+
+
 def prepare_tree(
     src: str | Path,
     dst: str | Path,
@@ -317,56 +393,14 @@ def prepare_tree(
     """
     started = time.monotonic()
     src, dst = Path(src), Path(dst)
-    _check_args(src, dst, size, quality, workers)
-
-    folders = list(_walk_images(src))
-    found = sum(len(names) for _, names in folders)
-    if not found:
-        raise DataError(f"{src}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    dst.mkdir(parents=True, exist_ok=True)
-    _check_settings(dst, size, quality)
-    _finished_outputs(dst)  # the root too, for temp files of prepare-failures.txt / prepare.json
-
-    tasks: list[tuple[str, str, tuple[str, ...]]] = []
-    skipped = 0
-    for rel, names in folders:
-        out_dir = dst / rel
-        done = _finished_outputs(out_dir)
-        todo = [n for n in names if n not in done]
-        skipped += len(names) - len(todo)
-        if todo:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            tasks.extend((str(src / rel), str(out_dir), tuple(todo[i:i + BATCH])) for i in range(0, len(todo), BATCH))
+    folders, found = _list_sources_ready_dst(src, dst, size, quality, workers)
+    tasks, skipped = _plan(src, dst, folders)
     total = found - skipped
     log(f"prepare: {found} images in {src}: {total} to write, {skipped} already done -> {dst} "
         f"({size}x{size}, JPEG quality {quality}, {f'{workers} workers' if workers else 'in-process'})")
 
-    written, failed = 0, []
     work = partial(_prepare_batch, size=size, quality=quality, fsync=fsync)
-    with contextlib.ExitStack() as stack:
-        results: Iterable[tuple[int, list[tuple[str, str]]]]
-        if workers > 0 and len(tasks) > 0:
-            pool = stack.enter_context(
-                _pool_context().Pool(min(workers, len(tasks)), initializer=_ignore_sigint)
-            )
-            results = pool.imap_unordered(work, tasks)
-        else:
-            results = map(work, tasks)
-        bar = progress
-        if progress is not None and not hasattr(progress, "update"):
-            bar = progress(total)
-            if hasattr(bar, "__exit__"):
-                stack.enter_context(bar)
-        for batch_written, batch_failed in results:
-            written += batch_written
-            for path, reason in batch_failed:
-                log(f"warning: {path}: unreadable image ({reason})")
-            failed.extend(batch_failed)
-            if bar is not None:
-                # One at a time: tracking.Progress logs when its count lands on a
-                # multiple of its interval, which steps of a batch would jump over.
-                for _ in range(batch_written + len(batch_failed)):
-                    bar.update(1)
+    written, failed = _run_batches(tasks, work, workers, progress, total, log)
 
     failed.sort()
     _write_failures(dst, failed)
@@ -374,12 +408,6 @@ def prepare_tree(
     if written and hasattr(os, "sync"):
         os.sync()
     seconds = time.monotonic() - started
-    log(f"prepare: wrote {written}, skipped {skipped}, failed {len(failed)} in {seconds:.1f}s "
-        f"({written / seconds if seconds > 0 else 0.0:.0f} images/s)")
-    if failed:
-        log(f"prepare: {len(failed)} unreadable images listed in {dst / FAILURES_FILE}")
-    for tree, index in indexes:
-        log(f"prepare: index of {tree} written to {index}" if index else
-            f"prepare: no index of {tree} written (neither beside it nor in the cache folder could be written)")
+    _say_done(log, dst, written, skipped, failed, seconds, indexes)
     return PrepareReport(written=written, skipped=skipped, failed=failed, seconds=seconds)
 

@@ -84,6 +84,59 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _connect(url: str, have: int, expected_size: int | None, timeout: float) -> http.client.HTTPResponse | None:
+    """Returns the response to a GET of ``url`` from byte ``have`` on, or None when the server answers
+    that ``have`` bytes are already the whole file.  An HTTP error is a PublicDataError; a failed
+    connection (URLError, OSError) is raised as it is, for the caller to retry.
+    """
+    headers = {"User-Agent": USER_AGENT}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have and (expected_size is None or have == expected_size):
+            return None  # the .part is already the whole file
+        raise PublicDataError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+
+
+def _receive(response: http.client.HTTPResponse, part: Path, dest: Path, have: int, expected_size: int | None,
+             log: Callable[[str], None], stream: IO[str] | None) -> tuple[int | None, bool, Exception | None]:
+    """Write the response's body to ``part``: appended after a 206, from the start after a 200.
+
+    Returns (the whole file's size if known, whether any bytes came, the error that cut the
+    connection or None).  A failed write is a PublicDataError.
+    """
+    if have and response.status == 206:
+        mode = "ab"
+        total = have + int(response.headers.get("Content-Length", 0) or 0)
+        log(f"resuming {dest.name} at {have / 2**20:,.1f} MiB")
+    else:
+        mode, have = "wb", 0  # a 200 to a Range request: the server sends the whole file again
+        length = response.headers.get("Content-Length")
+        total = int(length) if length else None
+    if total is None:
+        total = expected_size
+    progress = ByteProgress(total, f"download {dest.name}", initial=have, stream=stream)
+    got_any = False
+    try:
+        with open(part, mode) as fh:
+            while True:
+                chunk = response.read(CHUNK)
+                if not chunk:
+                    break
+                fh.write(chunk)
+                progress.update(len(chunk))
+                got_any = True
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # reset connection, IncompleteRead
+        if isinstance(exc, OSError) and exc.filename:
+            raise PublicDataError(f"{part}: {exc.strerror or exc}") from None
+        progress.close()
+        return total, got_any, exc
+    progress.close()
+    return total, got_any, None
+
+
 def download(url: str, dest: Path, log: Callable[[str], None], expected_size: int | None = None,
              retries: int = 5, timeout: float = 60.0, stream: IO[str] | None = None) -> Path:
     """Fetch ``url`` to ``dest``, resuming from ``dest.part`` (HTTP Range) after a cut or a re-run.
@@ -97,15 +150,8 @@ def download(url: str, dest: Path, log: Callable[[str], None], expected_size: in
     failures = 0
     while True:
         have = part.stat().st_size if part.exists() else 0
-        headers = {"User-Agent": USER_AGENT}
-        if have:
-            headers["Range"] = f"bytes={have}-"
         try:
-            response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416 and have and (expected_size is None or have == expected_size):
-                break  # the .part is already the whole file
-            raise PublicDataError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+            response = _connect(url, have, expected_size, timeout)
         except (urllib.error.URLError, OSError) as exc:
             failures += 1
             reason = getattr(exc, "reason", exc)
@@ -115,38 +161,16 @@ def download(url: str, dest: Path, log: Callable[[str], None], expected_size: in
             log(f"{url}: {reason}; retrying in {min(30, 2 ** failures)} s ({failures}/{retries})")
             time.sleep(min(30, 2 ** failures))
             continue
+        if response is None:
+            break
         with response:
-            if have and response.status == 206:
-                mode = "ab"
-                total = have + int(response.headers.get("Content-Length", 0) or 0)
-                log(f"resuming {dest.name} at {have / 2**20:,.1f} MiB")
-            else:
-                mode, have = "wb", 0  # a 200 to a Range request: the server sends the whole file again
-                length = response.headers.get("Content-Length")
-                total = int(length) if length else None
-            if total is None:
-                total = expected_size
-            progress = ByteProgress(total, f"download {dest.name}", initial=have, stream=stream)
-            got_any = False
-            try:
-                with open(part, mode) as fh:
-                    while True:
-                        chunk = response.read(CHUNK)
-                        if not chunk:
-                            break
-                        fh.write(chunk)
-                        progress.update(len(chunk))
-                        got_any = True
-            except (OSError, ValueError, http.client.HTTPException) as exc:  # reset connection, IncompleteRead
-                if isinstance(exc, OSError) and exc.filename:
-                    raise PublicDataError(f"{part}: {exc.strerror or exc}") from None
-                progress.close()
+            total, got_any, lost = _receive(response, part, dest, have, expected_size, log, stream)
+            if lost is not None:
                 failures = 0 if got_any else failures + 1
                 if failures > retries:
-                    raise PublicDataError(f"{url}: connection keeps failing ({exc})") from None
-                log(f"{url}: connection lost ({type(exc).__name__}: {exc}); resuming")
+                    raise PublicDataError(f"{url}: connection keeps failing ({lost})") from None
+                log(f"{url}: connection lost ({type(lost).__name__}: {lost}); resuming")
                 continue
-            progress.close()
         size = part.stat().st_size
         if total is not None and size < total:
             failures += 1
@@ -157,4 +181,3 @@ def download(url: str, dest: Path, log: Callable[[str], None], expected_size: in
         break
     os.replace(part, dest)
     return dest
-

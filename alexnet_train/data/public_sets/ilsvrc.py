@@ -59,12 +59,120 @@ def _devkit_files(devkit: Path, stage: Path) -> tuple[Path, dict[str, str]]:
     return stage / "ILSVRC2012_validation_ground_truth.txt", names
 
 
+def _class_tars(train_tar: Path) -> list[tarfile.TarInfo]:
+    """The ``<wnid>.tar`` members of the train tar; PublicDataError if it is unreadable or has none."""
+    try:
+        with tarfile.open(train_tar, "r:") as tf:
+            inner = [m for m in tf.getmembers() if m.isfile() and m.name.endswith(".tar")]
+    except (tarfile.TarError, OSError) as exc:
+        raise PublicDataError(f"{train_tar}: not a readable uncompressed tar ({exc})") from None
+    if not inner:
+        raise PublicDataError(f"{train_tar}: holds no <wnid>.tar members; not ILSVRC2012_img_train.tar")
+    return inner
+
+
+def _unpack_class_tars(train_tar: Path, todo: list[tarfile.TarInfo], stage: Path, workers: int,
+                       progress: ByteProgress) -> None:
+    """Unpack each of ``todo`` into ``stage/<wnid>/``, here or in a pool of ``workers``, counting on ``progress``."""
+    n_workers = workers or os.cpu_count() or 1
+    if n_workers <= 1:
+        for m in todo:
+            _unpack_class_tar(str(train_tar), m.offset_data, m.size, str(stage / Path(m.name).stem))
+            progress.update(1)
+    else:
+        from ..prepare import _pool_context
+
+        with concurrent.futures.ProcessPoolExecutor(n_workers, mp_context=_pool_context()) as pool:
+            futures = [pool.submit(_unpack_class_tar, str(train_tar), m.offset_data, m.size,
+                                   str(stage / Path(m.name).stem)) for m in todo]
+            for fut in concurrent.futures.as_completed(futures):
+                fut.result()
+                progress.update(1)
+
+
+def _lay_out_train(layout: Layout, train_tar: Path, workers: int, log: Callable[[str], None],
+                   stream: IO[str] | None) -> dict:
+    """Unpack the classes not yet in the kept staging folder, then commit ``train``; returns its counts."""
+    stage = layout.begin("train", fresh=False)
+    inner = _class_tars(train_tar)
+    todo = [m for m in inner if not (stage / Path(m.name).stem).is_dir()]
+    if len(todo) < len(inner):
+        log(f"{train_tar.name}: {len(inner) - len(todo)} of {len(inner)} classes already unpacked")
+    progress = ByteProgress(len(inner), "unpack train classes", initial=len(inner) - len(todo),
+                            stream=stream, unit="classes")
+    try:
+        _unpack_class_tars(train_tar, todo, stage, workers, progress)
+    except (tarfile.TarError, EOFError) as exc:
+        raise PublicDataError(f"{train_tar}: a damaged per-class tar ({exc})") from None
+    finally:
+        progress.close()
+    classes, images = _count_tree(stage)
+    counts = {"classes": classes, "images": images}
+    layout.commit("train", counts)
+    log(f"{layout.root / 'train'}: {images:,} images in {classes} class folders")
+    return counts
+
+
+def _unpack_val(val_tar: Path, stage: Path, val_labels: dict[str, str], label_file: Path,
+                val_layout: str, stream: IO[str] | None) -> list[str]:
+    """Unpack the val tar into ``stage/<wnid>/`` (flat: ``stage``); returns the flat ``file wnid`` lines."""
+    flat_labels: list[str] = []
+    progress = ByteProgress(len(val_labels), "unpack val", stream=stream, unit="files")
+    try:
+        with tarfile.open(val_tar, "r:*") as tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                base = _safe_parts(member.name, val_tar)[-1]
+                wnid = val_labels.get(os.path.splitext(base)[0])
+                if wnid is None:
+                    raise PublicDataError(f"{val_tar}: {member.name} has no label in {label_file}")
+                if val_layout == "flat":
+                    dest = stage / base
+                    flat_labels.append(f"{base} {wnid}\n")
+                else:
+                    (stage / wnid).mkdir(exist_ok=True)
+                    dest = stage / wnid / base
+                with tf.extractfile(member) as src:
+                    _copy(src, dest)
+                progress.update(1)
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise PublicDataError(f"{val_tar}: not a readable tar, or damaged ({exc})") from None
+    finally:
+        progress.close()
+    return flat_labels
+
+
+def _lay_out_val(layout: Layout, val_tar: Path, label_file: Path, val_layout: str, log: Callable[[str], None],
+                 stream: IO[str] | None) -> dict:
+    """Unpack val by ``label_file``'s labels and commit it (flat: with ``val_labels.txt``); returns its counts."""
+    from ..datasets import DataError, read_labels_file
+
+    try:
+        val_labels = read_labels_file(str(label_file))
+    except DataError as exc:
+        raise PublicDataError(str(exc)) from None
+    stage = layout.begin("val")
+    flat_labels = _unpack_val(val_tar, stage, val_labels, label_file, val_layout, stream)
+    if val_layout == "flat":
+        path = layout.begin("val_labels.txt")
+        path.write_text("".join(sorted(flat_labels)))
+        layout.commit("val_labels.txt", {"images": len(flat_labels)})
+        counts = {"images": len(flat_labels), "layout": "flat"}
+    else:
+        classes, images = _count_tree(stage)
+        counts = {"classes": classes, "images": images}
+    layout.commit("val", counts)
+    log(f"{layout.root / 'val'}: {counts['images']:,} images" +
+        (f" in {counts['classes']} class folders" if val_layout != "flat"
+         else f", labels in {layout.root / 'val_labels.txt'}"))
+    return counts
+
+
 def layout_ilsvrc(root: Path, log: Callable[[str], None], train_tar: Path | None = None,
                   val_tar: Path | None = None, devkit: Path | None = None, labels: Path | None = None,
                   val_layout: str = "folders", workers: int = 0, stream: IO[str] | None = None) -> dict:
     """ILSVRC-2012 from image-net.org's tars: ``train/<wnid>/``, val sorted (or flat + labels), synsets."""
-    from ..datasets import DataError, read_labels_file
-
     layout = Layout(root, "ilsvrc")
     names_to_check = ["synset_words.txt"] + (["train"] if train_tar else []) + (["val"] if val_tar else [])
     if val_tar and val_layout == "flat":
@@ -75,42 +183,7 @@ def layout_ilsvrc(root: Path, log: Callable[[str], None], train_tar: Path | None
     if devkit is not None:
         gt, names = _devkit_files(devkit, layout.begin("devkit"))
     if train_tar is not None and not layout.is_done("train"):
-        stage = layout.begin("train", fresh=False)
-        try:
-            with tarfile.open(train_tar, "r:") as tf:
-                inner = [m for m in tf.getmembers() if m.isfile() and m.name.endswith(".tar")]
-        except (tarfile.TarError, OSError) as exc:
-            raise PublicDataError(f"{train_tar}: not a readable uncompressed tar ({exc})") from None
-        if not inner:
-            raise PublicDataError(f"{train_tar}: holds no <wnid>.tar members; not ILSVRC2012_img_train.tar")
-        todo = [m for m in inner if not (stage / Path(m.name).stem).is_dir()]
-        if len(todo) < len(inner):
-            log(f"{train_tar.name}: {len(inner) - len(todo)} of {len(inner)} classes already unpacked")
-        progress = ByteProgress(len(inner), "unpack train classes", initial=len(inner) - len(todo),
-                                stream=stream, unit="classes")
-        n_workers = workers or os.cpu_count() or 1
-        try:
-            if n_workers <= 1:
-                for m in todo:
-                    _unpack_class_tar(str(train_tar), m.offset_data, m.size, str(stage / Path(m.name).stem))
-                    progress.update(1)
-            else:
-                from ..prepare import _pool_context
-
-                with concurrent.futures.ProcessPoolExecutor(n_workers, mp_context=_pool_context()) as pool:
-                    futures = [pool.submit(_unpack_class_tar, str(train_tar), m.offset_data, m.size,
-                                           str(stage / Path(m.name).stem)) for m in todo]
-                    for fut in concurrent.futures.as_completed(futures):
-                        fut.result()
-                        progress.update(1)
-        except (tarfile.TarError, EOFError) as exc:
-            raise PublicDataError(f"{train_tar}: a damaged per-class tar ({exc})") from None
-        finally:
-            progress.close()
-        classes, images = _count_tree(stage)
-        summary["train"] = {"classes": classes, "images": images}
-        layout.commit("train", summary["train"])
-        log(f"{root / 'train'}: {images:,} images in {classes} class folders")
+        summary["train"] = _lay_out_train(layout, train_tar, workers, log, stream)
     if val_tar is not None and not layout.is_done("val"):
         if devkit is not None:
             label_file = gt
@@ -118,47 +191,7 @@ def layout_ilsvrc(root: Path, log: Callable[[str], None], train_tar: Path | None
             label_file = labels
         else:
             raise UsageError("--val-tar needs --devkit (or --labels FILE) to know each image's class")
-        try:
-            val_labels = read_labels_file(str(label_file))
-        except DataError as exc:
-            raise PublicDataError(str(exc)) from None
-        stage = layout.begin("val")
-        flat_labels: list[str] = []
-        progress = ByteProgress(len(val_labels), "unpack val", stream=stream, unit="files")
-        try:
-            with tarfile.open(val_tar, "r:*") as tf:
-                for member in tf:
-                    if not member.isfile():
-                        continue
-                    base = _safe_parts(member.name, val_tar)[-1]
-                    wnid = val_labels.get(os.path.splitext(base)[0])
-                    if wnid is None:
-                        raise PublicDataError(f"{val_tar}: {member.name} has no label in {label_file}")
-                    if val_layout == "flat":
-                        dest = stage / base
-                        flat_labels.append(f"{base} {wnid}\n")
-                    else:
-                        (stage / wnid).mkdir(exist_ok=True)
-                        dest = stage / wnid / base
-                    with tf.extractfile(member) as src:
-                        _copy(src, dest)
-                    progress.update(1)
-        except (tarfile.TarError, EOFError, zlib.error) as exc:
-            raise PublicDataError(f"{val_tar}: not a readable tar, or damaged ({exc})") from None
-        finally:
-            progress.close()
-        if val_layout == "flat":
-            path = layout.begin("val_labels.txt")
-            path.write_text("".join(sorted(flat_labels)))
-            layout.commit("val_labels.txt", {"images": len(flat_labels)})
-            summary["val"] = {"images": len(flat_labels), "layout": "flat"}
-        else:
-            classes, images = _count_tree(stage)
-            summary["val"] = {"classes": classes, "images": images}
-        layout.commit("val", summary["val"])
-        log(f"{root / 'val'}: {summary['val']['images']:,} images" +
-            (f" in {summary['val']['classes']} class folders" if val_layout != "flat"
-             else f", labels in {root / 'val_labels.txt'}"))
+        summary["val"] = _lay_out_val(layout, val_tar, label_file, val_layout, log, stream)
     if names and not layout.is_done("synset_words.txt"):
         path = layout.begin("synset_words.txt")
         write_synsets(path, names, names)

@@ -41,6 +41,103 @@ def tiny_dataset_name(classes: Sequence[str] | None, train_per_class: int | None
     return name if train_per_class is None else f"{name}:train_per_class={train_per_class}"
 
 
+def _tiny_text(zf: zipfile.ZipFile, prefix: str, member: str, archive: Path) -> str:
+    """The UTF-8 text of ``prefix + member``; PublicDataError when the zip lacks it."""
+    try:
+        return zf.read(prefix + member).decode("utf-8")
+    except KeyError:
+        raise PublicDataError(f"{archive}: {prefix + member} is missing; not Tiny ImageNet's layout") from None
+
+
+def _tiny_labels(zf: zipfile.ZipFile, prefix: str, archive: Path, classes: Sequence[str] | None
+                 ) -> tuple[list[str], list[str], dict[str, str], dict[str, str]]:
+    """Returns (wnids.txt's wnids, those kept by ``classes``, wnid -> words.txt's names, val file -> wnid)."""
+    wnids = [w.strip() for w in _tiny_text(zf, prefix, "wnids.txt", archive).split() if w.strip()]
+    if classes:
+        unknown = sorted(set(classes) - set(wnids))
+        if unknown:
+            raise UsageError(f"--classes: {unknown[0]} is not one of the {len(wnids)} classes in "
+                             f"{archive}'s wnids.txt")
+        wanted = set(classes)
+    words = {}
+    for line in _tiny_text(zf, prefix, "words.txt", archive).splitlines():
+        wnid, _, name = line.partition("\t")
+        words[wnid.strip()] = name.strip()
+    val_labels = {}
+    for lineno, line in enumerate(_tiny_text(zf, prefix, "val/val_annotations.txt", archive).splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t") if "\t" in line else line.split()
+        if len(fields) < 2 or fields[1] not in wnids:
+            raise PublicDataError(f"{archive}: val/val_annotations.txt:{lineno}: expected 'file wnid ...' "
+                                  f"with a wnid from wnids.txt, got {line!r}")
+        val_labels[fields[0]] = fields[1]
+    kept = [w for w in wnids if w in wanted] if classes else wnids
+    return wnids, kept, words, val_labels
+
+
+def _tiny_members(zf: zipfile.ZipFile, prefix: str, archive: Path, all_wnids: list[str], wnids: list[str],
+                  val_labels: dict[str, str]) -> dict[str, list[tuple[zipfile.ZipInfo, Path]]]:
+    """The images of the kept classes, per split: (zip member, path under the split as ``<wnid>/<file>``)."""
+    members: dict[str, list[tuple[zipfile.ZipInfo, Path]]] = {"train": [], "val": []}
+    for info in zf.infolist():
+        if info.is_dir() or not info.filename.startswith(prefix):
+            continue
+        parts = _safe_parts(info.filename[len(prefix):], archive)
+        if len(parts) == 4 and parts[0] == "train" and parts[2] == "images":
+            if parts[1] not in all_wnids:
+                raise PublicDataError(f"{archive}: {info.filename}: class {parts[1]} is not in wnids.txt")
+            if parts[1] in wnids:
+                members["train"].append((info, Path(parts[1]) / parts[3]))
+        elif len(parts) == 3 and parts[:2] == ["val", "images"]:
+            wnid = val_labels.get(parts[2])
+            if wnid is None:
+                raise PublicDataError(f"{archive}: {info.filename} has no line in val/val_annotations.txt")
+            if wnid in wnids:
+                members["val"].append((info, Path(wnid) / parts[2]))
+    missing = sorted(set(wnids) - {p.parts[0] for _, p in members["train"]})
+    if missing:
+        raise PublicDataError(f"{archive}: no train/{missing[0]}/images/ for {len(missing)} class(es) "
+                              f"of wnids.txt; an incomplete archive")
+    return members
+
+
+def _first_per_class(train: list[tuple[zipfile.ZipInfo, Path]], train_per_class: int,
+                     archive: Path) -> list[tuple[zipfile.ZipInfo, Path]]:
+    """The first ``train_per_class`` training members of each class, by file name."""
+    by_class: dict[str, list] = {}
+    for info, rel in sorted(train, key=lambda m: m[1].as_posix()):
+        by_class.setdefault(rel.parts[0], []).append((info, rel))
+    short = sorted(w for w, files in by_class.items() if len(files) < train_per_class)
+    if short:
+        raise UsageError(f"--train-per-class {train_per_class}: class {short[0]} has only "
+                         f"{len(by_class[short[0]])} training images in {archive}")
+    return [m for files in by_class.values() for m in files[:train_per_class]]
+
+
+def _unpack_tiny_split(zf: zipfile.ZipFile, layout: Layout, split: str, wnids: list[str],
+                       members: list[tuple[zipfile.ZipInfo, Path]], archive: Path,
+                       stream: IO[str] | None) -> dict:
+    """Unpack ``members`` into a fresh staging folder and commit it as ``split``; returns its counts."""
+    stage = layout.begin(split)
+    for wnid in wnids:
+        (stage / wnid).mkdir()
+    progress = ByteProgress(len(members), f"unpack {split}", stream=stream, unit="files")
+    try:
+        for info, rel in members:
+            with zf.open(info) as src:
+                _copy(src, stage / rel)
+            progress.update(1)
+    except (zipfile.BadZipFile, zlib.error) as exc:
+        raise PublicDataError(f"{archive}: damaged member ({exc}); download it again") from None
+    finally:
+        progress.close()
+    classes, images = _count_tree(stage)
+    counts = {"classes": classes, "images": images}
+    layout.commit(split, counts)
+    return counts
+
+
 def layout_tiny_imagenet(archive: Path, root: Path, log: Callable[[str], None],
                          stream: IO[str] | None = None, classes: Sequence[str] | None = None,
                          train_per_class: int | None = None) -> dict:
@@ -60,91 +157,20 @@ def layout_tiny_imagenet(archive: Path, root: Path, log: Callable[[str], None],
         raise PublicDataError(f"{archive}: not a readable zip archive ({exc})") from None
     summary = {}
     with zf:
-        names = zf.namelist()
-        prefix = _tiny_prefix(names, archive)
-
-        def read_text(member: str) -> str:
-            try:
-                return zf.read(prefix + member).decode("utf-8")
-            except KeyError:
-                raise PublicDataError(f"{archive}: {prefix + member} is missing; not Tiny ImageNet's layout") from None
-
-        wnids = [w.strip() for w in read_text("wnids.txt").split() if w.strip()]
-        if classes:
-            unknown = sorted(set(classes) - set(wnids))
-            if unknown:
-                raise UsageError(f"--classes: {unknown[0]} is not one of the {len(wnids)} classes in "
-                                 f"{archive}'s wnids.txt")
-            wanted = set(classes)
-        words = {}
-        for line in read_text("words.txt").splitlines():
-            wnid, _, name = line.partition("\t")
-            words[wnid.strip()] = name.strip()
-        val_labels = {}
-        for lineno, line in enumerate(read_text("val/val_annotations.txt").splitlines(), 1):
-            if not line.strip():
-                continue
-            fields = line.split("\t") if "\t" in line else line.split()
-            if len(fields) < 2 or fields[1] not in wnids:
-                raise PublicDataError(f"{archive}: val/val_annotations.txt:{lineno}: expected 'file wnid ...' "
-                                      f"with a wnid from wnids.txt, got {line!r}")
-            val_labels[fields[0]] = fields[1]
-        all_wnids = wnids
-        if classes:
-            wnids = [w for w in wnids if w in wanted]
-
-        members: dict[str, list[tuple[zipfile.ZipInfo, Path]]] = {"train": [], "val": []}
-        for info in zf.infolist():
-            if info.is_dir() or not info.filename.startswith(prefix):
-                continue
-            parts = _safe_parts(info.filename[len(prefix):], archive)
-            if len(parts) == 4 and parts[0] == "train" and parts[2] == "images":
-                if parts[1] not in all_wnids:
-                    raise PublicDataError(f"{archive}: {info.filename}: class {parts[1]} is not in wnids.txt")
-                if parts[1] in wnids:
-                    members["train"].append((info, Path(parts[1]) / parts[3]))
-            elif len(parts) == 3 and parts[:2] == ["val", "images"]:
-                wnid = val_labels.get(parts[2])
-                if wnid is None:
-                    raise PublicDataError(f"{archive}: {info.filename} has no line in val/val_annotations.txt")
-                if wnid in wnids:
-                    members["val"].append((info, Path(wnid) / parts[2]))
-        missing = sorted(set(wnids) - {p.parts[0] for _, p in members["train"]})
-        if missing:
-            raise PublicDataError(f"{archive}: no train/{missing[0]}/images/ for {len(missing)} class(es) "
-                                  f"of wnids.txt; an incomplete archive")
+        prefix = _tiny_prefix(zf.namelist(), archive)
+        all_wnids, wnids, words, val_labels = _tiny_labels(zf, prefix, archive, classes)
+        members = _tiny_members(zf, prefix, archive, all_wnids, wnids, val_labels)
         if train_per_class is not None:
-            by_class: dict[str, list] = {}
-            for info, rel in sorted(members["train"], key=lambda m: m[1].as_posix()):
-                by_class.setdefault(rel.parts[0], []).append((info, rel))
-            short = sorted(w for w, files in by_class.items() if len(files) < train_per_class)
-            if short:
-                raise UsageError(f"--train-per-class {train_per_class}: class {short[0]} has only "
-                                 f"{len(by_class[short[0]])} training images in {archive}")
-            members["train"] = [m for files in by_class.values() for m in files[:train_per_class]]
+            members["train"] = _first_per_class(members["train"], train_per_class, archive)
         layout.check_free(["train", "val", "synset_words.txt"])
         for split in ("train", "val"):
             if layout.is_done(split):
                 log(f"{root / split}: already laid out")
                 summary[split] = layout.done()["splits"][split]
                 continue
-            stage = layout.begin(split)
-            for wnid in wnids:
-                (stage / wnid).mkdir()
-            progress = ByteProgress(len(members[split]), f"unpack {split}", stream=stream, unit="files")
-            try:
-                for info, rel in members[split]:
-                    with zf.open(info) as src:
-                        _copy(src, stage / rel)
-                    progress.update(1)
-            except (zipfile.BadZipFile, zlib.error) as exc:
-                raise PublicDataError(f"{archive}: damaged member ({exc}); download it again") from None
-            finally:
-                progress.close()
-            classes, images = _count_tree(stage)
-            summary[split] = {"classes": classes, "images": images}
-            layout.commit(split, summary[split])
-            log(f"{root / split}: {images:,} images in {classes} class folders")
+            summary[split] = _unpack_tiny_split(zf, layout, split, wnids, members[split], archive, stream)
+            log(f"{root / split}: {summary[split]['images']:,} images in "
+                f"{summary[split]['classes']} class folders")
         if not layout.is_done("synset_words.txt"):
             path = layout.begin("synset_words.txt")
             write_synsets(path, words, wnids)
