@@ -148,7 +148,7 @@ def layout_tiny_imagenet(archive: Path, root: Path, log: Callable[[str], None],
     an unlabelled ``test/`` (left out), ``wnids.txt`` and ``words.txt``.
     ``classes`` (wnids) keeps only those classes, e.g. the ten of tiny-imagenet-10;
     ``train_per_class`` keeps the first N training images of each class (by file name),
-    for few-shot runs such as the README's fine-tuning proof.  Val is always whole.
+    for few-shot runs such as the fine-tuning proof (docs/results.md).  Val is always whole.
     """
     layout = Layout(root, tiny_dataset_name(classes, train_per_class))
     try:
