@@ -99,11 +99,7 @@ def evaluate_crops(
     images_seen = 0
     for images, targets, bad in loader:
         if bad:
-            if bad_images is None:
-                from .data.datasets import BadImageError
-
-                raise BadImageError(*bad[0])
-            bad_images(bad)
+            _judge_bad_images(bad, bad_images)
         if progress is not None:
             progress.update(1)
         if targets.numel() == 0:  # every image of the batch was unreadable (and skipped)
@@ -111,26 +107,61 @@ def evaluate_crops(
                 on_batch(None, targets, bad)
             continue
         targets = targets.to(device, non_blocking=True)
-        n = targets.shape[0]
-        if ten_crop:
-            crops = images.flatten(0, 1)  # (B*10, 3, H, W)
-            logits = torch.cat([
-                _forward(model, preprocess(chunk.to(device, non_blocking=True)), amp_dtype)
-                for chunk in crops.split(max(1, n), dim=0)
-            ]).view(n, 10, -1)
-            center = logits[:, 4]
-            probs = logits.softmax(dim=-1).mean(dim=1)
-            ten_loss = F.nll_loss(probs.clamp_min(1e-12).log(), targets, reduction="sum")
-            scores = [(center, F.cross_entropy(center, targets, reduction="sum")), (probs, ten_loss)]
-        else:
-            center = _forward(model, preprocess(images.to(device, non_blocking=True)), amp_dtype)
-            scores = [(center, F.cross_entropy(center, targets, reduction="sum"))]
-        images_seen += n
+        scores = _batch_scores(model, images, targets, preprocess, device, ten_crop, amp_dtype)
+        images_seen += targets.shape[0]
         for row, (s, loss) in enumerate(scores):
             c1, c5 = topk_correct(s, targets)
             totals[row] += torch.stack([loss.double(), c1.double(), c5.double()])
         if on_batch is not None:
             on_batch(scores[-1][0], targets, bad)
+    return _results_from_totals(keys, totals, images_seen, device, all_reduce)
+
+
+def _judge_bad_images(bad: list, bad_images: Callable[[list], None] | None) -> None:
+    """None once ``bad_images`` has judged a batch's unreadable files (it raises on those it will not skip);
+    without it, BadImageError for the first."""
+    if bad_images is None:
+        from .data.datasets import BadImageError
+
+        raise BadImageError(*bad[0])
+    bad_images(bad)
+
+
+def _batch_scores(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    preprocess: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    ten_crop: bool,
+    amp_dtype: torch.dtype | None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(scores, loss sum) of one batch, on the device: the centre logits' and, with ``ten_crop``,
+    the ten-crop probabilities' after them."""
+    n = targets.shape[0]
+    if ten_crop:
+        crops = images.flatten(0, 1)  # (B*10, 3, H, W)
+        logits = torch.cat([
+            _forward(model, preprocess(chunk.to(device, non_blocking=True)), amp_dtype)
+            for chunk in crops.split(max(1, n), dim=0)
+        ]).view(n, 10, -1)
+        center = logits[:, 4]
+        probs = logits.softmax(dim=-1).mean(dim=1)
+        ten_loss = F.nll_loss(probs.clamp_min(1e-12).log(), targets, reduction="sum")
+        return [(center, F.cross_entropy(center, targets, reduction="sum")), (probs, ten_loss)]
+    center = _forward(model, preprocess(images.to(device, non_blocking=True)), amp_dtype)
+    return [(center, F.cross_entropy(center, targets, reduction="sum"))]
+
+
+def _results_from_totals(
+    keys: tuple[str, ...],
+    totals: torch.Tensor,
+    images_seen: int,
+    device: torch.device,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> dict[str, EvalResult]:
+    """An EvalResult per key from this process's (loss sum, top-1, top-5) rows, summed over
+    processes by ``all_reduce``; the one host sync of the evaluation."""
     counts = torch.full((len(keys), 1), float(images_seen), dtype=torch.float64, device=device)
     totals = torch.cat([totals, counts], dim=1)  # loss sum, top1, top5, images
     if all_reduce is not None:
@@ -225,15 +256,39 @@ def _write_outputs(args, results: dict, rows: list) -> None:
         atomic_write_bytes(args.predictions, lambda fh: fh.write(buf.getvalue().encode()))
 
 
+def _eval_loader(args, data_cfg, samples: list, dist, device: torch.device):
+    """(sampler, loader) of this rank's shard of ``samples``, centre or ten-crop as ``args`` ask."""
+    from .data.datasets import ImageDataset
+    from .data.loaders import EpochSampler, make_loader
+    from .data.transforms import CenterPreset, TenCropPreset
+
+    preset = TenCropPreset(data_cfg) if args.ten_crop else CenterPreset(data_cfg)
+    sampler = EpochSampler(len(samples), shuffle=False, rank=dist.rank, world=dist.world_size)
+    workers = data_cfg.workers if args.workers is None else args.workers
+    loader = make_loader(ImageDataset(samples, preset), sampler, args.batch_size or data_cfg.batch_size,
+                         workers, device.type == "cuda")
+    return sampler, loader
+
+
+def _print_results(args, loaded, data_dir: str, samples: list, results: dict, seconds: float) -> None:
+    """Print alexnet-eval's summary: what was evaluated, then a row per result; returns nothing."""
+    print(f"{args.checkpoint} ({loaded.kind}) on {data_dir}: {results['center'].images} images in {seconds:.1f}s"
+          + (f"; ten-crop: {_resized_image_kind(samples, loaded.data.resize_size)}" if args.ten_crop else ""))
+    print(f"{'':<10}{'top-1':>9}{'top-5':>9}{'loss':>9}")
+    for key, label in (("center", "center"), ("ten_crop", "ten-crop")):
+        if key in results:
+            r = results[key]
+            print(f"{label:<10}{r.top1:>8.2f}%{r.top5:>8.2f}%{r.loss:>9.4f}")
+
+
 def run_eval(args) -> None:
     """alexnet-eval's program, for the arguments of :func:`alexnet_train.cli.eval_parser`.
 
     Raises the errors of :mod:`alexnet_train.errors` (the caller maps them to exit codes).
     Under torchrun or srun every rank evaluates its shard and rank 0 prints and writes.
     """
-    from .data.datasets import BadImages, ImageDataset
-    from .data.loaders import EpochSampler, make_loader
-    from .data.transforms import BatchPreprocess, CenterPreset, TenCropPreset
+    from .data.datasets import BadImages
+    from .data.transforms import BatchPreprocess
     from .distributed import all_gather, all_reduce_sum
     from .lifecycle import join_process_group, launch_environment, leave_process_group
     from .tracking import Tracker
@@ -249,11 +304,7 @@ def run_eval(args) -> None:
         tracker = Tracker(None, enabled=dist.is_main, tensorboard=False)
         if args.amp != "none" and amp_dtype is None:
             tracker.log(f"notice: --amp {args.amp} needs a CUDA device; evaluating in float32")
-        preset = TenCropPreset(data_cfg) if args.ten_crop else CenterPreset(data_cfg)
-        sampler = EpochSampler(len(samples), shuffle=False, rank=dist.rank, world=dist.world_size)
-        workers = data_cfg.workers if args.workers is None else args.workers
-        loader = make_loader(ImageDataset(samples, preset), sampler, args.batch_size or data_cfg.batch_size,
-                             workers, device.type == "cuda")
+        sampler, loader = _eval_loader(args, data_cfg, samples, dist, device)
         record = _Predictions([samples[i] for i in sampler.order()], loaded.classes)
         bad = BadImages(data_cfg.on_bad_image, data_cfg.max_bad_fraction, {"val": len(samples)}, tracker.log)
         started = time.monotonic()
@@ -275,12 +326,5 @@ def run_eval(args) -> None:
             leave_process_group(failure)
     if not dist.is_main:
         return
-    seconds = time.monotonic() - started
-    print(f"{args.checkpoint} ({loaded.kind}) on {data_dir}: {results['center'].images} images in {seconds:.1f}s"
-          + (f"; ten-crop: {_resized_image_kind(samples, data_cfg.resize_size)}" if args.ten_crop else ""))
-    print(f"{'':<10}{'top-1':>9}{'top-5':>9}{'loss':>9}")
-    for key, label in (("center", "center"), ("ten_crop", "ten-crop")):
-        if key in results:
-            r = results[key]
-            print(f"{label:<10}{r.top1:>8.2f}%{r.top5:>8.2f}%{r.loss:>9.4f}")
+    _print_results(args, loaded, data_dir, samples, results, time.monotonic() - started)
     _write_outputs(args, results, rows)

@@ -247,38 +247,18 @@ def _torchvision_state_dict(model: nn.Module, num_classes: int, out: Path) -> Pa
     return path
 
 
-def export_model(checkpoint: str, out_dir: str, log: Callable[[str], None] = print) -> list[Path]:
-    """Write OUT (created if needed): model.pt, model.onnx if possible, torchvision_state_dict.pth
-    (arch torchvision), model.json; return the written paths, model.json last.
-
-    Raises CheckpointError (the checkpoint) or ExportError (OUT), each naming the file.
-    """
-    loaded = load_for_inference(checkpoint, "cpu")
-    data = loaded.data
-    arch = loaded.config.model.arch if loaded.config is not None else "torchvision"
-    num_classes = loaded.model.classifier[-1].out_features
-    if len(loaded.classes) != num_classes:
-        raise ckpt.CheckpointError(f"{checkpoint}: {len(loaded.classes)} class names for {num_classes} outputs")
-
+def _output_dir(out_dir: str) -> Path:
+    """OUT as a Path, created with its parents if needed; ExportError if it cannot be."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ExportError(f"{out}: cannot create the output directory ({exc.strerror or exc})") from None
+    return out
 
-    mean, std = tuple(float(v) for v in data.mean), effective_std(data)
-    wrapped = InputNormalized(loaded.model, mean, std).eval()
-    gen = torch.Generator().manual_seed(0)
-    example = torch.rand(2, 3, data.crop_size, data.crop_size, generator=gen) * 255.0
 
-    written = [_torchscript(wrapped, example, out, log)]
-    onnx_path = _onnx(wrapped, example, out, log)
-    if onnx_path is not None:
-        written.append(onnx_path)
-    if arch == "torchvision":
-        written.append(_torchvision_state_dict(loaded.model, num_classes, out))
-
-    input_text = f"RGB, 0-255 float32, NCHW (N, 3, {data.crop_size}, {data.crop_size})"
+def _file_notes(written: list[Path], arch: str, input_text: str) -> dict:
+    """model.json's ``files``: format, input and normalisation of each written model file."""
     files = {p.name: {"format": {".pt": "TorchScript (torch.jit.load)",
                                  ".pt2": "torch.export (torch.export.load(path).module())",
                                  ".onnx": "ONNX"}.get(p.suffix, ""),
@@ -292,7 +272,16 @@ def export_model(checkpoint: str, out_dir: str, log: Callable[[str], None] = pri
                      "transforms.Normalize(mean_0_1, std_0_1) after ToTensor()",
             "normalization": "not included",
         }
-    meta = {
+    return files
+
+
+def _model_json(checkpoint: str, loaded: Loaded, arch: str, num_classes: int, mean: tuple[float, ...],
+                std: tuple[float, ...], written: list[Path]) -> dict:
+    """model.json's content for the model files in ``written``."""
+    data = loaded.data
+    input_text = f"RGB, 0-255 float32, NCHW (N, 3, {data.crop_size}, {data.crop_size})"
+    files = _file_notes(written, arch, input_text)
+    return {
         "format": EXPORT_FORMAT,
         "arch": arch,
         "num_classes": num_classes,
@@ -318,6 +307,35 @@ def export_model(checkpoint: str, out_dir: str, log: Callable[[str], None] = pri
         "kind": loaded.kind,
         "versions": {"torch": torch.__version__},
     }
+
+
+def export_model(checkpoint: str, out_dir: str, log: Callable[[str], None] = print) -> list[Path]:
+    """Write OUT (created if needed): model.pt, model.onnx if possible, torchvision_state_dict.pth
+    (arch torchvision), model.json; return the written paths, model.json last.
+
+    Raises CheckpointError (the checkpoint) or ExportError (OUT), each naming the file.
+    """
+    loaded = load_for_inference(checkpoint, "cpu")
+    data = loaded.data
+    arch = loaded.config.model.arch if loaded.config is not None else "torchvision"
+    num_classes = loaded.model.classifier[-1].out_features
+    if len(loaded.classes) != num_classes:
+        raise ckpt.CheckpointError(f"{checkpoint}: {len(loaded.classes)} class names for {num_classes} outputs")
+    out = _output_dir(out_dir)
+
+    mean, std = tuple(float(v) for v in data.mean), effective_std(data)
+    wrapped = InputNormalized(loaded.model, mean, std).eval()
+    gen = torch.Generator().manual_seed(0)
+    example = torch.rand(2, 3, data.crop_size, data.crop_size, generator=gen) * 255.0
+
+    written = [_torchscript(wrapped, example, out, log)]
+    onnx_path = _onnx(wrapped, example, out, log)
+    if onnx_path is not None:
+        written.append(onnx_path)
+    if arch == "torchvision":
+        written.append(_torchvision_state_dict(loaded.model, num_classes, out))
+
+    meta = _model_json(checkpoint, loaded, arch, num_classes, mean, std, written)
     payload = (json.dumps(meta, indent=2) + "\n").encode()
     written.append(_write(out / "model.json", lambda fh: fh.write(payload)))
     for p in written:

@@ -192,8 +192,8 @@ def summary_lines(run: Run) -> list[str]:
     return lines
 
 
-def draw(run: Run, path: str | Path) -> Path:
-    """Write the report figure to ``path`` (PNG, atomically) and return it."""
+def _matplotlib():
+    """(FigureCanvasAgg, Figure, MaxNLocator); PlotUnavailable where matplotlib is not installed."""
     try:
         import matplotlib  # noqa: F401  first: the package itself, as a missing install fails
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -201,7 +201,53 @@ def draw(run: Run, path: str | Path) -> Path:
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise PlotUnavailable(PLOT_HINT) from None
+    return FigureCanvasAgg, Figure, MaxNLocator
 
+
+def _mark_best(acc_ax, rows: list[dict], first: int, last: int) -> None:
+    """Circle and label the best top-1 epoch on the accuracy panel, if one has a top-1; returns nothing."""
+    best = best_row(rows)
+    if best is not None:
+        top1 = best["val_top1"]
+        acc_ax.plot([best["epoch"]], [top1], "o", markersize=9, markerfacecolor="none",
+                    markeredgecolor="crimson", markeredgewidth=1.5, label="best top-1", zorder=5)
+        # Text toward the middle of the panel, so it never runs off its edge.
+        right_half = best["epoch"] > (first + last) / 2
+        low, high = acc_ax.get_ylim()
+        above = top1 < low + 0.4 * (high - low)
+        acc_ax.annotate(f"best {top1:.2f}%\n(epoch {best['epoch']})", (best["epoch"], top1),
+                        xytext=(-12 if right_half else 12, 28 if above else -28), textcoords="offset points",
+                        ha="right" if right_half else "left", va="bottom" if above else "top",
+                        fontsize=8, color="crimson", bbox={"boxstyle": "square,pad=0.1", "facecolor": "white",
+                                                          "edgecolor": "none", "alpha": 0.8},
+                        arrowprops={"arrowstyle": "-", "color": "crimson", "linewidth": 0.8})
+
+
+def _mark_lr(loss_ax, acc_ax, rows: list[dict]) -> None:
+    """Show the lr on both panels: a dashed line per change, or past MAX_LR_MARKS changes its
+    curve on the loss panel's right axis; returns nothing."""
+    changes = lr_changes(rows)
+    if len(changes) <= MAX_LR_MARKS:
+        for epoch, _, new in changes:
+            for ax in (loss_ax, acc_ax):
+                x = epoch - 0.5  # between the last epoch at the old lr and the first at the new
+                ax.axvline(x, color="dimgray", linestyle="--", linewidth=1)
+                ax.text(x, 0.97, f"lr {new:.4g}", transform=ax.get_xaxis_transform(), rotation=90,
+                        ha="left", va="top", fontsize=7, color="dimgray", zorder=6,
+                        bbox={"boxstyle": "square,pad=0.15", "facecolor": "white", "edgecolor": "none",
+                              "alpha": 0.8})
+    else:
+        xs, ys = _series(rows, "lr")
+        lr_ax = loss_ax.twinx()
+        lr_ax.plot(xs, ys, color="dimgray", linestyle="--", linewidth=1, label="lr (right axis)")
+        lr_ax.set_ylabel("lr", color="dimgray")
+        lr_ax.tick_params(axis="y", colors="dimgray", labelsize=7)
+        lr_ax.legend(loc="upper center", fontsize=8)
+
+
+def draw(run: Run, path: str | Path) -> Path:
+    """Write the report figure to ``path`` (PNG, atomically) and return it."""
+    FigureCanvasAgg, Figure, MaxNLocator = _matplotlib()
     path, rows = Path(path), run.rows
     # The object API with its own Agg canvas: no pyplot state, no display needed.
     fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
@@ -220,40 +266,8 @@ def draw(run: Run, path: str | Path) -> Path:
         ax.set_xlim(first - 0.5, last + 0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(True, alpha=0.3)
-
-    best = best_row(rows)
-    if best is not None:
-        top1 = best["val_top1"]
-        acc_ax.plot([best["epoch"]], [top1], "o", markersize=9, markerfacecolor="none",
-                    markeredgecolor="crimson", markeredgewidth=1.5, label="best top-1", zorder=5)
-        # Text toward the middle of the panel, so it never runs off its edge.
-        right_half = best["epoch"] > (first + last) / 2
-        low, high = acc_ax.get_ylim()
-        above = top1 < low + 0.4 * (high - low)
-        acc_ax.annotate(f"best {top1:.2f}%\n(epoch {best['epoch']})", (best["epoch"], top1),
-                        xytext=(-12 if right_half else 12, 28 if above else -28), textcoords="offset points",
-                        ha="right" if right_half else "left", va="bottom" if above else "top",
-                        fontsize=8, color="crimson", bbox={"boxstyle": "square,pad=0.1", "facecolor": "white",
-                                                          "edgecolor": "none", "alpha": 0.8},
-                        arrowprops={"arrowstyle": "-", "color": "crimson", "linewidth": 0.8})
-
-    changes = lr_changes(rows)
-    if len(changes) <= MAX_LR_MARKS:
-        for epoch, _, new in changes:
-            for ax in (loss_ax, acc_ax):
-                x = epoch - 0.5  # between the last epoch at the old lr and the first at the new
-                ax.axvline(x, color="dimgray", linestyle="--", linewidth=1)
-                ax.text(x, 0.97, f"lr {new:.4g}", transform=ax.get_xaxis_transform(), rotation=90,
-                        ha="left", va="top", fontsize=7, color="dimgray", zorder=6,
-                        bbox={"boxstyle": "square,pad=0.15", "facecolor": "white", "edgecolor": "none",
-                              "alpha": 0.8})
-    else:
-        xs, ys = _series(rows, "lr")
-        lr_ax = loss_ax.twinx()
-        lr_ax.plot(xs, ys, color="dimgray", linestyle="--", linewidth=1, label="lr (right axis)")
-        lr_ax.set_ylabel("lr", color="dimgray")
-        lr_ax.tick_params(axis="y", colors="dimgray", labelsize=7)
-        lr_ax.legend(loc="upper center", fontsize=8)
+    _mark_best(acc_ax, rows, first, last)
+    _mark_lr(loss_ax, acc_ax, rows)
 
     for ax in (loss_ax, acc_ax):
         if ax.lines:
