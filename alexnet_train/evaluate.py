@@ -182,12 +182,15 @@ def _forward(model: nn.Module, x: torch.Tensor, amp_dtype: torch.dtype | None) -
 
 def _resized_image_kind(samples: list, resize: int) -> str:
     """Say what the ten crops are cut from: the prepared square copy, or a shorter-side resize."""
-    from .data.decode import jpeg_info
+    from .data.decode import SHARD_SEP, jpeg_info, read_bytes
 
     step = max(1, len(samples) // 20)
     for path, _ in samples[::step]:
-        with open(path, "rb") as fh:
-            info = jpeg_info(fh.read(65536))
+        if SHARD_SEP in path:  # a shard's sample: one pread of the whole member
+            info = jpeg_info(read_bytes(path))
+        else:
+            with open(path, "rb") as fh:
+                info = jpeg_info(fh.read(65536))
         if info is None or info[:2] != (resize, resize):
             return f"crops of the shorter-side-{resize} image (torchvision's Resize({resize}) + TenCrop)"
     return f"crops of the {resize}x{resize} prepared image, as in the paper"

@@ -27,6 +27,7 @@ from PIL import Image, ImageOps
 # one; most callers import them from here
 from ..errors import BadImageError, DataError, TooManyBadImages
 from .samples import SampleList
+from .shards import classes_of, find_shards, is_shard_source, shard_index
 from .treeindex import list_tree
 
 Sample = tuple[str, int]
@@ -76,6 +77,8 @@ class BadImages:
 def images_under(folder: str, log: Log | None = None) -> SampleList:
     """Every image file under ``folder`` (label: its top-level folder's index, -1 at the root),
     from the folder's index when it is current (see :mod:`~alexnet_train.data.treeindex`)."""
+    if is_shard_source(folder):
+        return shard_index(find_shards(folder, folder), log).samples
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: data directory not found")
     return list_tree(folder, log).files
@@ -90,7 +93,11 @@ def class_folders(root: str) -> list[str]:
 
 def scan_image_folder(root: str, log: Log | None = None) -> tuple[list[str], SampleList]:
     """(sorted class names, samples) of a ``root/<class>/<image>`` tree, read from its index
-    when that is current (see :mod:`~alexnet_train.data.treeindex`); ``log`` hears which."""
+    when that is current (see :mod:`~alexnet_train.data.treeindex`); ``log`` hears which.
+    ``root`` may name WebDataset shards instead (:mod:`~alexnet_train.data.shards`)."""
+    if is_shard_source(root):
+        index = shard_index(find_shards(root, root), log)
+        return classes_of(index, root), index.samples
     classes = class_folders(root)
     if not classes:
         raise DataError(f"{root}: no class folders (expected ROOT/<class>/<image files>)")
@@ -196,8 +203,11 @@ def labelled_samples(root: str, classes: Sequence[str], labels_file: str | None 
     """Samples of an evaluation folder, indexed by ``classes``.
 
     With class subfolders, each must be one of ``classes``.  Without any (a
-    flat folder, as ILSVRC ships val), ``labels_file`` gives each file's wnid.
+    flat folder, as ILSVRC ships val), ``labels_file`` gives each file's wnid.  WebDataset
+    shards carry their labels (``KEY.cls``, in the same sorted-wnid order).
     """
+    if is_shard_source(root):
+        return _shard_eval_samples(root, classes, log)
     index = {name: i for i, name in enumerate(classes)}
     subfolders = class_folders(root)
     if labels_file is None:
@@ -229,6 +239,17 @@ def labelled_samples(root: str, classes: Sequence[str], labels_file: str | None 
     if not len(samples):
         raise DataError(f"{root}: no image files found")
     return samples
+
+
+def _shard_eval_samples(root: str, classes: Sequence[str], log: Log | None) -> SampleList:
+    index = shard_index(find_shards(root, root), log)
+    labels = index.samples.labels
+    if labels.max(initial=-1) >= len(classes):
+        raise DataError(f"{root}: class index {int(labels.max())} in the shards, but training has {len(classes)} classes")
+    for label, wnid in sorted(index.wnids.items()):
+        if classes[label] != wnid:
+            raise DataError(f"{root}: class {label} is {wnid} in the shards but {classes[label]} in training")
+    return index.samples
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -314,6 +335,9 @@ def check_dir(path: str | None, key: str) -> Path:
     """The directory at ``path`` or a DataError naming the config ``key``."""
     if not path:
         raise DataError(f"{key}: not set")
+    if is_shard_source(path):
+        find_shards(path, key)  # a folder of several splits, or a pattern naming none, is an error here
+        return Path(path)
     p = Path(path)
     if not p.is_dir():
         raise DataError(f"{key}: directory not found: {path}")

@@ -38,6 +38,8 @@ from PIL import Image, ImageOps
 
 from ..errors import BadImageError
 
+SHARD_SEP = "::"  # data.shards.SEP: <shard>::<member>@<offset>+<size>
+
 # ImageNet's largest files are ~ 20 megapixels; PIL's bomb guard (89 MP warning,
 # 179 MP error) would only stop legitimate scans.  A hard cap still refuses garbage.
 Image.MAX_IMAGE_PIXELS = 400_000_000
@@ -238,6 +240,10 @@ def decode_pil(data: bytes, path: str, min_side: int | None = None) -> torch.Ten
 
 
 def read_bytes(path: str) -> bytes:
+    if SHARD_SEP in path:  # a sample of a WebDataset shard: one pread of its byte range
+        from .shards import read_member
+
+        return read_member(path)
     try:
         with open(path, "rb") as fh:
             data = fh.read()

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import DataError, images_under
+from .shards import is_shard_source
 from .decode import decode_rgb
 from .loaders import worker_init
 from .transforms import resize_shorter
@@ -62,7 +63,7 @@ def compute_stats(
     progress: Callable[[int], object] | None = None,
 ) -> PixelStats:
     """Statistics of ``samples`` images drawn at random (all if fewer) from the tree at ``data_dir``."""
-    if not os.path.isdir(data_dir):
+    if not (os.path.isdir(data_dir) or is_shard_source(data_dir)):
         raise DataError(f"{data_dir}: data directory not found")
     if samples < 1:
         raise ValueError(f"--samples: must be >= 1, got {samples}")
