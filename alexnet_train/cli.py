@@ -229,25 +229,48 @@ def prepare_main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Write the paper's down-sampled copy of an image tree: shorter side to --size, the central "
-                    "square, JPEG. Same folders and file names; resumable; unreadable sources are reported.",
+                    "square, JPEG. Same folders and file names; or with --shards, WebDataset tar shards laid out "
+                    "as timm/imagenet-1k-wds. Resumable; unreadable sources are reported.",
     )
     p.add_argument("src", metavar="SRC", help="source tree (ImageFolder, or a flat folder such as ILSVRC val)")
-    p.add_argument("dst", metavar="DST", help="destination tree (created)")
-    p.add_argument("--size", type=int, default=256, help="side of the square output (default 256)")
+    p.add_argument("dst", metavar="DST", help="destination tree, or with --shards the folder of shards (created)")
+    p.add_argument("--size", type=int, default=256,
+                   help="side of the square output (default 256; with --shards, 0 keeps the original bytes)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality 1-100 (default 90)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="worker processes (default: all cores; 0 = in this process)")
+    p.add_argument("--shards", action="store_true",
+                   help="write WebDataset tar shards (DST/imagenet1k-train-NNNN.tar ... and DST/_info.json) "
+                        "instead of a tree")
+    p.add_argument("--shard-size", type=int, default=None, metavar="BYTES",
+                   help="with --shards: the most bytes per shard (default 1000000000)")
+    p.add_argument("--labels", metavar="FILE",
+                   help="with --shards: labels of a flat SRC ('filename wnid' lines, or any ILSVRC format)")
     args = p.parse_args(argv)
+    if not args.shards and (args.shard_size is not None or args.labels is not None):
+        p.error("--shard-size and --labels go with --shards")
     from .data.datasets import DataError
-    from .data.prepare import prepare_tree
+    from .errors import WriteError
     from .tracking import Tracker
 
     tracker = Tracker(None, tensorboard=False)
     try:
-        report = prepare_tree(args.src, args.dst, size=args.size, quality=args.quality, workers=args.workers,
-                              progress=lambda n: tracker.progress(n, "prepare", interval=1000), log=tracker.log)
+        if args.shards:
+            from .data.shardwriter import DEFAULT_SHARD_SIZE, write_shards
+
+            report = write_shards(args.src, args.dst, size=args.size, quality=args.quality,
+                                  shard_size=args.shard_size or DEFAULT_SHARD_SIZE, workers=args.workers,
+                                  labels_file=args.labels,
+                                  progress=lambda n: tracker.progress(n, "prepare", interval=1000), log=tracker.log)
+        else:
+            from .data.prepare import prepare_tree
+
+            report = prepare_tree(args.src, args.dst, size=args.size, quality=args.quality, workers=args.workers,
+                                  progress=lambda n: tracker.progress(n, "prepare", interval=1000), log=tracker.log)
     except (DataError, ValueError) as exc:
         _fail(prog, EXIT_CONFIG, str(exc))
+    except WriteError as exc:
+        _fail(prog, EXIT_RUNTIME, str(exc))
     except OSError as exc:
         _fail(prog, EXIT_RUNTIME, f"{exc.filename or args.dst}: {exc.strerror or exc}")
     if report.failed:

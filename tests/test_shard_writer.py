@@ -1,0 +1,244 @@
+"""alexnet-prepare --shards: WebDataset shards that the reference reader and GNU tar read, resumable
+to byte-identical files."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from alexnet_train.cli import prepare_main
+from alexnet_train.data.datasets import DataError
+from alexnet_train.data.prepare import FAILURES_FILE, square_jpeg
+from alexnet_train.data.shardwriter import INFO_FILE, write_shards
+
+from .conftest import write_image_folder
+
+wds = pytest.importorskip("webdataset")
+
+CLASSES = ["n01440764", "n01443537", "n01484850"]
+PER_CLASS = 12
+SHARD_SIZE = 40_000  # ~3.5 kB a sample at 64 px: 4 shards of 36 samples
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture
+def train(tmp_path: Path) -> Path:
+    return write_image_folder(tmp_path / "src" / "train", CLASSES, PER_CLASS, seed=3)
+
+
+def shards(dst: Path, prefix: str = "imagenet1k-train") -> list[Path]:
+    return sorted(dst.glob(f"{prefix}-*.tar"))
+
+
+def read_back(dst: Path, prefix: str = "imagenet1k-train") -> list[dict]:
+    """Every sample as the webdataset package reads it, with the shard it came from."""
+    urls = [str(p) for p in shards(dst, prefix)]
+    return list(wds.WebDataset(urls, shardshuffle=False))
+
+
+def snapshot(dst: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(dst.iterdir()) if p.suffix in (".tar", ".json")}
+
+
+def test_every_sample_reads_back_with_webdataset(train, tmp_path):
+    dst = tmp_path / "wds"
+    report = write_shards(train, dst, size=64, shard_size=SHARD_SIZE, log=quiet)
+    assert report.written == len(CLASSES) * PER_CLASS and report.skipped == 0 and not report.failed
+    files = shards(dst)
+    assert len(files) >= 3 and [p.name for p in files] == report.shards
+    assert all(p.stat().st_size <= SHARD_SIZE for p in files)
+
+    samples = read_back(dst)
+    keys = [s["__key__"] for s in samples]
+    assert sorted(keys) == sorted(f"{c}_{i:03d}" for c in CLASSES for i in range(PER_CLASS))
+    classes_in: dict[str, set[int]] = {}
+    for s in samples:
+        wnid = s["__key__"].rsplit("_", 1)[0]
+        label = int(s["cls"].decode("ascii"))
+        assert label == CLASSES.index(wnid)
+        meta = json.loads(s["json"])
+        assert meta["filename"] == f"{wnid}/{s['__key__']}.JPEG"
+        assert meta["label"] == label
+        # The same bytes as the 256-px tree's copy would hold (here at 64 px).
+        assert s["jpg"] == square_jpeg(str(train / meta["filename"]), 64, 90)
+        with Image.open(io.BytesIO(s["jpg"])) as img:
+            img.load()
+            assert img.format == "JPEG" and (img.height, img.width) == (meta["height"], meta["width"]) == (64, 64)
+        classes_in.setdefault(s["__url__"], set()).add(label)
+    assert all(len(labels) > 1 for labels in classes_in.values()), "a shard holds a single class"
+
+    info = json.loads((dst / INFO_FILE).read_text())
+    split = info["splits"]["train"]
+    assert split["name"] == "train" and split["filenames"] == report.shards
+    counts = [sum(s["__url__"] == str(dst / name) for s in samples) for name in split["filenames"]]
+    assert split["shard_lengths"] == counts and split["num_samples"] == sum(counts) == len(samples)
+
+
+def test_members_are_plain_ustar_that_gnu_tar_lists(train, tmp_path):
+    dst = tmp_path / "wds"
+    write_shards(train, dst, size=64, shard_size=SHARD_SIZE, log=quiet)
+    for path in shards(dst):
+        raw = path.read_bytes()
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+        assert members and all(m.isreg() for m in members)  # no PAX ('x'/'g') or GNU long-name headers
+        for m in members:
+            header = raw[m.offset:m.offset + 512]
+            assert header[257:265] == b"ustar\x0000", m.name
+            assert header[156:157] == b"0" and not m.pax_headers
+            assert isinstance(m.mtime, int) and m.mtime == 0
+            assert m.mode == 0o444 and m.uid == m.gid == 0
+        names = [m.name for m in members]
+        # A sample's members are consecutive: what WebDataset readers group by key.
+        assert [n.rsplit(".", 1)[1] for n in names] == ["jpg", "cls", "json"] * (len(names) // 3)
+        if shutil.which("tar"):
+            listed = subprocess.run(["tar", "-tf", str(path)], capture_output=True, text=True, check=True)
+            assert listed.stdout.split() == names
+
+
+def test_second_run_is_a_no_op_and_an_interrupted_one_resumes_to_identical_shards(train, tmp_path):
+    dst = tmp_path / "wds"
+    write_shards(train, dst, size=64, shard_size=SHARD_SIZE, log=quiet)
+    first = snapshot(dst)
+    times = {p.name: p.stat().st_mtime_ns for p in shards(dst)}
+
+    again = write_shards(train, dst, size=64, shard_size=SHARD_SIZE, log=quiet)
+    assert again.written == 0 and again.skipped == len(CLASSES) * PER_CLASS
+    assert snapshot(dst) == first and {p.name: p.stat().st_mtime_ns for p in shards(dst)} == times
+
+    # What a kill leaves: the last shards missing or cut short, a half-written temp file.
+    files = shards(dst)
+    files[-1].unlink()
+    files[-2].write_bytes(files[-2].read_bytes()[:5000])
+    (dst / (files[-2].name + ".tmp")).write_bytes(b"half a shard")
+    resumed = write_shards(train, dst, size=64, shard_size=SHARD_SIZE, log=quiet)
+    assert resumed.skipped > 0 and resumed.written > 0
+    assert resumed.skipped + resumed.written == len(CLASSES) * PER_CLASS
+    assert snapshot(dst) == first
+    assert not list(dst.glob("*.tmp"))
+    for p in files[:-2]:
+        assert p.stat().st_mtime_ns == times[p.name], f"{p.name} was rewritten"
+
+    # And the plan does not depend on the destination: a fresh copy elsewhere is the same.
+    write_shards(train, tmp_path / "other", size=64, shard_size=SHARD_SIZE, log=quiet)
+    assert snapshot(tmp_path / "other") == first
+
+
+def test_another_plan_into_the_same_destination_is_refused(train, tmp_path):
+    dst = tmp_path / "wds"
+    write_shards(train, dst, size=64, shard_size=SHARD_SIZE, log=quiet)
+    with pytest.raises(DataError, match="progress.json: these shards were written"):
+        write_shards(train, dst, size=48, shard_size=SHARD_SIZE, log=quiet)
+
+
+def test_flat_val_with_labels_merges_into_the_same_info(train, tmp_path):
+    val = tmp_path / "src" / "val"
+    labelled = write_image_folder(tmp_path / "labelled", CLASSES, 4, seed=4)
+    val.mkdir()
+    lines, wnids = [], {}
+    for i, img in enumerate(sorted(labelled.rglob("*.JPEG")), 1):
+        name = f"ILSVRC2012_val_{i:08d}.JPEG"
+        img.rename(val / name)
+        lines.append(f"{name} {img.parent.name}\n")
+        wnids[name[:-5]] = img.parent.name
+    labels = tmp_path / "val.txt"
+    labels.write_text("".join(lines))
+
+    dst = tmp_path / "wds"
+    write_shards(train, dst, size=64, shard_size=SHARD_SIZE, log=quiet)
+    report = write_shards(val, dst, size=64, shard_size=SHARD_SIZE, labels_file=str(labels), log=quiet)
+    assert report.shards[0] == "imagenet1k-validation-0000.tar"
+    samples = read_back(dst, "imagenet1k-validation")
+    assert sorted(s["__key__"] for s in samples) == sorted(wnids)
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert int(s["cls"]) == meta["label"] == CLASSES.index(wnids[s["__key__"]])
+        assert meta["filename"] == f"{s['__key__']}.JPEG"
+    info = json.loads((dst / INFO_FILE).read_text())
+    assert set(info["splits"]) == {"train", "validation"}
+    assert info["splits"]["validation"]["num_samples"] == len(samples) == len(wnids)
+    assert info["splits"]["train"]["num_samples"] == len(CLASSES) * PER_CLASS
+
+
+def test_original_bytes_with_size_0(train, tmp_path):
+    dst = tmp_path / "wds"
+    write_shards(train, dst, size=0, shard_size=SHARD_SIZE, log=quiet)
+    samples = read_back(dst)
+    assert len(samples) == len(CLASSES) * PER_CLASS
+    for s in samples:
+        meta = json.loads(s["json"])
+        source = train / meta["filename"]
+        assert s["jpg"] == source.read_bytes()
+        with Image.open(source) as img:
+            assert (meta["width"], meta["height"]) == img.size
+
+
+def test_unreadable_images_are_listed_and_left_out(train, tmp_path):
+    broken = train / CLASSES[1] / "broken.JPEG"
+    broken.write_bytes(b"not a jpeg at all")
+    dst = tmp_path / "wds"
+    report = write_shards(train, dst, size=64, shard_size=SHARD_SIZE, log=quiet)
+    assert [p for p, _ in report.failed] == [str(broken)]
+    assert str(broken) in (dst / FAILURES_FILE).read_text()
+    assert "broken" not in {s["__key__"] for s in read_back(dst)}
+    assert json.loads((dst / INFO_FILE).read_text())["splits"]["train"]["num_samples"] == len(CLASSES) * PER_CLASS
+    again = write_shards(train, dst, size=64, shard_size=SHARD_SIZE, log=quiet)  # still listed after a no-op
+    assert again.written == 0 and [p for p, _ in again.failed] == [str(broken)]
+
+
+def test_two_files_with_one_key_are_named(train, tmp_path):
+    shutil.copy(train / CLASSES[0] / f"{CLASSES[0]}_000.JPEG", train / CLASSES[1] / f"{CLASSES[0]}_000.jpg")
+    with pytest.raises(DataError, match=f"{CLASSES[1]}/{CLASSES[0]}_000.jpg.*also that of .*{CLASSES[0]}_000.JPEG"):
+        write_shards(train, tmp_path / "wds", size=64, log=quiet)
+
+
+def run_prepare(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        prepare_main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_writes_shards_and_reports_bad_input_in_one_line(train, tmp_path, capsys):
+    dst = tmp_path / "wds"
+    code, out, _ = run_prepare(capsys, train, dst, "--shards", "--shard-size", SHARD_SIZE, "--size", 64,
+                               "--workers", 0)
+    assert code == 0 and "wrote 36 images" in out
+    assert len(read_back(dst)) == 36
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(train / CLASSES[0] / f"{CLASSES[0]}_000.JPEG", flat)
+    code, _, err = run_prepare(capsys, flat, tmp_path / "out", "--shards", "--workers", 0)
+    assert code == 2 and err.count("\n") == 1 and "needs --labels FILE" in err
+    code, _, err = run_prepare(capsys, train, tmp_path / "x", "--shard-size", 1000, "--workers", 0)
+    assert code == 2 and "--shards" in err
+
+
+@pytest.mark.slow
+def test_cli_with_workers_gives_the_same_shards(train, tmp_path, capsys):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_prepare(capsys, train, one, "--shards", "--shard-size", SHARD_SIZE, "--size", 64, "--workers", 0)[0] == 0
+    assert run_prepare(capsys, train, two, "--shards", "--shard-size", SHARD_SIZE, "--size", 64, "--workers", 2)[0] == 0
+    assert snapshot(one) == snapshot(two)
+
+
+def test_a_dot_in_a_stem_does_not_split_the_key(train, tmp_path):
+    # WebDataset readers take all after a name's first dot for the extension: 'a.b.jpg' would be key 'a'.
+    (train / CLASSES[2] / f"{CLASSES[2]}_000.JPEG").rename(train / CLASSES[2] / "crop.v2.JPEG")
+    dst = tmp_path / "wds"
+    write_shards(train, dst, size=64, shard_size=SHARD_SIZE, log=quiet)
+    sample = next(s for s in read_back(dst) if s["__key__"] == "crop_v2")
+    assert json.loads(sample["json"])["filename"] == f"{CLASSES[2]}/crop.v2.JPEG" and int(sample["cls"]) == 2
