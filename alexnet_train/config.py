@@ -43,10 +43,13 @@ class DataConfig:
     """Where the images come from, how they are cropped, coloured and normalized, and who decodes them."""
 
     train_dir: Optional[str] = None
-    """The training images: an ImageFolder (one folder per class); its class folders give the
-    class list."""
+    """The training images: an ImageFolder (one folder per class; its class folders give the
+    class list), or WebDataset tar shards: a folder holding one split's, or a pattern such as
+    ``DIR/imagenet1k-train-*.tar`` (docs/shards.md)."""
     val_dir: Optional[str] = None
-    """The validation images: an ImageFolder, or a flat folder with ``data.val_labels``."""
+    """The validation images: an ImageFolder, a flat folder with ``data.val_labels``, or
+    WebDataset shards (a folder of one split's, or a pattern such as
+    ``DIR/imagenet1k-validation-*.tar``)."""
     val_labels: Optional[str] = None
     """A flat validation folder's labels file (lines ``filename wnid``)."""
     demo: bool = False

@@ -232,3 +232,23 @@ def test_more_shards_than_open_files_allowed_still_read(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_what_prepare_shards_writes_is_what_training_reads(tmp_path):
+    from alexnet_train.data.shardwriter import write_shards
+
+    train = write_image_folder(tmp_path / "train", CLASSES, 6, seed=3)
+    val = write_image_folder(tmp_path / "val", CLASSES, 2, seed=4)
+    out = tmp_path / "wds"
+    write_shards(train, out, size=64, shard_size=60_000, log=lambda _m: None)
+    write_shards(val, out, size=64, shard_size=60_000, log=lambda _m: None)
+    with pytest.raises(DataError, match="holds the shards of 2 splits"):
+        check_dir(str(out), "data.train_dir")
+    classes, samples = scan_image_folder(str(out / "imagenet1k-train-*.tar"))
+    assert classes == CLASSES and len(samples) == 18
+    assert sorted(CLASSES[label] for _, label in samples) == sorted(p.parent.name for p in train.rglob("*.JPEG"))
+    val_samples = labelled_samples(str(out / "imagenet1k-validation-*.tar"), classes)
+    assert len(val_samples) == 6
+    from alexnet_train.data.decode import decode_rgb
+
+    assert all(decode_rgb(path).shape == (3, 64, 64) for path, _ in samples)
