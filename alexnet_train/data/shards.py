@@ -48,7 +48,7 @@ import numpy as np
 
 from ..errors import BadImageError, DataError
 from .samples import SampleList
-from .treeindex import INDEX_DIR, _may_write
+from .treeindex import INDEX_DIR, write_arrays
 
 INDEX_VERSION = 1
 SEP = "::"  # <shard>::<member>@<offset>+<size>
@@ -271,19 +271,7 @@ def _write_index(index: ShardIndex, shards: list[str], stats: list[os.stat_resul
         "wnids": np.frombuffer("\0".join(index.wnids[k] for k in sorted(index.wnids)).encode(), dtype=np.uint8),
         "lost": np.array([index.lost], dtype=np.int64),
     }
-    for path in _index_paths(shards):
-        if not _may_write(path.parent):
-            continue
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, path)
-            return path
-        except OSError:
-            tmp.unlink(missing_ok=True)
-    return None
+    return write_arrays(_index_paths(shards), arrays)
 
 
 def _read_index(path: Path, shards: list[str], stats: list[os.stat_result]) -> ShardIndex | None:

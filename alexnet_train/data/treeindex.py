@@ -212,7 +212,13 @@ def write_index(listing: Listing) -> Path | None:
         "dir_names": _joined([rel for rel, _ in listing.dirs]),
         "dir_mtimes": np.array([mtime for _, mtime in listing.dirs], dtype=np.int64),
     }
-    for path in index_paths(listing.root):
+    return write_arrays(index_paths(listing.root), arrays)
+
+
+def write_arrays(paths: list[Path], arrays: dict[str, np.ndarray]) -> Path | None:
+    """``arrays`` as an .npz at the first of ``paths`` whose folder takes it, atomically (a
+    temporary file renamed: a reader never sees half of one); that path, or None."""
+    for path in paths:
         if not _may_write(path.parent):
             continue
         tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
