@@ -252,3 +252,11 @@ def test_what_prepare_shards_writes_is_what_training_reads(tmp_path):
     from alexnet_train.data.decode import decode_rgb
 
     assert all(decode_rgb(path).shape == (3, 64, 64) for path, _ in samples)
+
+
+def test_a_file_that_is_no_tar_is_one_line_naming_it(tmp_path):
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    (folder / "x-0000.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(DataError, match=r"x-0000.tar: not a readable tar shard"):
+        scan_image_folder(str(folder))
