@@ -50,7 +50,7 @@ from ..errors import BadImageError, DataError
 from .samples import SampleList
 from .treeindex import INDEX_DIR, write_arrays
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the shards' folder stored once, as the sample list's prefix
 SEP = "::"  # <shard>::<member>@<offset>+<size>
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 _SHARD = re.compile(r"^(?P<prefix>.+?)-(?P<number>\d+)\.tar$")
@@ -239,7 +239,10 @@ def _build(shards: list[str]) -> ShardIndex:
             lost += missing
     if not paths:
         raise DataError(f"{os.path.dirname(shards[0])}: the shards hold no samples (KEY.jpg + KEY.cls)")
-    return ShardIndex(SampleList.from_pairs(zip(paths, labels)), wnids, lost)
+    # The shards' folder once, as the list's prefix, not in every sample's path.
+    prefix = os.path.join(os.path.commonpath([os.path.dirname(s) or "." for s in shards]), "")
+    relative = [os.fsencode(path[len(prefix):]) for path in paths]
+    return ShardIndex(SampleList.from_encoded(relative, labels, prefix), wnids, lost)
 
 
 def _key(shards: list[str]) -> str:
@@ -267,6 +270,7 @@ def _write_index(index: ShardIndex, shards: list[str], stats: list[os.stat_resul
         "shards": np.frombuffer(os.fsencode("\0".join(os.path.realpath(s) for s in shards)), dtype=np.uint8),
         "fingerprint": _fingerprint(stats),
         "data": data, "offsets": offsets, "labels": labels,
+        "prefix": np.frombuffer(os.fsencode(index.samples.prefix), dtype=np.uint8),
         "wnid_labels": np.array(sorted(index.wnids), dtype=np.int64),
         "wnids": np.frombuffer("\0".join(index.wnids[k] for k in sorted(index.wnids)).encode(), dtype=np.uint8),
         "lost": np.array([index.lost], dtype=np.int64),
@@ -286,7 +290,8 @@ def _read_index(path: Path, shards: list[str], stats: list[os.stat_result]) -> S
             return None
         names = a["wnids"].tobytes().decode().split("\0") if len(a["wnid_labels"]) else []
         wnids = dict(zip(a["wnid_labels"].tolist(), names))
-        return ShardIndex(SampleList(a["data"], a["offsets"], a["labels"]), wnids, int(a["lost"][0]))
+        samples = SampleList(a["data"], a["offsets"], a["labels"], os.fsdecode(a["prefix"].tobytes()))
+        return ShardIndex(samples, wnids, int(a["lost"][0]))
     except (OSError, ValueError, EOFError, KeyError, IndexError):
         return None
 
