@@ -177,12 +177,15 @@ def summary_main(argv: Sequence[str] | None = None) -> None:
 def _count_class_folders(train_dir: str | None) -> int:
     """model.num_classes: null outside training: the class folders of data.train_dir, as training counts them."""
     from .config import ConfigError
-    from .data.datasets import DataError, class_folders
+    from .data.datasets import DataError, class_folders, scan_image_folder
+    from .data.shards import is_shard_source
 
     if train_dir is None:
         raise ConfigError("model.num_classes: null counts the class folders of data.train_dir, which is not set; "
                           "pass --set model.num_classes=N or data.train_dir=DIR")
     try:
+        if is_shard_source(train_dir):  # WebDataset shards: the classes their samples name
+            return len(scan_image_folder(train_dir)[0])
         return len(class_folders(train_dir))
     except DataError as exc:
         raise ConfigError(f"model.num_classes: null counts the class folders of data.train_dir, but {exc}; "

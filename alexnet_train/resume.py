@@ -80,7 +80,10 @@ def check_resume_config(saved: dict, cfg: Config, log: Log) -> None:
                     f"{section}.{key}: is {value!r} but the checkpoint was trained with {old!r}; "
                     f"use the checkpoint's {section} settings or another --out"
                 )
-            log(f"notice: {section}.{key} changed since the checkpoint: {old!r} -> {value!r}")
+            plateau = (section, key) == ("optim", "lr") and cfg.schedule.kind == "plateau"
+            log(f"notice: {section}.{key} changed since the checkpoint: {old!r} -> {value!r}"
+                + ("; under schedule.kind plateau the run goes on at the checkpoint's current lr (the new value "
+                   "starts a fresh run: another --out)" if plateau else ""))
 
 
 def trim_metrics(path: Path, epochs_done: int) -> None:

@@ -435,3 +435,15 @@ def test_a_loader_worker_killed_on_one_rank_stops_both_ranks_with_one_line(tree,
     assert len(lines) == 1 and lines[0].startswith("alexnet-train: error: rank 1: the data loader failed: "), lines
     assert "DataLoader worker" in lines[0] and "Traceback" not in lines[0], lines
     assert results[1][2].strip() == ""
+
+
+def test_a_changed_lr_under_plateau_says_the_checkpoints_lr_goes_on():
+    saved = config_to_dict(Config())
+    lines: list[str] = []
+    check_resume_config(saved, replace(Config(), "optim", lr=0.02), log=lines.append)
+    assert lines == ["notice: optim.lr changed since the checkpoint: 0.01 -> 0.02; under schedule.kind plateau the "
+                     "run goes on at the checkpoint's current lr (the new value starts a fresh run: another --out)"]
+    lines.clear()
+    step = replace(Config(), "schedule", kind="step")
+    check_resume_config(config_to_dict(step), replace(step, "optim", lr=0.02), log=lines.append)
+    assert lines == ["notice: optim.lr changed since the checkpoint: 0.01 -> 0.02"]

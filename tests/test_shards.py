@@ -260,3 +260,12 @@ def test_a_file_that_is_no_tar_is_one_line_naming_it(tmp_path):
     (folder / "x-0000.tar").write_bytes(b"not a tar at all" * 100)
     with pytest.raises(DataError, match=r"x-0000.tar: not a readable tar shard"):
         scan_image_folder(str(folder))
+
+
+def test_alexnet_summary_counts_the_classes_of_shards(wds, capsys):
+    from alexnet_train.cli import summary_main
+
+    _, _, folder = wds
+    summary_main(["--config", DEMO, "--set", "model.num_classes=null",
+                  f"data.train_dir={folder / 'imagenet1k-train-*.tar'}"])
+    assert "num_classes=3" in capsys.readouterr().out
