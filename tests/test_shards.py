@@ -269,3 +269,26 @@ def test_alexnet_summary_counts_the_classes_of_shards(wds, capsys):
     summary_main(["--config", DEMO, "--set", "model.num_classes=null",
                   f"data.train_dir={folder / 'imagenet1k-train-*.tar'}"])
     assert "num_classes=3" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy, code", [("skip", 0), ("error", 1)])
+def test_a_lost_sample_one_rank_meets_alone_ends_both_ranks_alike(wds, tmp_path, policy, code):
+    """A cut shard without _info.json: one lost sample, read by one of the two ranks alone."""
+    _, _, folder = wds
+    (folder / "_info.json").unlink()
+    last = folder / "imagenet1k-train-0002.tar"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    out = tmp_path / "ddp"
+    cmd = [console_script("torchrun"), "--standalone", "--nproc_per_node", "2", console_script("alexnet-train"),
+           *_args(str(folder / "imagenet1k-train-*.tar"), str(folder / "imagenet1k-validation-*.tar"), out,
+                  "dist.mode=ddp", "train.device=cpu", f"data.on_bad_image={policy}", "data.max_bad_fraction=0.5",
+                  "dist.timeout_minutes=1", epochs=1)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == code, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "terminate called" not in done.stderr
+    if policy == "skip":
+        assert [r["bad_images"] for r in read_metrics(out)] == [1]
+    else:
+        errors = [line for line in done.stderr.splitlines() if "alexnet-train: error:" in line]
+        assert len(errors) == 1 and "lost: the shard is cut before this sample" in errors[0], done.stderr[-2000:]
