@@ -37,8 +37,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import BadImageError
-
-SHARD_SEP = "::"  # data.shards.SEP: <shard>::<member>@<offset>+<size>
+from .shards import SEP as SHARD_SEP  # <shard>::<member>@<offset>+<size>
 
 # ImageNet's largest files are ~ 20 megapixels; PIL's bomb guard (89 MP warning,
 # 179 MP error) would only stop legitimate scans.  A hard cap still refuses garbage.

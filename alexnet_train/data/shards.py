@@ -48,7 +48,7 @@ import numpy as np
 
 from ..errors import BadImageError, DataError
 from .samples import SampleList
-from .treeindex import INDEX_DIR, write_arrays
+from .treeindex import index_places, write_arrays
 
 INDEX_VERSION = 2  # 2: the shards' folder stored once, as the sample list's prefix
 SEP = "::"  # <shard>::<member>@<offset>+<size>
@@ -253,10 +253,7 @@ def _key(shards: list[str]) -> str:
 
 
 def _index_paths(shards: list[str]) -> list[Path]:
-    from .demo import default_cache_dir
-
-    folder = Path(os.path.dirname(os.path.realpath(shards[0])))
-    return [folder / INDEX_DIR / _key(shards), default_cache_dir() / "index" / _key(shards)]
+    return index_places(os.path.dirname(os.path.realpath(shards[0])), _key(shards))
 
 
 def _fingerprint(stats: list[os.stat_result]) -> np.ndarray:

@@ -185,11 +185,14 @@ def _key(root: str) -> str:
 
 def index_paths(root: str) -> list[Path]:
     """Where ``root``'s index may be, in the order they are tried: beside the tree, then the cache."""
+    return index_places(os.path.dirname(os.path.realpath(root).rstrip(os.sep)), _key(root))
+
+
+def index_places(folder: str, name: str) -> list[Path]:
+    """An index file ``name`` in ``folder``'s INDEX_DIR, then in the cache: where indexes are kept."""
     from .demo import default_cache_dir
 
-    real = os.path.realpath(root)
-    return [Path(os.path.dirname(real.rstrip(os.sep))) / INDEX_DIR / _key(root),
-            default_cache_dir() / "index" / _key(root)]
+    return [Path(folder) / INDEX_DIR / name, default_cache_dir() / "index" / name]
 
 
 def _joined(names: list[bytes]) -> np.ndarray:
