@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .lrn import lrn
 
 # The paper's response normalisation: b = a / (k + alpha * sum_{n neighbours} a^2)^beta.
 # torch.nn.LocalResponseNorm divides alpha by the window size, so it gets alpha * n.
@@ -25,25 +26,39 @@ LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
 
 
 class LocalResponseNorm(nn.LocalResponseNorm):
-    """``nn.LocalResponseNorm`` that always squares and sums in float32.
+    """``nn.LocalResponseNorm`` computed in one pass, always squaring and summing in float32.
 
-    Under fp16 autocast the conv outputs reaching it are half precision, and the
-    paper's 0-255 inputs (``data.normalize: paper``) give activations above 256,
-    whose squares overflow fp16: the divisor becomes inf and the output 0, silently
-    (no NaN, so no guard fires).  bf16 does not overflow but loses the small
-    ``alpha * sum`` term to rounding.  The result goes back in the input's dtype:
-    it is smaller in magnitude than the input, so it fits wherever the input did.
+    Same class, same (empty) state_dict and the same formula as ``F.local_response_norm``;
+    :func:`alexnet_train.lrn.lrn` computes it: Triton kernels on CUDA, a plain-torch twin
+    elsewhere, each saving only the input for a closed-form backward.
+
+    Why float32 whatever the input: under fp16 autocast the conv outputs reaching it are half
+    precision, and the paper's 0-255 inputs (``data.normalize: paper``) give activations above
+    256, whose squares overflow fp16: the divisor becomes inf and the output 0, silently (no
+    NaN, so no guard fires).  bf16 does not overflow but loses the small ``alpha * sum`` term
+    to rounding.  The result goes back in the input's dtype: it is smaller in magnitude than
+    the input, so it fits wherever the input did.
+
+    TorchScript, tracing and the exporters (``alexnet-export``) see ``F.local_response_norm``,
+    which every runtime knows (ONNX's LRN op); exported models run in float32.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
-            return self._in_float32(x)
-        return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
+        if torch.jit.is_scripting():  # decided when scripting: the rest is not compiled
+            return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
+        if torch.jit.is_tracing() or x.dim() != 4 or _exporting():
+            return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
+        return lrn(x, self.size, self.alpha, self.beta, self.k)
 
-    @torch.jit.unused  # exported models run in float32; TorchScript need not know autocast
-    def _in_float32(self, x):  # (unannotated: TorchScript cannot read the postponed annotations here)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.local_response_norm(x.float(), self.size, self.alpha, self.beta, self.k).to(x.dtype)
+
+
+def _exporting() -> bool:
+    """Inside ``torch.onnx.export`` or ``torch.export`` (whose graphs need standard ops)."""
+    onnx = getattr(torch, "onnx", None)
+    if onnx is not None and onnx.is_in_onnx_export():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_exporting") and compiler.is_exporting())
 
 
 def paper_lrn() -> LocalResponseNorm:

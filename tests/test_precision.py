@@ -83,7 +83,8 @@ def test_torchscript_export_keeps_working_with_the_float32_lrn():
     lrn = paper_lrn()
     scripted = torch.jit.script(torch.nn.Sequential(lrn))
     x = large_activations(2)
-    assert torch.equal(scripted(x), lrn(x))
+    # TorchScript runs F.local_response_norm, eager the one-pass LRN: equal to float32 rounding.
+    torch.testing.assert_close(scripted(x), lrn(x), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- colour noise
