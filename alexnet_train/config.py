@@ -130,6 +130,7 @@ ARCH_KEYS = {
     "conv_widths": ("custom",),
     "fc_widths": ("custom",),
     "lrn": ("custom",),
+    "towers": ("paper", "custom"),
 }
 
 PAPER_CONV = (96, 256, 384, 384, 256)
@@ -150,6 +151,12 @@ class ModelConfig:
     """2 = the paper's two-GPU towers: conv2, conv4 and conv5 see only their own half (must be
     > 0 and divide every conv width; arch paper and custom; torchvision's AlexNet has none, so it
     ignores this, with a notice)."""
+    towers: Literal["grouped", "split"] = "grouped"
+    """How the towers' convolutions run where groups > 1: grouped: one convolution with groups=G
+    (cuDNN's grouped kernels); split: one dense convolution per tower on views of the one weight,
+    outputs concatenated.  The same state_dict and the same outputs (to the convolution
+    algorithm's rounding); which is faster depends on the GPU and precision
+    (scripts/bench_model.py --breakdown measures both)."""
     init: Literal["paper", "caffe", "kaiming", "torch"] = "caffe"
     """paper: N(0, 0.01), bias 1 in conv2/4/5 and FC6/7; caffe: bvlc_alexnet's (N(0, 0.01)
     convs, N(0, 0.005) FC6/7, bias 0.1); kaiming: He-normal for ReLUs; torch: PyTorch's defaults.

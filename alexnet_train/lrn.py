@@ -200,7 +200,9 @@ def lrn(x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: 
     if size < 1:
         raise ValueError(f"lrn: size must be >= 1, got {size}")
     if use_triton is None:
-        use_triton = triton_usable(x)
+        # Under torch.compile Inductor fuses the torch formulation itself (and saves what the
+        # Function saves: the input alone); a kernel launch inside a traced Function is not its business.
+        use_triton = triton_usable(x) and not torch.compiler.is_compiling()
     if use_triton and triton is None:
         raise RuntimeError("lrn: use_triton=True, but Triton is not installed")
     return _LRN.apply(x, int(size), float(alpha) / size, float(beta), float(k), bool(use_triton))

@@ -61,6 +61,27 @@ def _exporting() -> bool:
     return bool(compiler is not None and hasattr(compiler, "is_exporting") and compiler.is_exporting())
 
 
+class TowerConv2d(nn.Conv2d):
+    """A grouped ``nn.Conv2d`` (same parameters, same state_dict) that runs one dense
+    convolution per group on views of its one weight and concatenates the outputs.
+
+    cuDNN's grouped kernels can run well below their dense equivalents, worst in bf16/fp16
+    channels_last (pytorch/pytorch#73764, #70954); two dense convolutions of half the width
+    may not.  ``model.towers: split`` builds these; ``scripts/bench_model.py --breakdown``
+    says which is faster on a given GPU.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inputs = x.chunk(self.groups, dim=1)
+        weights = self.weight.chunk(self.groups, dim=0)
+        bias = self.bias  # a local, so TorchScript can refine its Optional
+        outs: list[torch.Tensor] = []
+        for i in range(self.groups):
+            b = bias.chunk(self.groups, dim=0)[i] if bias is not None else None
+            outs.append(F.conv2d(inputs[i], weights[i], b, self.stride, self.padding, self.dilation, 1))
+        return torch.cat(outs, dim=1)
+
+
 def paper_lrn() -> LocalResponseNorm:
     return LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA * LRN_SIZE, beta=LRN_BETA, k=LRN_K)
 
@@ -82,13 +103,16 @@ class AlexNet(nn.Module):
         lrn: bool = True,
         groups: int = 1,
         dropout: float = 0.5,
+        towers: str = "grouped",
     ) -> None:
         super().__init__()
         c1, c2, c3, c4, c5 = conv
+        # The towers' convolutions (conv2, conv4, conv5): see ModelConfig.towers.
+        grouped = TowerConv2d if towers == "split" and groups > 1 else nn.Conv2d
         layers: list[nn.Module] = [nn.Conv2d(3, c1, 11, stride=4, padding=2), nn.ReLU(inplace=True)]
         if lrn:
             layers.append(paper_lrn())
-        layers += [nn.MaxPool2d(3, 2), nn.Conv2d(c1, c2, 5, padding=2, groups=groups), nn.ReLU(inplace=True)]
+        layers += [nn.MaxPool2d(3, 2), grouped(c1, c2, 5, padding=2, groups=groups), nn.ReLU(inplace=True)]
         if lrn:
             layers.append(paper_lrn())
         layers += [
@@ -96,9 +120,9 @@ class AlexNet(nn.Module):
             # conv3 is the one layer whose kernels see both towers' maps.
             nn.Conv2d(c2, c3, 3, padding=1),
             nn.ReLU(inplace=True),
-            nn.Conv2d(c3, c4, 3, padding=1, groups=groups),
+            grouped(c3, c4, 3, padding=1, groups=groups),
             nn.ReLU(inplace=True),
-            nn.Conv2d(c4, c5, 3, padding=1, groups=groups),
+            grouped(c4, c5, 3, padding=1, groups=groups),
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2),
         ]
@@ -168,7 +192,7 @@ def init_weights(model: AlexNet, scheme: str) -> None:
 
 def build_model(cfg: ModelConfig) -> AlexNet:
     conv, fc, lrn = cfg.widths()
-    model = AlexNet(cfg.num_classes, conv, fc, lrn, cfg.effective_groups, cfg.dropout)
+    model = AlexNet(cfg.num_classes, conv, fc, lrn, cfg.effective_groups, cfg.dropout, cfg.towers)
     init_weights(model, cfg.init)
     return model
 

@@ -256,3 +256,16 @@ def test_a_checkpoint_written_before_the_fused_lrn_evaluates_as_it_did(tmp_path,
     # that float32's order of summation may swap).
     with open(preds) as a, open(FIXTURE / "predictions.csv") as b:
         assert [row[:3] for row in csv.reader(a)] == [row[:3] for row in csv.reader(b)]
+
+
+@pytest.mark.slow
+def test_under_torch_compile_the_lrn_is_the_same_function():
+    """train.compile: Inductor compiles the torch formulation (the Triton launch is skipped while
+    tracing); value and gradient as eager."""
+    x = activations(SHAPES["narrow"], batch=2).requires_grad_()
+    compiled = torch.compile(lambda t: lrn(t, SIZE, ALPHA, BETA, K))
+    y = compiled(x)
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    want_y, want_dx = reference(x, torch.ones_like(x))
+    torch.testing.assert_close(y.detach(), want_y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, want_dx, rtol=1e-5, atol=1e-6)
