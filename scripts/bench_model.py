@@ -4,6 +4,7 @@
     python scripts/bench_model.py [--device cuda] [--batch-size 128] [--steps 50] [--max-seconds S]
                                   [--archs paper torchvision] [--amps none tf32 bf16]
                                   [--memory-formats nchw channels_last] [--compile | --compiled-only]
+                                  [--breakdown]
 
 Every variant runs one SGD step (forward, cross-entropy, backward, momentum
 update; weight decay 5e-4) on a batch that already lives on the device, so
@@ -17,6 +18,13 @@ GradScaler for fp16, optional ``channels_last``, fused SGD on CUDA).  Every row 
 images/s, its ratio to the baseline and the ImageNet epoch (1,281,167
 images) it implies if the loader keeps up; the last line is
 ``speedup: <best of ours / baseline>``.
+
+``--breakdown`` times instead what only the paper's model has, at its widths, in each of
+``--amps`` (default bf16 on CUDA, none on the CPU): LRN off / the one-pass LRN (``fused``) /
+``F.local_response_norm`` as the model ran it before (``legacy``), x groups 1 / groups 2 as one
+grouped convolution (``grouped``) / as dense convolutions per tower (``split``, model.towers) x
+``--memory-formats``.  Each row as above, then a table of milliseconds per step and what LRN and
+the towers cost per step, each over the variant without them in the same run.
 
 Variants run in the order of ``--archs``, ``--amps`` and ``--memory-formats`` as
 given, each row printed as soon as it is measured, so a caller that has to stop
@@ -36,8 +44,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from alexnet_train.config import load_config
-from alexnet_train.model import build_model
+from alexnet_train.config import PAPER_CONV, PAPER_FC, load_config
+from alexnet_train.model import AlexNet, LocalResponseNorm, build_model, init_weights
 from alexnet_train.optim import build_sgd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,6 +116,73 @@ def model_classes(model: torch.nn.Module) -> int:
     return last.out_features
 
 
+class LegacyLRN(torch.nn.Module):
+    """The model's LRN before the one-pass one (commit d0c6b60): F.local_response_norm in float32."""
+
+    def __init__(self, lrn: LocalResponseNorm) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = lrn.size, lrn.alpha, lrn.beta, lrn.k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.local_response_norm(x.float(), self.size, self.alpha, self.beta, self.k).to(x.dtype)
+
+
+LRN_KINDS = ("off", "fused", "legacy")
+TOWER_KINDS = ("1", "2 grouped", "2 split")
+
+
+def breakdown_model(lrn: str, towers: str) -> torch.nn.Module:
+    """The paper's widths with LRN ``lrn`` (LRN_KINDS) and towers ``towers`` (TOWER_KINDS)."""
+    groups = 1 if towers == "1" else 2
+    model = AlexNet(1000, PAPER_CONV, PAPER_FC, lrn != "off", groups, 0.5, "split" if towers == "2 split" else "grouped")
+    init_weights(model, "caffe")
+    if lrn == "legacy":
+        for i, m in enumerate(model.features):
+            if isinstance(m, LocalResponseNorm):
+                model.features[i] = LegacyLRN(m)
+    return model
+
+
+def breakdown(args, device: torch.device, base: float) -> float:
+    """The breakdown's rows, its table and its costs; the best rate of its rows."""
+    amps = args.amps or (["bf16"] if device.type == "cuda" else ["none"])
+    rates: dict[tuple, float] = {}
+    for amp in amps:
+        for fmt in args.memory_formats:
+            for towers in TOWER_KINDS:
+                for lrn in LRN_KINDS:
+                    torch.manual_seed(0)
+                    make = partial(build_sgd, cfg=load_config(ROOT / "configs" / "paper.yaml").optim,
+                                   fused=device.type == "cuda")
+                    rate, finite = images_per_second(breakdown_model(lrn, towers), device, args.batch_size,
+                                                     args.steps, args.warmup, amp, fmt == "channels_last",
+                                                     max_seconds=args.max_seconds, optimizer=make)
+                    label = f"ours: paper widths, {amp}, lrn {lrn}, groups {towers}, {fmt}"
+                    if not finite:
+                        print(f"{label:58s} the loss or the weights became NaN/inf: no figure", flush=True)
+                        continue
+                    rates[amp, fmt, towers, lrn] = rate
+                    print(f"{label:58s} {rate:9.1f} images/s  {rate / base:.2f}x  {epoch_minutes(rate)}", flush=True)
+    ms = {key: args.batch_size / rate * 1e3 for key, rate in rates.items()}
+    print(f"\nms per step at batch {args.batch_size} (rows: towers; columns: LRN)")
+    for amp in amps:
+        for fmt in args.memory_formats:
+            print(f"{amp}, {fmt}:".ljust(24) + "".join(f"{'lrn ' + lrn:>14s}" for lrn in LRN_KINDS))
+            for towers in TOWER_KINDS:
+                cells = [f"{ms[amp, fmt, towers, lrn]:14.2f}" if (amp, fmt, towers, lrn) in ms else f"{'-':>14s}"
+                         for lrn in LRN_KINDS]
+                print(f"  groups {towers}".ljust(24) + "".join(cells))
+    print()
+    for (amp, fmt, towers, lrn), value in ms.items():  # LRN's cost over no LRN, same towers
+        if lrn != "off" and (amp, fmt, towers, "off") in ms:
+            print(f"cost: lrn {lrn} at {amp}, {fmt}, groups {towers}: {value - ms[amp, fmt, towers, 'off']:+.2f} ms/step")
+    for (amp, fmt, towers, lrn), value in ms.items():  # the towers' cost over groups 1, same LRN
+        if towers != "1" and (amp, fmt, "1", lrn) in ms:
+            print(f"cost: groups {towers} at {amp}, {fmt}, lrn {lrn}: {value - ms[amp, fmt, '1', lrn]:+.2f} ms/step")
+    return max(rates.values(), default=0.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -115,9 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--archs", nargs="+", default=["paper", "torchvision"], choices=["paper", "torchvision"])
-    p.add_argument("--amps", nargs="+", default=["none", "tf32", "bf16"], choices=["none", "tf32", "bf16", "fp16"],
+    p.add_argument("--amps", nargs="+", choices=["none", "tf32", "bf16", "fp16"],
                    help="none: float32 with PyTorch's defaults; tf32: float32 with TF32 matmuls (train.tf32, "
-                        "alexnet-train's default on CUDA); bf16/fp16: train.amp")
+                        "alexnet-train's default on CUDA); bf16/fp16: train.amp (default: none tf32 bf16; "
+                        "with --breakdown bf16 on CUDA, none on the CPU)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="time LRN off/fused/legacy x groups 1/2 grouped/2 split x --memory-formats at the paper's "
+                        "widths instead of the --archs grid")
     p.add_argument("--memory-formats", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"],
                    help="memory formats, in this order (train.channels_last)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd variants")
@@ -142,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"{'baseline: torchvision.models.alexnet, float32':58s} {base:9.1f} images/s  1.00x  "
           f"{epoch_minutes(base)}", flush=True)
+    if args.breakdown:
+        print(f"speedup: {breakdown(args, device, base) / base:.2f}")
+        return 0
+    args.amps = args.amps or ["none", "tf32", "bf16"]
     best = 0.0
     for arch in args.archs:
         cfg = load_config(ROOT / "configs" / f"{arch}.yaml")

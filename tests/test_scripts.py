@@ -68,6 +68,27 @@ def test_bench_model_prints_every_variant_and_the_epoch_time():
     assert re.search(r"^speedup: \d+\.\d\d$", out.splitlines()[-1])
 
 
+def test_bench_model_breakdown_prints_each_variant_its_table_and_the_costs():
+    out = run_script("bench_model.py", "--device", "cpu", "--breakdown", "--memory-formats", "nchw",
+                     "--batch-size", "2", "--steps", "1", "--warmup", "1")
+    rows = [line for line in out.splitlines() if "images/s" in line]
+    assert len(rows) == 1 + 9 and rows[0].startswith("baseline")  # LRN off/fused/legacy x groups 1/grouped/split
+    assert any("lrn legacy, groups 2 split, nchw" in r for r in rows)
+    table = out[out.index("ms per step"):]
+    assert re.search(r"^  groups 2 split\s+[\d.]+\s+[\d.]+\s+[\d.]+$", table, re.M)
+    costs = [line for line in out.splitlines() if line.startswith("cost: ")]
+    assert len(costs) == 6 + 6  # LRN fused/legacy per towers; grouped/split per LRN
+    assert re.search(r"^speedup: \d+\.\d\d$", out.splitlines()[-1])
+
+
+def test_bench_lrn_prints_the_ratio_to_f_local_response_norm():
+    out = run_script("bench_lrn.py", "--device", "cpu", "--batch-size", "2", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.endswith("x")]
+    assert len(rows) == 2 * 2 * 2  # conv1/conv2 x NCHW/channels_last x baseline/ours
+    assert all(re.search(r" [\d.]+ ms\s+\d+\.\d\dx$", r) for r in rows)
+    assert re.search(r"^speedup: \d+\.\d\d$", out.splitlines()[-1])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this box has a GPU")
 def test_bench_scripts_refuse_cuda_without_a_gpu(tree):
     for args in (["bench_train.py", "--data", str(tree)], ["bench_model.py"]):
