@@ -328,12 +328,18 @@ class TrainConfig:
     """Steps between log lines / TensorBoard scalars (must be > 0)."""
     threads: int = 0
     """torch.set_num_threads on CPU (must be >= 0); 0 leaves torch's default."""
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    """Mixed precision on CUDA (fp16 uses a GradScaler); a notice and fp32 elsewhere."""
+    amp: Literal["none", "auto", "bf16", "fp16"] = "none"
+    """Mixed precision on CUDA (fp16 uses a GradScaler); a notice and fp32 elsewhere.  auto: bf16 on
+    a CUDA GPU that has it, float32 elsewhere without a notice (what the shipped configs use:
+    docs/training.md "Precision and memory format")."""
     channels_last: bool = False
     """Model and batches in channels-last memory (faster convolutions on tensor cores)."""
     compile: bool = False
     """torch.compile the model (a notice and eager mode where it is unavailable)."""
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """train.compile's torch.compile mode: reduce-overhead and max-autotune replay each step's
+    kernels as CUDA graphs (less CPU time per step); max-autotune* also benchmark kernel
+    choices while compiling (minutes).  Resume under the CUDA-graph modes: docs/training.md."""
     tf32: bool = True
     """On CUDA, float32 matrix products and convolutions on TF32 tensor cores (10-bit mantissa;
     PyTorch's own default leaves matmuls in full float32)."""

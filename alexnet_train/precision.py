@@ -129,9 +129,15 @@ class FeaturesDataParallel(nn.Module):
 
 
 def amp_dtype(amp: str, device: torch.device, log: Callable[[str], None]) -> torch.dtype | None:
-    """The autocast dtype of ``train.amp`` on ``device`` (None: float32), saying why when it falls back."""
+    """The autocast dtype of ``train.amp`` on ``device`` (None: float32), saying why when it falls back.
+
+    ``auto`` is bf16 where the GPU has it and float32 elsewhere, silently: it is what the
+    shipped configs ask for, and a CPU run of them is no mistake worth a notice."""
     if amp == "none":
         return None
+    if amp == "auto":
+        usable = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if usable else None
     if device.type != "cuda":
         log(f"notice: train.amp={amp} needs a CUDA device; training in float32")
         return None
@@ -141,14 +147,23 @@ def amp_dtype(amp: str, device: torch.device, log: Callable[[str], None]) -> tor
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-def compiled(net: nn.Module, enabled: bool, log: Callable[[str], None]) -> nn.Module:
-    """``torch.compile(net)`` for ``train.compile``, where this torch has it."""
+# train.compile_mode values whose compiled steps replay as CUDA graphs
+GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def compiled(net: nn.Module, enabled: bool, log: Callable[[str], None], mode: str = "default") -> nn.Module:
+    """``torch.compile(net, mode=...)`` for ``train.compile`` / ``train.compile_mode``, where this torch has it."""
     if not enabled:
         return net
     if not hasattr(torch, "compile"):
         log("notice: train.compile: this torch has no torch.compile; running eagerly")
         return net
-    return torch.compile(net)
+    return torch.compile(net, mode=None if mode == "default" else mode)
+
+
+def uses_cuda_graphs(enabled: bool, mode: str, device: torch.device) -> bool:
+    """Whether the compiled steps run as CUDA graphs (each step then marks its start)."""
+    return enabled and mode in GRAPH_MODES and device.type == "cuda"
 
 
 def wrap(model: nn.Module, mode: str, device: torch.device, distributed: bool, dtype: torch.dtype | None,

@@ -38,7 +38,7 @@ from .rngstate import gather_rng_states, restore_rng_states, rng_state, seed_ran
 from .errors import Interrupted, NonFiniteLoss, run_errors
 from .optim import build_sgd, start_momentum
 from .precision import (MEMORY_FORMATS, amp_dtype, compiled, configure_device, resolve_device, settle_ddp_buckets,
-                        wrap)
+                        uses_cuda_graphs, wrap)
 from .schedule import LrPolicy
 from .tracking import RunClock, Tracker, epoch_line, epoch_row, versions
 from .transfer import Pretrained, start_model
@@ -81,7 +81,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._wrapped = wrap(self.model, cfg.dist.mode, self.device, self.dist.distributed, self.amp_dtype,
                              tracker.log)
-        self.net = compiled(self._wrapped, cfg.train.compile, tracker.log)
+        self.net = compiled(self._wrapped, cfg.train.compile, tracker.log, cfg.train.compile_mode)
+        self.graphs = uses_cuda_graphs(cfg.train.compile, cfg.train.compile_mode, self.device)
         # On CUDA the fused kernel: besides being one launch, it is the SGD that takes the
         # GradScaler's inf check on the device, so fp16 steps need no .item() (a host sync).
         # The CPU keeps the default kernels.
@@ -275,6 +276,8 @@ class Trainer:
             targets = targets.to(self.device, non_blocking=True)
             gen = self.step_noise_generator(self.epoch, self.step_in_epoch)
             inputs = self.preprocess(images, train=True, generator=gen)
+        if self.graphs:  # a new step: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits = self.net(inputs)
         loss = F.cross_entropy(logits.float(), targets) if targets is not None else logits.float().sum() * 0.0

@@ -76,6 +76,22 @@ def test_compile_trains(tree, tmp_path):
     finite_rows(out)
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_resume_under_each_compile_mode_continues_the_same_run(tree, tmp_path, mode):
+    """Every train.compile_mode a config can turn on, CUDA graphs included: a run resumed after
+    epoch 1 ends where the uninterrupted one does (dropout's random stream replayed), up to
+    cuDNN's non-deterministic kernels, as test_sigterm_and_resume_on_cuda allows."""
+    extra = ("train.compile=true", f"train.compile_mode={mode}", "train.amp=bf16")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run_train(argv(tree, straight, *extra, epochs=2)) == 0
+    assert run_train(argv(tree, split, *extra, epochs=1)) == 0
+    assert run_train(argv(tree, split, *extra, epochs=2)) == 0
+    assert [r["epoch"] for r in read_metrics(split)] == [1, 2]
+    a, b = checkpoint_weights(straight / "last.pth"), checkpoint_weights(split / "last.pth")
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-3, atol=1e-4), key
+
+
 def test_dp_uses_every_gpu_or_says_it_needs_two(tree, tmp_path, capsys):
     out = tmp_path / "dp"
     assert run_train(argv(tree, out, "dist.mode=dp", epochs=1)) == 0
