@@ -29,6 +29,7 @@ from .agreement import Decision, RankAgreement
 from .config import Config, config_to_dict
 from .data.datasets import BadImages
 from .data.loaders import Loaders, Splits, build_loaders
+from .data.ahead import decode_ahead
 from .data.batching import DecodeOnDevice
 from .data.transforms import BatchPreprocess
 from .distributed import DistInfo, all_reduce_sum
@@ -309,12 +310,12 @@ class Trainer:
 
     def _batches(self, loader):
         """The loader's (uint8 images, targets, unreadable files), decoded on the device first
-        under ``data.decode: device``."""
-        for images, targets, bad in loader:
-            if self.decoder is not None:
-                images, targets, undecodable = self.decoder(images, targets)
-                bad = bad + undecodable
-            yield images, targets, bad
+        under ``data.decode: device``, one batch ahead (:mod:`alexnet_train.data.ahead`)."""
+        if self.decoder is None:
+            for images, targets, bad in loader:
+                yield images, targets, bad
+        else:
+            yield from decode_ahead(loader, self.decoder, self.device)
 
     def validate(self, stop: StopRequest) -> EvalResult | None:
         loader = self.loaders.val
