@@ -4,7 +4,7 @@
     python scripts/bench_model.py [--device cuda] [--batch-size 128] [--steps 50] [--max-seconds S]
                                   [--archs paper torchvision] [--amps none tf32 bf16]
                                   [--memory-formats nchw channels_last] [--compile | --compiled-only]
-                                  [--breakdown]
+                                  [--compile-modes default reduce-overhead ...] [--breakdown]
 
 Every variant runs one SGD step (forward, cross-entropy, backward, momentum
 update; weight decay 5e-4) on a batch that already lives on the device, so
@@ -47,6 +47,9 @@ import torchvision
 from alexnet_train.config import PAPER_CONV, PAPER_FC, load_config
 from alexnet_train.model import AlexNet, LocalResponseNorm, build_model, init_weights
 from alexnet_train.optim import build_sgd
+from alexnet_train.precision import GRAPH_MODES
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_TRAIN = 1_281_167  # ILSVRC-2012 training images: one epoch
@@ -63,9 +66,10 @@ def sync(device: torch.device) -> None:
 
 def images_per_second(model: torch.nn.Module, device: torch.device, batch: int, steps: int, warmup: int,
                       amp: str = "none", channels_last: bool = False, crop: int = 224,
-                      max_seconds: float = 0.0, optimizer=None) -> tuple[float, bool]:
+                      max_seconds: float = 0.0, optimizer=None, graphs: bool = False) -> tuple[float, bool]:
     """(images/s, whether the loss and the weights stayed finite).  ``optimizer``: a function
-    of the model that builds its optimizer (default: stock SGD, as imagenet/main.py's)."""
+    of the model that builds its optimizer (default: stock SGD, as imagenet/main.py's); ``graphs``:
+    the model is compiled into CUDA graphs, so each step marks its start (as alexnet-train's does)."""
     model = model.to(device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -80,6 +84,8 @@ def images_per_second(model: torch.nn.Module, device: torch.device, batch: int, 
     y = torch.randint(0, model_classes(model), (batch,), device=device, generator=gen)
 
     def step() -> torch.Tensor:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
@@ -201,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="memory formats, in this order (train.channels_last)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd variants")
     p.add_argument("--compiled-only", action="store_true", help="time only the torch.compile'd variants")
+    p.add_argument("--compile-modes", nargs="+", default=["default"], choices=list(COMPILE_MODES),
+                   help="torch.compile modes of the compiled variants (train.compile_mode; reduce-overhead and "
+                        "max-autotune replay the step as CUDA graphs)")
     p.add_argument("--max-seconds", type=float, default=0.0,
                    help="end each variant's timed steps after this many seconds (0: run all --steps)")
     args = p.parse_args(argv)
@@ -230,16 +239,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(ROOT / "configs" / f"{arch}.yaml")
         for amp in args.amps:
             for cl in (fmt == "channels_last" for fmt in args.memory_formats):
-                for comp in (True,) if args.compiled_only else (False, True) if args.compile else (False,):
+                compiles = [mode for mode in args.compile_modes] if args.compile or args.compiled_only else []
+                for mode in ([] if args.compiled_only else [None]) + compiles:
                     torch.manual_seed(0)
                     model = build_model(cfg.model)
-                    if comp:
-                        model = torch.compile(model)
+                    if mode is not None:
+                        model = torch.compile(model, mode=None if mode == "default" else mode)
                     # alexnet-train's own SGD: fused on CUDA (no host sync under fp16's scaler)
                     make = partial(build_sgd, cfg=cfg.optim, fused=device.type == "cuda")
+                    graphs = mode in GRAPH_MODES and device.type == "cuda"
                     rate, finite = images_per_second(model, device, args.batch_size, args.steps, args.warmup,
-                                                     amp, cl, max_seconds=args.max_seconds, optimizer=make)
-                    label = f"ours: {arch}, {amp}{', channels_last' if cl else ''}{', compiled' if comp else ''}"
+                                                     amp, cl, max_seconds=args.max_seconds, optimizer=make,
+                                                     graphs=graphs)
+                    compiled = "" if mode is None else ", compiled" + ("" if mode == "default" else f" {mode}")
+                    label = f"ours: {arch}, {amp}{', channels_last' if cl else ''}{compiled}"
                     if not finite:
                         print(f"{label:58s} the loss or the weights became NaN/inf: no figure", flush=True)
                         continue
