@@ -3,12 +3,14 @@
 
     python scripts/bench_lrn.py [--device cpu|cuda] [--batch-size N] [--threads 1] [--repeats 20]
                                 [--layers conv1 conv2] [--dtypes float32 bfloat16] [--formats nchw channels_last]
+                                [--no-compile]
 
 The baseline is what ``model.LocalResponseNorm`` ran before (commit d0c6b60):
 ``F.local_response_norm`` in float32, half inputs cast up and the result cast back.  Ours is
 :func:`alexnet_train.lrn.lrn` as the model calls it: on the CPU the plain-torch twin; on CUDA
 the Triton kernels, and also the plain-torch formulation (``torch``) and that formulation under
-``torch.compile`` (``compiled``), the alternatives the kernels have to beat.  Each row times
+``torch.compile`` (``compiled``, after every eager row: compiling takes seconds per shape), the
+alternatives the kernels have to beat.  Each row times
 forward + backward on the paper's shapes at ``--batch-size`` (conv1: 96x55x55, conv2:
 256x27x27; the input post-ReLU-like, on the 0-255 input's scale) and prints the best of
 ``--repeats`` runs (the median on CUDA, timed with events) and its ratio to the baseline in
@@ -41,16 +43,20 @@ def baseline(x: torch.Tensor) -> torch.Tensor:
     return F.local_response_norm(x, LRN_SIZE, ALPHA, LRN_BETA, LRN_K)
 
 
-def implementations(device: torch.device) -> dict:
+def implementations(device: torch.device, compiled: bool) -> tuple[dict, dict]:
+    """(the eager implementations, baseline first; the compiled ones, timed after every eager row)."""
     impls = {"F.local_response_norm": baseline}
+    later = {}
     if device.type == "cuda":
         impls["ours: triton"] = lambda t: lrn(t, LRN_SIZE, ALPHA, LRN_BETA, LRN_K, use_triton=True)
         impls["ours: torch"] = lambda t: lrn(t, LRN_SIZE, ALPHA, LRN_BETA, LRN_K, use_triton=False)
-        impls["ours: torch, compiled"] = torch.compile(
-            lambda t: lrn(t, LRN_SIZE, ALPHA, LRN_BETA, LRN_K, use_triton=False))
+        if compiled:
+            # Compiling takes seconds per shape: last, so a caller that stops the run early keeps the rest.
+            later["ours: torch, compiled"] = torch.compile(
+                lambda t: lrn(t, LRN_SIZE, ALPHA, LRN_BETA, LRN_K, use_triton=False))
     else:
         impls["ours: torch"] = lambda t: lrn(t, LRN_SIZE, ALPHA, LRN_BETA, LRN_K)
-    return impls
+    return impls, later
 
 
 def time_ms(fn, x: torch.Tensor, g: torch.Tensor, repeats: int) -> float:
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
                    help="default: float32 on the CPU; bfloat16 and float32 on CUDA")
     p.add_argument("--formats", nargs="+", default=["nchw", "channels_last"], choices=["nchw", "channels_last"])
+    p.add_argument("--no-compile", action="store_true", help="on CUDA, leave out the torch.compile'd formulation")
     args = p.parse_args(argv)
     if args.repeats < 1 or (args.batch_size is not None and args.batch_size < 1):
         p.error("--repeats and --batch-size must be >= 1")
@@ -101,25 +108,25 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} thread(s)"
     print(f"{name}, torch {torch.__version__}, batch {batch}, forward + backward, "
           f"{'median' if device.type == 'cuda' else 'best'} of {args.repeats}")
-    impls = implementations(device)
+    impls, later = implementations(device, not args.no_compile)
+    cases = [(layer, dname, fmt) for layer in args.layers for dname in dtypes for fmt in args.formats]
+    bases: dict[tuple, float] = {}
     headline = None
-    for layer in args.layers:
-        for dname in dtypes:
-            for fmt in args.formats:
-                gen = torch.Generator().manual_seed(0)
-                x = (torch.randn(batch, *SHAPES[layer], generator=gen) * 120).clamp_min(0)
-                g = torch.randn(x.shape, generator=gen)
-                memory = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-                x = x.to(device, DTYPES[dname]).contiguous(memory_format=memory).requires_grad_()
-                g = g.to(device, DTYPES[dname]).contiguous(memory_format=memory)
-                base = None
-                for label, fn in impls.items():
-                    ms = time_ms(fn, x, g, args.repeats)
-                    base = ms if base is None else base
-                    ratio = base / ms
-                    print(f"{label:24s} {layer} {dname:9s} {fmt:13s} {ms:9.3f} ms  {ratio:5.2f}x", flush=True)
-                    if headline is None and label.startswith("ours"):
-                        headline = ratio
+    for group in (impls, later):
+        for layer, dname, fmt in cases:
+            gen = torch.Generator().manual_seed(0)
+            x = (torch.randn(batch, *SHAPES[layer], generator=gen) * 120).clamp_min(0)
+            g = torch.randn(x.shape, generator=gen)
+            memory = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+            x = x.to(device, DTYPES[dname]).contiguous(memory_format=memory).requires_grad_()
+            g = g.to(device, DTYPES[dname]).contiguous(memory_format=memory)
+            for label, fn in group.items():
+                ms = time_ms(fn, x, g, args.repeats)
+                base = bases.setdefault((layer, dname, fmt), ms)
+                ratio = base / ms
+                print(f"{label:24s} {layer} {dname:9s} {fmt:13s} {ms:9.3f} ms  {ratio:5.2f}x", flush=True)
+                if headline is None and label.startswith("ours"):
+                    headline = ratio
     print(f"speedup: {headline:.2f}")
     return 0
 

@@ -15,38 +15,50 @@ folder put first on every part's PYTHONPATH; without it nothing is installed.
 The parts, in this order, each a subprocess; share = of the time left when it starts:
 
   part                 GPU: share  min   CPU: share  min   what it gives the docs
-  smoke                      8 %   30 s        15 %  28 s  the environment, and one real training step per
+  smoke                      6 %   25 s        14 %  28 s  the environment, and one real training step per
                                                            precision (fp32, tf32, bf16, fp16, bf16 +
                                                            channels_last) through Trainer.train_epoch on
                                                            DIR's images: finite loss, seconds, host syncs
-  cuda_guards               25 %   60 s         6 %  10 s  pytest -m "cuda and guard": fp16's step 2 after an
+  cuda_guards               16 %   50 s         5 %  10 s  pytest -m "cuda and guard": the LRN kernels equal
+                                                           F.local_response_norm, fp16's step 2 after an
                                                            overflow, one device per rank, the sync-free step
-  bench_model               20 %   40 s        13 %  12 s  the model's ceiling, eager: paper/torchvision x
-                                                           none/tf32/bf16/fp16 x NCHW/channels_last
-  bench_train_worker         9 %   30 s        13 %  15 s  the whole step, ours against a pytorch/examples
+  lrn                        8 %   25 s         5 %   8 s  bench_lrn: the LRN alone, the one-pass LRN (Triton,
+                                                           torch, torch.compile) against the model's old
+                                                           F.local_response_norm, conv1/conv2 x NCHW/channels_last
+  bench_model               14 %   40 s        10 %  12 s  the model's ceiling, eager: paper/torchvision x
+                                                           bf16/fp16/tf32/none x NCHW/channels_last
+  breakdown                 14 %   45 s        10 %  12 s  bench_model --breakdown: the paper's widths, bf16,
+                                                           LRN off/fused/legacy x groups 1/grouped/split x
+                                                           NCHW/channels_last, and each part's ms per step
+  loader                     8 %   30 s         8 %  10 s  bench_data --rate: the loader alone, the 256 px copy
+                                                           as files and as shards, at 8, 12 and 16 workers
+  paper_run                 12 %   40 s        20 %  25 s  configs/paper.yaml with its own defaults (train.amp
+                                                           auto, NCHW), one epoch of N steps, one checkpoint
+  bench_train_worker         6 %   25 s         8 %  15 s  the whole step, ours against a pytorch/examples
                                                            loop, data.decode=worker
-  bench_train_device         9 %   30 s        13 %  15 s  the same with data.decode=device
-  paper_run                 12 %   40 s        26 %  25 s  configs/paper.yaml, one epoch of N steps with the
-                                                           best eager variant, one checkpoint at its end
-  cuda_tests                22 %   45 s        16 %  10 s  pytest -m "cuda and not guard", each test's outcome
-  compiled                  14 %   75 s          (skipped) torch.compile'd variants, best eager precision
+  bench_train_device         6 %   25 s         8 %  15 s  the same with data.decode=device
+  cuda_tests                12 %   45 s        12 %  10 s  pytest -m "cuda and not guard", each test's outcome
+  compiled                  12 %   75 s          (skipped) torch.compile'd variants, best eager precision,
+                                                           modes default and reduce-overhead (CUDA graphs)
 
-Why this order: a window can end early, so what the docs need most comes first.
+Why this order: a window can end early, so what the docs need most comes first.  At
+``--budget 300`` everything through bench_train_worker runs (``--plan`` shows it).
 The smoke part is cheap and says at once whether each precision trains at all (a NaN
-under fp16 makes every later fp16 number moot); the guard tests come next, inside any
-budget of 300 s: they check what would corrupt a run or stop it before step 1 (fp16's
-momentum after a skipped step, the GPU each rank takes, a step without host syncs), and
-a number measured on a run they fail is moot; bench_model's best variant is the
+under fp16 makes every later fp16 number moot); the guard tests come next: they check
+what would corrupt a run or stop it before step 1 (the LRN kernels' values and gradients,
+fp16's momentum after a skipped step, the GPU each rank takes, a step without host
+syncs), and a number measured on a run they fail is moot; the LRN ratio and the
+breakdown say where the paper model's step goes; bench_model's best variant is the
 headline (minutes per ImageNet epoch if the loader keeps up) and picks the variant
-the later parts use; bench_train says whether our loader and step keep up with it;
-the paper run confirms it end to end at the paper's settings and sizes itself from
-bench_train's rate.  The other cuda tests come after the numbers: they are
-correctness checks whose CPU halves already pass here, and a cut run still records
-each test that finished.  Compiling takes a minute or more per variant, for a gain
-the eager numbers already bound, so it runs last, on what is left.
+bench_train uses; the loader's own ceiling says whether the data side can keep up; the
+paper run confirms it end to end at paper.yaml's own settings, sized from bench_model's
+rate.  bench_train and the other cuda tests come after the numbers: they are
+correctness checks and comparisons whose CPU halves already pass here, and a cut run
+still records each test that finished.  Compiling takes a minute or more per variant,
+for a gain the eager numbers already bound, so it runs last, on what is left.
 Why these shares: the benchmarks are sized to their share (steps per variant, timed
 seconds, training steps), so a share is what a figure costs at a useful precision;
-pytest cannot be sized, so it gets the largest.  Each part's share is of the time
+pytest cannot be sized, so it gets a large one.  Each part's share is of the time
 left when it starts, over the parts still to run: time a part did not use goes to
 the later ones.  A part whose minimum no longer fits is skipped ("budget").  A
 minimum is what the part needs to say anything: on a GPU the imports, model builds,
@@ -125,20 +137,27 @@ class Spec:
 
 SPECS = (
     Spec("smoke", "one real paper.yaml training step per precision (Trainer.train_epoch on DIR's images)",
-         (0.08, 30), (0.15, 28)),
-    Spec("cuda_guards", "pytest -m 'cuda and guard': fp16's step 2, one device per rank, the sync-free step",
-         (0.25, 60), (0.06, 10)),
+         (0.06, 25), (0.14, 28)),
+    Spec("cuda_guards", "pytest -m 'cuda and guard': the LRN kernels' equalities, fp16's step 2, one device per "
+         "rank, the sync-free step", (0.16, 50), (0.05, 10)),
+    Spec("lrn", "the paper's LRN alone, forward + backward: the one-pass LRN (Triton) against "
+         "F.local_response_norm as the model ran it before", (0.08, 25), (0.05, 8)),
     Spec("bench_model", "model-only training step on a batch already on the device, eager "
-         "(the ceiling); ratio to torchvision's AlexNet in float32", (0.20, 40), (0.13, 12)),
+         "(the ceiling); ratio to torchvision's AlexNet in float32", (0.14, 40), (0.10, 12)),
+    Spec("breakdown", "where the paper model's step goes: LRN off/fused/legacy x groups 1/grouped/split x "
+         "NCHW/channels_last, bf16", (0.14, 45), (0.10, 12)),
+    Spec("loader", "the loader alone, no model: the 256 px copy as files and as shards, at 8, 12 and 16 workers",
+         (0.08, 30), (0.08, 10)),
+    Spec("paper_run", "configs/paper.yaml with its own defaults: one epoch of N steps, one checkpoint at the end",
+         (0.12, 40), (0.20, 25)),
     Spec("bench_train_worker", "whole training step, ours vs a pytorch/examples loop, data.decode=worker",
-         (0.09, 30), (0.13, 15)),
+         (0.06, 25), (0.08, 15)),
     Spec("bench_train_device", "whole training step, ours vs a pytorch/examples loop, data.decode=device",
-         (0.09, 30), (0.13, 15)),
-    Spec("paper_run", "configs/paper.yaml: one epoch of N steps, best eager variant, one checkpoint at the end",
-         (0.12, 40), (0.26, 25)),
+         (0.06, 25), (0.08, 15)),
     Spec("cuda_tests", "pytest -m 'cuda and not guard': the other tests of what behaves differently on CUDA",
-         (0.22, 45), (0.16, 10)),
-    Spec("compiled", "torch.compile'd bench_model variants at the best eager precision", (0.14, 75), None),
+         (0.12, 45), (0.12, 10)),
+    Spec("compiled", "torch.compile'd bench_model variants at the best eager precision, modes default and "
+         "reduce-overhead (CUDA graphs)", (0.12, 75), None),
 )
 NAMES = [s.name for s in SPECS]
 
@@ -155,6 +174,10 @@ ROW = re.compile(r"^(?P<label>(?:baseline|ours): .+?)\s+(?P<rate>[\d.]+) images/
 PYTEST_LINE = re.compile(r"^(?P<id>\S+::\S+)\s+(?P<outcome>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)"
                          r"(?:\s+\((?P<reason>.*)\))?\s*(?:\[\s*\d+%\])?\s*$")
 AMPS = ("none", "tf32", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead")  # the compiled part's torch.compile modes (train.compile_mode)
+BREAKDOWN_ROWS = 9  # bench_model --breakdown's variants per memory format: LRN off/fused/legacy x 3 towers
+LRN_ROW = re.compile(r"^(?P<impl>\S.*?)\s+(?P<layer>conv\d)\s+(?P<dtype>\w+)\s+(?P<fmt>nchw|channels_last)\s+"
+                     r"(?P<ms>[\d.]+) ms\s+(?P<ratio>[\d.]+)x$")
 
 
 def probe_worker() -> int:
@@ -597,8 +620,9 @@ class Check:
         return ran, (f"variants without a finite loss or with an error: {', '.join(bad)}" if bad else None)
 
     def bench_model_cmd(self, seconds: float, archs: list[str], amps: list[str], formats: list[str],
-                        compiled: bool) -> list[str]:
-        rows = 1 + len(archs) * len(amps) * len(formats)
+                        compiled: bool, breakdown: bool = False, modes: tuple[str, ...] = ()) -> list[str]:
+        rows = 1 + (BREAKDOWN_ROWS * len(formats) if breakdown else len(archs) * len(amps) * len(formats)
+                    * max(1, len(modes)))
         g = 0 if self.gpu else 1
         per_variant = (SIZED * seconds - OVERHEAD["bench_model"][g]) / rows - OVERHEAD["bench_model_variant"][g]
         # Past a few seconds a rate hardly changes: longer runs would only take time from the later parts.
@@ -609,17 +633,22 @@ class Check:
         return [sys.executable, str(ROOT / "scripts" / "bench_model.py"), *size,
                 "--max-seconds", f"{per_variant:.2f}",
                 "--archs", *archs, "--amps", *amps, "--memory-formats", *formats,
-                *(["--compiled-only"] if compiled else [])]
+                *(["--compiled-only", "--compile-modes", *modes] if compiled else []),
+                *(["--breakdown"] if breakdown else [])]
 
-    def part_bench_model(self, part: dict, seconds: float, deadline: float, compiled: bool = False
-                         ) -> tuple[Ran, str | None]:
+    def part_bench_model(self, part: dict, seconds: float, deadline: float, compiled: bool = False,
+                         breakdown: bool = False) -> tuple[Ran, str | None]:
         figures = part["figures"]
-        if compiled:
+        if breakdown:
+            amp = "bf16" if self.gpu else "none"
+            cmd = self.bench_model_cmd(seconds, ["paper"], [amp], ["nchw", "channels_last"], False, breakdown=True)
+            figures["precision"] = amp
+        elif compiled:
             best = self.best_eager()
             arch, amp, cl = variant_of(best)
             formats = ["channels_last", "nchw"] if cl else ["nchw", "channels_last"]
             archs = [arch] + [a for a in ("paper", "torchvision") if a != arch]
-            cmd = self.bench_model_cmd(seconds, archs, [amp], formats, compiled=True)
+            cmd = self.bench_model_cmd(seconds, archs, [amp], formats, compiled=True, modes=COMPILE_MODES)
             figures["precision"] = amp
             figures["eager_best"] = best
         else:
@@ -641,6 +670,52 @@ class Check:
                 return True
             if line.startswith("speedup: "):
                 figures["speedup"] = float(line.split()[1])
+            if line.startswith("cost: "):
+                figures.setdefault("costs", []).append(line[len("cost: "):].strip())
+                return True
+
+        ran = self.run(part["name"], cmd, deadline, self.cut_why(deadline), on_line, part)
+        return ran, None
+
+    def part_lrn(self, part: dict, seconds: float, deadline: float) -> tuple[Ran, str | None]:
+        figures = part["figures"]
+        size = (["--device", "cuda", "--batch-size", "128", "--repeats", "20", "--dtypes", "bfloat16", "float32"]
+                if self.gpu else ["--device", "cpu", "--batch-size", "2", "--repeats", "2", "--threads", "1"])
+        cmd = [sys.executable, str(ROOT / "scripts" / "bench_lrn.py"), *size]
+        figures["args"] = cmd[2:]
+        rows = figures.setdefault("rows", [])
+
+        def on_line(_at, line):
+            m = LRN_ROW.match(line.strip())
+            if m:
+                rows.append({"impl": m["impl"], "layer": m["layer"], "dtype": m["dtype"], "format": m["fmt"],
+                             "ms": float(m["ms"]), "ratio": float(m["ratio"])})
+                return True
+            if line.startswith("speedup: "):
+                figures["speedup"] = float(line.split()[1])
+
+        ran = self.run(part["name"], cmd, deadline, self.cut_why(deadline), on_line, part)
+        return ran, None
+
+    def part_loader(self, part: dict, seconds: float, deadline: float) -> tuple[Ran, str | None]:
+        """bench_data.py --rate: the loader alone at 8, 12 and 16 workers (those the host has)."""
+        figures = part["figures"]
+        cpus = self.env.get("cpus") or 1
+        if self.gpu:
+            workers = [w for w in (8, 12, 16) if w <= cpus] or [cpus]
+            size = ["--batch-size", "128", "--images", "8192", "--repeats", "2"]
+        else:
+            workers, size = [1], ["--batch-size", "8", "--images", "32", "--repeats", "1"]
+        cmd = [sys.executable, str(ROOT / "scripts" / "bench_data.py"), "--data", str(self.args.data), "--rate",
+               "--workers", *map(str, workers), *size]
+        figures.update(args=cmd[2:], cpus=cpus)
+
+        def on_line(_at, line):
+            if line.startswith("rate: "):
+                for field in line[len("rate: "):].split():
+                    key, _, values = field.partition("=")
+                    figures[key] = [float(v) if key != "workers" else int(v) for v in values.split(",") if v]
+                return True
 
         ran = self.run(part["name"], cmd, deadline, self.cut_why(deadline), on_line, part)
         return ran, None
@@ -687,11 +762,13 @@ class Check:
             if rate:
                 source = f"{name}'s ours"
                 break
+        best = self.parts[NAMES.index("bench_model")]["figures"].get("best_paper")
+        if not rate and best:  # the model's ceiling: sizes on the long side, and the deadline still holds
+            rate, source = best["images_per_s"], f"bench_model's {best['variant']}"
         if not rate:
-            rate, source = (1000.0, "a guess (bench_train measured nothing)") if self.gpu else (1.0, "a guess")
+            rate, source = (1000.0, "a guess (bench_model measured nothing)") if self.gpu else (1.0, "a guess")
         fit = int((SIZED * seconds - OVERHEAD["paper_run"][g]) * rate / batch)
         steps = max(2, min(self.args.steps, fit))
-        variant = self.best_eager()
         # One epoch of exactly `steps` batches: a tree of links that repeats DIR's files.
         root = self.work / "paper"
         shutil.rmtree(root, ignore_errors=True)
@@ -720,9 +797,11 @@ class Check:
                 f"train.device={'cuda' if self.gpu else 'cpu'}",
                 # The CPU's batch of 4 repeats a dozen images: at the paper's lr (for batch 128) it memorises
                 # them, then momentum blows the loss up (seen: NaN at step 43).  Scaled to the batch instead.
-                *(variant_sets(variant) if self.gpu else [f"optim.lr={0.01 * batch / 128:g}"])]
+                # On a GPU: paper.yaml's own precision and memory format (train.amp auto, NCHW).
+                *([] if self.gpu else [f"optim.lr={0.01 * batch / 128:g}"])]
         figures.update(steps_planned=steps, batch=batch, sized_from=f"{rate:.1f} img/s, {source}",
-                       variant=variant if self.gpu else "float32 (CPU), optim.lr scaled to the batch",
+                       variant=("paper.yaml's own: train.amp auto (bf16), NCHW" if self.gpu else
+                                "float32 (CPU), optim.lr scaled to the batch"),
                        overrides=sets)
         windows: list[dict] = []
 
@@ -825,7 +904,9 @@ class Check:
                       "bench_train_device": lambda p, s, d: self.part_bench_train(p, s, d, "device"),
                       "paper_run": self.part_paper_run, "cuda_tests": self.part_cuda_tests,
                       "cuda_guards": lambda p, s, d: self.part_cuda_tests(p, s, d, marks="cuda and guard"),
-                      "compiled": lambda p, s, d: self.part_bench_model(p, s, d, compiled=True)}[spec.name]
+                      "compiled": lambda p, s, d: self.part_bench_model(p, s, d, compiled=True),
+                      "lrn": self.part_lrn, "loader": self.part_loader,
+                      "breakdown": lambda p, s, d: self.part_bench_model(p, s, d, breakdown=True)}[spec.name]
             try:
                 ran, problem = runner(part, seconds, deadline)
             except Exception as exc:  # e.g. the link tree could not be made: the window still serves the rest
@@ -966,7 +1047,40 @@ def cuda_tests_lines(f: dict, _p: dict) -> list[str]:
     return out
 
 
+def loader_lines(f: dict, _p: dict) -> list[str]:
+    if "workers" not in f:
+        return []
+    out = [f"images/s of the training loader alone (no model), {f.get('cpus')} cores; the 256 px copy:"]
+    for i, w in enumerate(f["workers"]):
+        cells = []
+        for key, what in (("files", "files"), ("shards", "shards"), ("tv_files", "torchvision ImageFolder")):
+            values = f.get(key) or []
+            cells.append(f"{what} {values[i]:.0f}" if i < len(values) else f"{what} ?")
+        out.append(f"  {w:2d} workers: " + ", ".join(cells))
+    return out
+
+
+def lrn_lines(f: dict, _p: dict) -> list[str]:
+    rows = f.get("rows", [])
+    if not rows:
+        return []
+    out = ["forward + backward of the LRN alone, ms per call; x = ratio to F.local_response_norm (the model's "
+           "LRN before) in the same layer, dtype and layout"]
+    out += [f"  {r['impl']:24s} {r['layer']} {r['dtype']:9s} {r['format']:13s} {r['ms']:9.3f} ms {r['ratio']:6.2f}x"
+            for r in rows]
+    return out
+
+
+def breakdown_lines(f: dict, p: dict) -> list[str]:
+    out = bench_model_lines(f, p)
+    if f.get("costs"):
+        out.append("what each part costs per step (ms), over the same model without it, in this run:")
+        out += [f"  {c}" for c in f["costs"]]
+    return out
+
+
 FIGURE_LINES = {"smoke": smoke_lines, "bench_model": bench_model_lines, "compiled": bench_model_lines,
+                "lrn": lrn_lines, "breakdown": breakdown_lines, "loader": loader_lines,
                 "bench_train_worker": bench_train_lines, "bench_train_device": bench_train_lines,
                 "paper_run": paper_run_lines, "cuda_tests": cuda_tests_lines, "cuda_guards": cuda_tests_lines}
 

@@ -21,7 +21,8 @@ from .conftest import CLASSES, REPO, write_image_folder
 pytestmark = pytest.mark.slow
 
 SCRIPT = REPO / "scripts" / "gpu_check.py"
-PARTS = ["smoke", "cuda_guards", "bench_model", "bench_train_worker", "bench_train_device", "paper_run", "cuda_tests", "compiled"]
+PARTS = ["smoke", "cuda_guards", "lrn", "bench_model", "breakdown", "loader", "paper_run", "bench_train_worker",
+         "bench_train_device", "cuda_tests", "compiled"]
 
 
 @pytest.fixture
