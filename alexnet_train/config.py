@@ -60,8 +60,11 @@ class DataConfig:
     batch_size: int = 128
     """Images per step over all processes (the global batch; must be > 0 and divisible by the
     number of DDP processes)."""
-    workers: int = 4
-    """Loader worker processes per training process (must be >= 0); 0 loads in the training process."""
+    workers: typing.Union[int, Literal["auto"]] = "auto"
+    """Loader worker processes per training process (must be >= 0); 0 loads in the training
+    process.  auto: this process's share of the cores it may run on (``sched_getaffinity``,
+    divided among the ranks on the node that share them), less one for the training process,
+    at most 32; the log's ``data.workers:`` line says the number and why."""
     resize_size: int = 256
     """The shorter side is resized to this many pixels before cropping: always in evaluation,
     in training with augment paper (must be > 0)."""
@@ -101,7 +104,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "resize_size", "crop_size")
-        if self.workers < 0:
+        if self.workers != "auto" and self.workers < 0:
             raise ConfigError(f"data.workers: must be >= 0, got {self.workers}")
         if self.crop_size > self.resize_size and self.augment == "paper":
             raise ConfigError(
@@ -331,7 +334,7 @@ class TrainConfig:
     amp: Literal["none", "auto", "bf16", "fp16"] = "none"
     """Mixed precision on CUDA (fp16 uses a GradScaler); a notice and fp32 elsewhere.  auto: bf16 on
     a CUDA GPU that has it, float32 elsewhere without a notice (what the shipped configs use:
-    docs/training.md "Precision and memory format")."""
+    docs/training.md "Device and precision")."""
     channels_last: bool = False
     """Model and batches in channels-last memory (faster convolutions on tensor cores)."""
     compile: bool = False
