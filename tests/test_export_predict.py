@@ -124,6 +124,23 @@ def test_export_custom_checkpoint_torchscript_reproduces_the_logits(custom_ckpt,
         torch.testing.assert_close(model(x[:1]), want[:1], atol=1e-5, rtol=0)  # any batch size
 
 
+@pytest.mark.slow
+def test_export_of_split_towers_reproduces_the_logits_in_every_format(tree, tmp_path):
+    """model.towers: split (TowerConv2d) through alexnet-export: TorchScript, and ONNX where installed."""
+    ckpt = _train(tree, tmp_path / "split", "model.towers=split")
+    paths, _logs, _meta = _export(ckpt, tmp_path / "OUT")
+    x = pixels(3, 64)
+    want = eager_logits(ckpt, x)
+    with torch.no_grad():
+        torch.testing.assert_close(jit_load(tmp_path / "OUT" / "model.pt")(x), want, atol=1e-5, rtol=0)
+    if importlib.util.find_spec("onnxruntime") is not None and HAS_ONNX:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(tmp_path / "OUT" / "model.onnx"), providers=["CPUExecutionProvider"])
+        (got,) = session.run(["logits"], {"image": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
+
+
 def test_export_custom_checkpoint_model_json(custom_ckpt, custom_export):
     _paths, _logs, meta = custom_export
     assert meta["arch"] == "custom" and meta["num_classes"] == 3 and meta["classes"] == CLASSES
