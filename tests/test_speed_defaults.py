@@ -14,7 +14,7 @@ from alexnet_train.precision import amp_dtype, uses_cuda_graphs
 from alexnet_train.tracking import Tracker
 from alexnet_train.train import Trainer
 
-from .conftest import DEMO_CONFIG as DEMO, read_metrics, run_train, tiny_overrides
+from .conftest import DEMO_CONFIG as DEMO, assert_bit_identical, checkpoint_weights, read_metrics, run_train, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,15 +67,21 @@ def test_every_compile_mode_builds_a_trainer(tree, tmp_path, mode):
 
 
 @pytest.mark.slow
-def test_a_compiled_run_with_the_fused_lrn_trains_and_resumes_on_the_cpu(tree, tmp_path):
-    """train.compile with the LRN's autograd.Function inside: Inductor compiles it, the run trains,
-    and a resume between epochs continues it."""
+def test_a_compiled_run_with_the_fused_lrn_resumes_bit_identical_on_the_cpu(tree, tmp_path):
+    """train.compile with the LRN's autograd.Function inside: Inductor compiles it, and a run
+    resumed between epochs ends with the uninterrupted run's weights, bit for bit (dropout's
+    stream replayed from the checkpoint's RNG state)."""
     train, val = tree
-    out = tmp_path / "run"
-    base = ["--config", DEMO, "--out", str(out), "--set", *tiny_overrides(train, val, 3, 1), "train.compile=true",
-            "train.compile_mode=reduce-overhead"]
-    assert run_train(base) == 0
-    assert run_train([*base, "train.epochs=2"]) == 0
-    rows = read_metrics(out)
+
+    def argv(out: Path, epochs: int) -> list[str]:
+        return ["--config", DEMO, "--out", str(out), "--set", *tiny_overrides(train, val, 3, epochs),
+                "train.compile=true", "train.compile_mode=reduce-overhead"]
+
+    assert run_train(argv(tmp_path / "straight", 2)) == 0
+    assert run_train(argv(tmp_path / "split", 1)) == 0
+    assert run_train(argv(tmp_path / "split", 2)) == 0
+    rows = read_metrics(tmp_path / "split")
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
+    assert_bit_identical(checkpoint_weights(tmp_path / "straight" / "last.pth"),
+                         checkpoint_weights(tmp_path / "split" / "last.pth"))
