@@ -262,12 +262,12 @@ def _write_outputs(args, results: dict, rows: list) -> None:
 def _eval_loader(args, data_cfg, samples: list, dist, device: torch.device):
     """(sampler, loader) of this rank's shard of ``samples``, centre or ten-crop as ``args`` ask."""
     from .data.datasets import ImageDataset
-    from .data.loaders import EpochSampler, make_loader
+    from .data.loaders import EpochSampler, make_loader, resolve_workers
     from .data.transforms import CenterPreset, TenCropPreset
 
     preset = TenCropPreset(data_cfg) if args.ten_crop else CenterPreset(data_cfg)
     sampler = EpochSampler(len(samples), shuffle=False, rank=dist.rank, world=dist.world_size)
-    workers = data_cfg.workers if args.workers is None else args.workers
+    workers = resolve_workers(data_cfg.workers, dist)[0] if args.workers is None else args.workers
     loader = make_loader(ImageDataset(samples, preset), sampler, args.batch_size or data_cfg.batch_size,
                          workers, device.type == "cuda")
     return sampler, loader

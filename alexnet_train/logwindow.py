@@ -3,7 +3,7 @@
 Usage (inside an epoch)::
 
     window = LogWindow(trainer.accum, interval=50, world_size=8, device=device, tracker=tracker,
-                       workers=cfg.data.workers)
+                       workers=loaders.workers)
     for batch in window.timed(loader):        # measures the wait for each batch
         window.add(loss_times_images, images)  # a device tensor: no host sync
         if window.should_log(step, at_end):

@@ -91,6 +91,7 @@ class Trainer:
         self.optimizer = build_sgd(self.model, cfg.optim, fused=self.fused)
         self.policy = LrPolicy(cfg.schedule, cfg.optim.lr, cfg.train.epochs)
         self.loaders: Loaders = build_loaders(cfg.data, splits, self.dist, seed, pin_memory=self.device.type == "cuda")
+        tracker.log(self.loaders.workers_line)
         self.clock = RunClock(cfg.train.epochs, len(self.loaders.train), len(self.loaders.val))
         self.preprocess = BatchPreprocess(cfg.data, self.device, channels_last=cfg.train.channels_last)
         # The colour noise is drawn where it is used: a host draw would be copied over,
@@ -233,7 +234,7 @@ class Trainer:
         lr = self.policy.lr
         self._set_lr(lr)
         window = LogWindow(self.accum, self.cfg.train.log_interval, self.dist.world_size, self.device,
-                           self.tracker, self.cfg.data.workers)
+                           self.tracker, self.loaders.workers)
         with self.tracker.progress(total, f"epoch {self.epoch + 1}/{self.cfg.train.epochs} train", window.interval,
                                    initial=self.step_in_epoch, eta=self._eta("train")) as bar:
             for images, targets, bad in window.timed(self.agreement.guard(self._batches(loader), len(loader), stop)):

@@ -3,6 +3,8 @@
 
     python scripts/bench_data.py --data data/imagenet-sample/train [--workers 2] [--prepared DIR]
     python scripts/bench_data.py --data data/imagenet-sample/train --handoff [--workers 2] [--batch-size 128]
+    python scripts/bench_data.py --data data/imagenet-sample/train --rate --workers 8 12 16 [--images 8192]
+                                 [--prepared DIR] [--shards DIR] [--batch-size 128]
 
 docs/benchmarks.md's figures were measured on the 1000 full-resolution photos (one per
 ILSVRC-2012 class) that ``alexnet-data imagenet-sample data/imagenet-sample`` lays
@@ -31,16 +33,40 @@ with torchvision on the original JPEGs:
 ``speedup: original=<ours on originals / tv> prepared=<ours on the copy / tv>``.
 
 ``--handoff`` measures instead what a batch costs the training process to receive
-from a worker, for both ``data.decode`` modes: ours (``worker``: one stacked
-channels-last tensor, :func:`collate_hwc`; ``device``: one
-:class:`EncodedBatch`, the JPEGs in one shared buffer) against a baseline that
-hands over one tensor per image (``data.decode: device`` did until it was
-packed: each is a shared-memory segment and a file descriptor passed over a
-socket).  Decoding is kept out of it: the items are made here first, the
-workers (default 2, batch 128) only collate and send them, and every round
-waits until the workers have the whole round's batches ready (prefetch 4 per
-worker) before it times ``next()`` and the batch's release.  The last line:
-``handoff: device=<us/image> worker=<us/image> baseline=<us/image> ratio=<baseline / device>``.
+from a worker and to release, for both ``data.decode`` modes (``worker``: one
+stacked channels-last tensor, :func:`collate_hwc`; ``device``: one
+:class:`EncodedBatch`, the JPEGs in one shared buffer), each three ways:
+
+- ``per-image tensors / fresh``: one tensor per image (``data.decode: device`` did
+  until it was packed: each a shared-memory segment and a file descriptor passed
+  over a socket);
+- ``<collation> / fresh``: the batch in one fresh shared-memory segment (what
+  ``make_loader`` did before the ring: a descriptor passed, a mapping made, and on
+  release every page unmapped and freed), ``make_loader(ring_slots=0)``;
+- ``<collation> / ring``: ours, the batch in one of the worker's reused slots
+  (``alexnet_train/data/ring.py``): a slot number crosses, and releasing hands the
+  slot back.
+
+Decoding is kept out of it: the items are made here first, the workers (default 2,
+batch 128) only collate and send them, and every round waits until the workers
+have the whole round's batches ready (prefetch 4 per worker) before it times
+``next()`` and dropping the batch.  The last line, in us per image received and
+released (the totals), the baseline being a fresh segment per batch:
+``handoff: device=<ring, device> worker=<ring, worker> baseline=<fresh, device> ratio=<baseline / device>``.
+
+``--rate`` prints the loader-only rate (no model, no training process work but
+receiving): our training loader (``make_loader``, the paper's ``TrainPreset``,
+``data.decode: worker``, ``collate_hwc``, the ring) over the 256 px copy as files
+(``alexnet-prepare``; ``--prepared DIR``, else made into a temporary folder) and as
+WebDataset shards of the same copy (what ``alexnet-prepare --shards`` writes;
+``--shards DIR``, else written into a temporary folder, about an eighth of the copy
+a shard), against the baseline of torchvision's ``ImageFolder`` pipeline (above)
+on the same files, at each of the ``--workers`` counts (``--workers 8 12 16``: all
+in one run).  An epoch is ``--images`` images (default 8192: the folder repeated,
+so that every worker has batches to make); each figure is the median of
+``--repeats`` epochs (default 3) after an untimed one that starts the workers.
+The last line: ``rate: workers=8,12,16 tv_files=<img/s,...> files=<img/s,...>
+shards=<img/s,...>``.
 """
 from __future__ import annotations
 
@@ -62,7 +88,7 @@ from torchvision.datasets import ImageFolder
 from alexnet_train.config import DataConfig
 from alexnet_train.data.datasets import EncodedDataset, EncodedImage, ImageDataset, scan_image_folder
 from alexnet_train.data.decode import DEVICE_DECODER
-from alexnet_train.data.loaders import EpochSampler, close_loader, make_loader, worker_init
+from alexnet_train.data.loaders import RING_SLOTS, EpochSampler, close_loader, make_loader, worker_init
 from alexnet_train.data.prepare import prepare_tree
 from alexnet_train.data.batching import collate_encoded, collate_hwc
 from alexnet_train.data.transforms import TrainPreset
@@ -70,9 +96,12 @@ from alexnet_train.data.transforms import TrainPreset
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def torchvision_loader(root: str, batch: int, workers: int) -> DataLoader:
+def torchvision_loader(root: str, batch: int, workers: int, images: int | None = None) -> DataLoader:
+    """``images``: an epoch's images (the folder repeated; default: the folder once)."""
     tf = T.Compose([T.Resize(256), T.RandomCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
-    return DataLoader(ImageFolder(root, tf), batch_size=batch, shuffle=True, num_workers=workers,
+    dataset = ImageFolder(root, tf)
+    sampler = torch.utils.data.RandomSampler(dataset, num_samples=images) if images else None
+    return DataLoader(dataset, batch_size=batch, shuffle=sampler is None, sampler=sampler, num_workers=workers,
                       worker_init_fn=worker_init if workers else None, persistent_workers=workers > 0)
 
 
@@ -142,7 +171,7 @@ def tensors_per_batch(batch) -> int:
     return counter.tensors
 
 
-def handoff_us(items: list, collate, batch: int, workers: int, rounds: int) -> tuple[float, float, int]:
+def handoff_us(items: list, collate, batch: int, workers: int, rounds: int, ring_slots: int) -> tuple[float, float, int]:
     """(microseconds per image the main process spends in next(), and in releasing the batch,
     tensors per batch), each the median over ``rounds`` of a round's total, the workers ahead.
 
@@ -159,7 +188,8 @@ def handoff_us(items: list, collate, batch: int, workers: int, rounds: int) -> t
     del one
     # Time for the workers to collate and send every batch of a round, with room to spare.
     settle = 1.0 + 4 * math.ceil(math.ceil(n / batch) / workers) * collate_s
-    loader = make_loader(Replay(items), EpochSampler(n, shuffle=False), batch, workers, False, collate)
+    loader = make_loader(Replay(items), EpochSampler(n, shuffle=False), batch, workers, False, collate,
+                         ring_slots=ring_slots)
     receive, release = [], []
     try:
         for _ in range(rounds + 1):  # the first round starts the workers: untimed
@@ -174,7 +204,7 @@ def handoff_us(items: list, collate, batch: int, workers: int, rounds: int) -> t
                     break
                 received = time.perf_counter()
                 images += len(got[1])
-                del got  # the last reference: the shared memory is unmapped and freed here
+                del got  # the last reference: the shared memory is unmapped and freed, or its slot handed back
                 spent += received - started
                 freed += time.perf_counter() - received
             receive.append(1e6 * spent / images)
@@ -195,38 +225,119 @@ def handoff_main(args) -> int:
     jpegs = sum(isinstance(item, EncodedImage) for item, _ in encoded)
     print(f"items: {len(keys)} made in {time.perf_counter() - started:.1f}s; data.decode: device ships {jpegs} as "
           f"JPEG bytes ({DEVICE_DECODER} decodes them), {len(keys) - jpegs} as crops finished in the worker")
-    workers = args.workers or 2
+    workers = (args.workers[0] if args.workers else 0) or 2
     print(f"hand-off: {workers} workers, batch {args.batch_size}, median of {args.repeats} rounds, workers ahead; "
           "main process, us/image: receive = next(), release = dropping the batch")
-    print(f"{'data.decode':<13}{'collation':<19}{'tensors/batch':>14}{'receive':>9}{'release':>9}{'total':>8}"
-          f"{'receive vs baseline':>21}")
-    receive = {}
+    print(f"{'data.decode':<13}{'collation':<19}{'buffer':<8}{'tensors/batch':>14}{'receive':>9}{'release':>9}"
+          f"{'total':>8}{'total vs fresh':>16}")
+    total = {}
     for mode, items, ours in (("device", encoded, collate_encoded), ("worker", finished, collate_hwc)):
-        for name, collate in (("baseline", collate_per_image), ("ours", ours)):
-            got, freed, tensors = handoff_us(items, collate, args.batch_size, workers, args.repeats)
-            receive[mode, name] = got
-            label = "per-image tensors" if name == "baseline" else ours.__name__
-            print(f"{mode:<13}{label:<19}{tensors:>14}{got:>9.1f}{freed:>9.1f}{got + freed:>8.1f}"
-                  f"{receive[mode, 'baseline'] / got:>20.1f}x", flush=True)
-    baseline = receive["device", "baseline"]
-    print(f"handoff: device={receive['device', 'ours']:.1f} worker={receive['worker', 'ours']:.1f} "
-          f"baseline={baseline:.1f} ratio={baseline / receive['device', 'ours']:.1f}")
+        for name, collate, slots in (("per-image", collate_per_image, 0), ("fresh", ours, 0),
+                                     ("ring", ours, RING_SLOTS)):
+            got, freed, tensors = handoff_us(items, collate, args.batch_size, workers, args.repeats, slots)
+            total[mode, name] = got + freed
+            label = "per-image tensors" if name == "per-image" else ours.__name__
+            vs = f"{total[mode, 'fresh'] / total[mode, name]:.1f}x" if name != "per-image" else "-"
+            print(f"{mode:<13}{label:<19}{'ring' if name == 'ring' else 'fresh':<8}{tensors:>14}{got:>9.2f}"
+                  f"{freed:>9.2f}{got + freed:>8.2f}{vs:>16}", flush=True)
+    baseline = total["device", "fresh"]
+    print(f"handoff: device={total['device', 'ring']:.2f} worker={total['worker', 'ring']:.2f} "
+          f"baseline={baseline:.2f} ratio={baseline / total['device', 'ring']:.1f}")
+    return 0
+
+
+def shard_copy(prepared: str, out: str) -> str:
+    """WebDataset shards of the 256 px copy ``prepared`` (its bytes as they are, as
+    ``alexnet-prepare --shards --size 0`` writes them), about an eighth of it a shard."""
+    from alexnet_train.data.shardwriter import write_shards
+
+    nbytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(prepared) for f in files)
+    write_shards(prepared, out, size=0, shard_size=max(1 << 20, nbytes // 8), workers=os.cpu_count() or 1,
+                 log=lambda m: None)
+    return out
+
+
+def epoch_rate(loader: DataLoader, repeats: int) -> float:
+    """Median images/s of ``repeats`` epochs, after an untimed one (worker start, page cache)."""
+    rates = []
+    for epoch in range(repeats + 1):
+        if isinstance(loader.sampler, EpochSampler):
+            loader.sampler.set_epoch(epoch)
+        n = 0
+        start = time.perf_counter()
+        for batch in loader:
+            n += len(batch[1])
+        if epoch:
+            rates.append(n / (time.perf_counter() - start))
+    close_loader(loader)
+    return statistics.median(rates)
+
+
+def rate_main(args) -> int:
+    counts = args.workers or [2]
+    with tempfile.TemporaryDirectory(prefix="bench-rate-") as tmp:
+        prepared = args.prepared
+        if prepared is None:
+            prepared = os.path.join(tmp, "prepared")
+            report = prepare_tree(args.data, prepared, size=256, quality=90, workers=os.cpu_count() or 1,
+                                  log=lambda m: None)
+            print(f"prepared copy: {report.written} images in {report.seconds:.1f}s -> {prepared}")
+        shards = args.shards
+        if shards is None:
+            started = time.perf_counter()
+            shards = shard_copy(prepared, os.path.join(tmp, "shards"))
+            print(f"shards of it: {len(os.listdir(shards))} files in {time.perf_counter() - started:.1f}s -> {shards}")
+        _classes, files = scan_image_folder(prepared)
+        _classes, members = scan_image_folder(shards)
+        times = max(1, -(-args.images // len(files)))
+        cfg = DataConfig()
+        print(f"loader-only rate: the 256 px copy ({len(files)} images; epochs of {len(files) * times}), batch "
+              f"{args.batch_size}, data.decode worker, {RING_SLOTS} ring slots a worker; images/s, median of "
+              f"{args.repeats} epochs after a warm one; baseline: torchvision's ImageFolder pipeline on the files")
+        print(f"{'workers':>7}{'tv files':>10}{'files':>9}{'shards':>9}{'files/tv':>10}{'shards/files':>14}"
+              f"{'files/worker':>14}")
+        rows = []
+        for workers in counts:
+            tv = torchvision_loader(prepared, args.batch_size, workers, len(files) * times)
+            got = [epoch_rate(tv, args.repeats)]
+            for samples in (files, members):
+                n = len(samples) * times
+                loader = make_loader(ImageDataset(samples * times, TrainPreset(cfg)),
+                                     EpochSampler(n, seed=0, batch=args.batch_size), args.batch_size, workers, False)
+                got.append(epoch_rate(loader, args.repeats))
+            rows.append(got)
+            print(f"{workers:>7}{got[0]:>10.0f}{got[1]:>9.0f}{got[2]:>9.0f}{got[1] / got[0]:>9.2f}x"
+                  f"{got[2] / got[1]:>13.2f}x{got[1] / max(1, workers):>14.0f}", flush=True)
+    print(f"rate: workers={','.join(map(str, counts))} " + " ".join(
+        f"{name}={','.join(f'{r[k]:.0f}' for r in rows)}" for k, name in enumerate(("tv_files", "files", "shards"))))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="ImageFolder of original JPEGs (e.g. data/imagenet-sample/train, from alexnet-data imagenet-sample)")
-    p.add_argument("--workers", type=int, default=0,
-                   help="DataLoader workers (default 0: in-process, the exact per-core cost)")
+    p.add_argument("--workers", type=int, nargs="+", default=None, metavar="N",
+                   help="DataLoader workers (default 0: in-process, the exact per-core cost; 2 with --handoff "
+                        "and --rate); --rate takes several (--workers 8 12 16), the other modes one")
     p.add_argument("--prepared", help="the prepared 256x256 copy of --data (default: made into a temp folder)")
-    p.add_argument("--batch-size", type=int, help="default 64; 128 (the paper's batch) with --handoff")
+    p.add_argument("--rate", action="store_true",
+                   help="loader-only images/s of the 256 px copy as files and as WebDataset shards, at each "
+                        "--workers count, against torchvision's pipeline on the files")
+    p.add_argument("--shards", metavar="DIR",
+                   help="with --rate: WebDataset shards of the 256 px copy (default: written into a temp folder)")
+    p.add_argument("--images", type=int, default=8192,
+                   help="with --rate: images an epoch, the folder repeated (default 8192)")
+    p.add_argument("--batch-size", type=int, help="default 64; 128 (the paper's batch) with --handoff and --rate")
     p.add_argument("--repeats", type=int, help="timed passes per pipeline, median reported (default 3; 9 "
                    "rounds with --handoff)")
     p.add_argument("--handoff", action="store_true",
                    help="measure what receiving a batch from a worker costs the training process, per data.decode "
                         "mode, against one tensor per image (--workers default 2)")
     args = p.parse_args(argv)
+    if args.workers and (len(args.workers) > 1 and not args.rate or min(args.workers) < 0):
+        p.error("--workers: one count >= 0 (several only with --rate)")
+    if args.handoff and args.rate:
+        p.error("--handoff and --rate: one at a time")
     if not os.path.isdir(args.data):
         print(f"bench_data: error: --data {args.data}: directory not found", file=sys.stderr)
         return 2
@@ -235,8 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size = args.batch_size or 128
         args.repeats = args.repeats or 9
         return handoff_main(args)
+    if args.rate:
+        args.batch_size = args.batch_size or 128
+        args.repeats = args.repeats or 3
+        return rate_main(args)
     args.batch_size = args.batch_size or 64
     args.repeats = args.repeats or 3
+    args.workers = args.workers[0] if args.workers else 0
     cores = max(1, args.workers)
 
     with tempfile.TemporaryDirectory(prefix="bench-prepared-") as tmp:

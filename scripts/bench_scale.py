@@ -334,11 +334,11 @@ def part_loader_memory(train: Path, steps: int, results: dict) -> None:
 
     from alexnet_train.config import load_config
     from alexnet_train.data.datasets import ImageDataset, scan_image_folder
-    from alexnet_train.data.loaders import EpochSampler
+    from alexnet_train.data.loaders import EpochSampler, resolve_workers
     from alexnet_train.data.transforms import TrainPreset
 
     cfg = load_config(CONFIG, ["model.num_classes=1000"])
-    batch, workers = cfg.data.batch_size, cfg.data.workers
+    batch, workers = cfg.data.batch_size, resolve_workers(cfg.data.workers)[0]
     theirs = ImageFolder(str(train), transform=PILToTensor())
     seen_theirs = _loader_memory(theirs, batch, workers, steps)
     del theirs

@@ -139,7 +139,9 @@ def run_baseline(cfg) -> tuple[list[dict], dict, float]:
     ]))
     if train_ds.classes != val_ds.classes:
         raise SystemExit("baseline: train and val class folders differ")
-    workers = d.workers
+    from alexnet_train.data.loaders import resolve_workers
+
+    workers = resolve_workers(d.workers)[0]  # data.workers: auto -> this machine's number
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=d.batch_size, shuffle=True,
                                                num_workers=workers, persistent_workers=workers > 0)
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=d.batch_size, shuffle=False,

@@ -34,10 +34,21 @@ def test_bench_data(tree):
 def test_bench_data_handoff(tree):
     out = run_script("bench_data.py", "--data", str(tree), "--handoff", "--repeats", "1", "--batch-size", "4")
     rows = [line.split() for line in out.splitlines() if line.startswith(("device ", "worker "))]
-    assert [(r[0], r[1]) for r in rows] == [("device", "per-image"), ("device", "collate_encoded"),
-                                            ("worker", "per-image"), ("worker", "collate_hwc")]
-    assert [r[-5] for r in rows] == ["5", "1", "5", "1"]  # tensors per batch: one per image, or one
-    assert re.search(r"^handoff: device=\d+\.\d worker=\d+\.\d baseline=\d+\.\d ratio=\d+\.\d$", out.splitlines()[-1])
+    # per mode: one tensor per image, the batch in a fresh segment (before the ring), in a ring slot
+    assert [(r[0], r[1], r[-6]) for r in rows] == [
+        ("device", "per-image", "fresh"), ("device", "collate_encoded", "fresh"), ("device", "collate_encoded", "ring"),
+        ("worker", "per-image", "fresh"), ("worker", "collate_hwc", "fresh"), ("worker", "collate_hwc", "ring")]
+    assert [r[-5] for r in rows] == ["5", "1", "1", "5", "1", "1"]  # tensors per batch: one per image, or one
+    assert re.search(r"^handoff: device=\d+\.\d\d worker=\d+\.\d\d baseline=\d+\.\d\d ratio=\d+\.\d$",
+                     out.splitlines()[-1])
+
+
+def test_bench_data_rate_at_several_worker_counts(tree):
+    out = run_script("bench_data.py", "--data", str(tree), "--rate", "--workers", "0", "1", "--images", "16",
+                     "--repeats", "1", "--batch-size", "4")
+    rows = [line.split() for line in out.splitlines() if re.match(r"^\s+\d+\s", line)]
+    assert [r[0] for r in rows] == ["0", "1"] and all(len(r) == 7 for r in rows)
+    assert re.search(r"^rate: workers=0,1 tv_files=\d+,\d+ files=\d+,\d+ shards=\d+,\d+$", out.splitlines()[-1])
 
 
 def test_bench_eval(tree):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 
+from . import ring
 from .transforms import apply_plan, center_crop, resize_shorter
 
 
@@ -30,7 +31,7 @@ class Collated(tuple):
 
     def __reduce__(self):
         images, targets, bad = self
-        return _rebuild_collated, (images, targets.numpy(), bad)
+        return _rebuild_collated, (ring.ship(images), targets.numpy(), bad)
 
 
 def _rebuild_collated(images, targets, bad) -> Collated:
@@ -42,11 +43,16 @@ def _in_worker() -> bool:
 
 
 def _new_uint8(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
-    """An empty uint8 tensor, in shared memory when ``shared``.  In a loader worker that saves a
-    copy: a private tensor is copied into a shared segment when it is pickled for the main
-    process (default_collate allocates in shared memory for the same reason)."""
+    """An empty uint8 tensor, in shared memory when ``shared``: a free slot of this worker's
+    :mod:`~.ring` (reused, and received without a new mapping), else a fresh segment.  In a
+    loader worker that saves a copy: a private tensor is copied into a shared segment when
+    it is pickled for the main process (default_collate allocates in shared memory for the
+    same reason)."""
     if not shared:
         return torch.empty(shape, dtype=torch.uint8)
+    slot = ring.take(math.prod(shape))
+    if slot is not None:
+        return slot.view(shape)
     storage = torch.UntypedStorage._new_shared(math.prod(shape))
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
@@ -112,11 +118,12 @@ class EncodedBatch:
     everything in one uint8 buffer, ``data``, and the rest of its attributes views of it.
 
     However big the batch, it crosses to the training process as that one shared-memory
-    tensor, so one file descriptor passed over a socket, and a pickle of a few numbers
-    (:meth:`__reduce__`).  A tensor per image cost that once per image, and held a descriptor
-    per image in flight (``scripts/bench_data.py --handoff``: 0.3 ms an image against ~10 us
-    on a 2-core VM); small arrays pickled inline cost more than they weigh, as they fill the
-    loader's pipe.  Layout, for n JPEGs and m finished crops::
+    tensor, and a pickle of a few numbers (:meth:`__reduce__`): in a worker's reused
+    :mod:`~.ring` slot, a slot number; else one file descriptor passed over a socket.  A
+    tensor per image cost a descriptor once per image, and held one per image in flight
+    (``scripts/bench_data.py --handoff``: 0.3 ms an image against ~10 us on a 2-core VM, and
+    under 1 us in a ring slot); small arrays pickled inline cost more than they weigh, as
+    they fill the loader's pipe.  Layout, for n JPEGs and m finished crops::
 
         offsets    int64 (n + 1,)             JPEG i is jpeg_bytes[offsets[i] : offsets[i + 1]]
         plans      int64 (n, PLAN_WIDTH)      each JPEG's plan (encode_plan)
@@ -176,7 +183,7 @@ class EncodedBatch:
         return pinned
 
     def __reduce__(self):
-        return EncodedBatch, (self.data, *self.layout)
+        return EncodedBatch, (ring.ship(self.data), *self.layout)
 
 
 def collate_encoded(batch: list) -> Collated:

@@ -10,12 +10,13 @@ Usage::
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import signal
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -24,6 +25,7 @@ from ..config import DataConfig
 from ..distributed import DistInfo
 from ..errors import first_line
 from .datasets import DataError, EncodedDataset, ImageDataset, Sample, check_dir, labelled_samples, scan_image_folder
+from . import ring
 from .samples import SampleList
 from .batching import collate_encoded, collate_hwc
 from .transforms import CenterPreset, TrainPreset
@@ -101,9 +103,11 @@ def resolve_splits(cfg: DataConfig, log: Callable[[str], None] | None = None) ->
     return Splits(classes, train, val)
 
 
-def worker_init(_worker_id: int) -> None:
+def worker_init(_worker_id: int, ring_slots: int | None = None) -> None:
     # PIL decodes on one thread; torch's intra-op pool in every worker only oversubscribes the cores.
     torch.set_num_threads(1)
+    if ring_slots is not None:
+        ring.configure(ring_slots)
     # Stopping is the main process's decision: Ctrl-C (to the whole process group) or Slurm's
     # scancel --signal=USR1 (to every process of a task, under proctrack/linuxproc) reach the
     # workers too, and a worker killed by one is a crash report instead of a saved checkpoint.
@@ -148,11 +152,19 @@ def _die_with_parent() -> None:
 
 _loader_pid: int | None = None  # the process that made the loaders (its workers' parent)
 
+PREFETCH = 4  # batches each worker works ahead
+# Reused shared-memory slots per worker (data/ring.py): the PREFETCH batches it works ahead,
+# plus the two the training process may hold meanwhile (the step's, and the next, received
+# before the step's is dropped).  More held batches are still correct: fresh segments, slower.
+RING_SLOTS = PREFETCH + 2
+
 
 def make_loader(
     dataset: ImageDataset, sampler: EpochSampler, batch_size: int, workers: int, pin_memory: bool,
-    collate_fn=collate_hwc,
+    collate_fn=collate_hwc, ring_slots: int = RING_SLOTS,
 ) -> DataLoader:
+    """The DataLoader of a split.  ``ring_slots``: reused shared-memory buffers per worker for
+    the batches (:mod:`~.ring`; 0 = a fresh segment per batch)."""
     global _loader_pid
     _loader_pid = os.getpid()
     # torch's SIGCHLD handler raises a dead worker's error from wherever the main process is
@@ -169,8 +181,8 @@ def make_loader(
         num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
-        worker_init_fn=worker_init if workers > 0 else None,
-        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=functools.partial(worker_init, ring_slots=ring_slots) if workers > 0 else None,
+        prefetch_factor=PREFETCH if workers > 0 else None,
         # Every iterator draws a base seed from this generator; from the global one it
         # would shift dropout's random stream with the worker count and resume point.
         # (Augmentation takes its randomness from the sampler's per-sample seeds.)
@@ -181,10 +193,83 @@ def make_loader(
     return loader
 
 
+# data.workers auto's most: each worker holds RING_SLOTS batches, and 32 VM-class cores load
+# over 20k images/s of the original JPEGs and several times that of the 256 px copy
+# (scripts/bench_data.py), against the 9.7k-30k images/s one H200 trains at (docs/benchmarks.md).
+WORKERS_CAP = 32
+
+
+def auto_workers(cores: int, local_ranks: int = 1) -> int:
+    """``data.workers: auto``: this rank's share of ``cores`` (the node's usable cores shared by
+    ``local_ranks`` training processes), less one for the training process itself, at most
+    ``WORKERS_CAP``; 0 (load in the training process) where that leaves none."""
+    share = cores // max(1, local_ranks)
+    return max(0, min(WORKERS_CAP, share - 1))
+
+
+def _tasks_on_node(env: Mapping[str, str]) -> int | None:
+    """Slurm's tasks of this step on this node, from ``SLURM_STEP_TASKS_PER_NODE`` (or
+    ``SLURM_TASKS_PER_NODE``), e.g. ``4(x2),2`` and ``SLURM_NODEID``; None if unreadable."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if not spec:
+        return None
+    per_node: list[int] = []
+    try:
+        for part in spec.split(","):
+            count, _, repeat = part.partition("(x")
+            per_node += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+        node = int(env.get("SLURM_NODEID", "0"))
+    except ValueError:
+        return None
+    return per_node[node] if 0 <= node < len(per_node) else None
+
+
+def ranks_sharing_cores(dist: DistInfo, cores: int, env: Mapping[str, str] | None = None) -> int:
+    """How many training processes on this node share this process's ``cores``.
+
+    torchrun starts its local ranks with one CPU set: ``LOCAL_WORLD_SIZE`` of them share it.
+    Slurm binds each task to its own cores where ``--cpus-per-task`` is given (the affinity
+    then already is this task's share); otherwise the step's tasks on this node share them.
+    """
+    env = os.environ if env is None else env
+    if dist.launcher == "torchrun":
+        return max(1, int(env.get("LOCAL_WORLD_SIZE") or 1))
+    if dist.launcher == "slurm":
+        per_task = env.get("SLURM_CPUS_PER_TASK", "")
+        if per_task.isdigit() and cores <= int(per_task):
+            return 1
+        return max(1, _tasks_on_node(env) or 1)
+    return 1
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a cgroup's or taskset's share), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(setting: int | str, dist: DistInfo | None = None, cores: int | None = None,
+                    env: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """(loader workers, a log line saying how many and why) for a ``data.workers`` setting."""
+    if setting != "auto":
+        return int(setting), f"data.workers: {setting}"
+    dist = dist or DistInfo()
+    cores = usable_cores() if cores is None else cores
+    ranks = ranks_sharing_cores(dist, cores, env)
+    n = auto_workers(cores, ranks)
+    shared = f", shared by {ranks} ranks on this node" if ranks > 1 else ""
+    return n, (f"data.workers: auto = {n} loader processes ({cores} usable cores{shared}, one for the training "
+               f"process{f', capped at {WORKERS_CAP}' if n == WORKERS_CAP else ''})")
+
+
 @dataclass
 class Loaders:
     train: DataLoader
     val: DataLoader
+    workers: int = 0  # loader processes of each (data.workers resolved)
+    workers_line: str = ""  # how many and why, for the log
 
     def close(self) -> None:
         """Stop the persistent workers now (a run's end, however it ends)."""
@@ -202,6 +287,7 @@ def close_loader(loader: DataLoader) -> None:
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()
     loader._iterator = None
+    ring.forget_dead()  # its workers' slots: batches still held keep their own
 
 
 _open_loaders: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
@@ -252,14 +338,17 @@ def build_loaders(cfg: DataConfig, splits: Splits, dist: DistInfo, seed: int, pi
     if len(splits.train) < cfg.batch_size:
         raise DataError(f"data.batch_size: {cfg.batch_size} is more than the {len(splits.train)} training images "
                         f"of {cfg.train_dir}: an epoch would have no full batch")
+    workers, line = resolve_workers(cfg.workers, dist)
     train_sampler = EpochSampler(len(splits.train), seed, True, dist.rank, dist.world_size, batch)
     val_sampler = EpochSampler(len(splits.val), seed, False, dist.rank, dist.world_size)
     dataset, collate = (EncodedDataset, collate_encoded) if cfg.decode == "device" else (ImageDataset, collate_hwc)
     return Loaders(
-        train=make_loader(dataset(splits.train, TrainPreset(cfg)), train_sampler, batch, cfg.workers, pin_memory,
+        train=make_loader(dataset(splits.train, TrainPreset(cfg)), train_sampler, batch, workers, pin_memory,
                           collate),
-        val=make_loader(dataset(splits.val, CenterPreset(cfg)), val_sampler, batch, cfg.workers, pin_memory,
+        val=make_loader(dataset(splits.val, CenterPreset(cfg)), val_sampler, batch, workers, pin_memory,
                         collate),
+        workers=workers,
+        workers_line=line,
     )
 
 
