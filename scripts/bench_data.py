@@ -273,15 +273,18 @@ def epoch_rate(loader: DataLoader, repeats: int) -> float:
     return statistics.median(rates)
 
 
+def prepared_copy(data: str, tmp: str) -> str:
+    """The 256 px copy of ``data`` (alexnet-prepare) made into ``tmp``; its path."""
+    prepared = os.path.join(tmp, "prepared")
+    report = prepare_tree(data, prepared, size=256, quality=90, workers=os.cpu_count() or 1, log=lambda m: None)
+    print(f"prepared copy: {report.written} images in {report.seconds:.1f}s -> {prepared}")
+    return prepared
+
+
 def rate_main(args) -> int:
     counts = args.workers or [2]
     with tempfile.TemporaryDirectory(prefix="bench-rate-") as tmp:
-        prepared = args.prepared
-        if prepared is None:
-            prepared = os.path.join(tmp, "prepared")
-            report = prepare_tree(args.data, prepared, size=256, quality=90, workers=os.cpu_count() or 1,
-                                  log=lambda m: None)
-            print(f"prepared copy: {report.written} images in {report.seconds:.1f}s -> {prepared}")
+        prepared = args.prepared or prepared_copy(args.data, tmp)
         shards = args.shards
         if shards is None:
             started = time.perf_counter()
@@ -356,12 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = max(1, args.workers)
 
     with tempfile.TemporaryDirectory(prefix="bench-prepared-") as tmp:
-        prepared = args.prepared
-        if prepared is None:
-            prepared = os.path.join(tmp, "prepared")
-            report = prepare_tree(args.data, prepared, size=256, quality=90, workers=os.cpu_count() or 1,
-                                  log=lambda m: None)
-            print(f"prepared copy: {report.written} images in {report.seconds:.1f}s -> {prepared}")
+        prepared = args.prepared or prepared_copy(args.data, tmp)
         runs = [
             ("torchvision", "original", torchvision_loader(args.data, args.batch_size, args.workers)),
             ("ours", "original", our_loader(args.data, args.batch_size, args.workers)),

@@ -791,7 +791,7 @@ class Check:
         out = root / "out"
         interval = max(1, steps // 12) if self.gpu else 1
         sets = [f"data.train_dir={root / 'train'}", f"data.val_dir={root / 'val'}", "model.num_classes=null",
-                f"data.batch_size={batch}", f"data.workers={min(16, self.env.get('cpus') or 1) if self.gpu else 1}",
+                f"data.batch_size={batch}", *([] if self.gpu else ["data.workers=1"]),  # a GPU: auto, as shipped
                 "data.decode=worker", "train.epochs=1", "train.keep_last=0", "train.checkpoint_minutes=0",
                 "train.checkpoint_steps=0", f"train.log_interval={interval}",
                 f"train.device={'cuda' if self.gpu else 'cpu'}",
@@ -800,7 +800,7 @@ class Check:
                 # On a GPU: paper.yaml's own precision and memory format (train.amp auto, NCHW).
                 *([] if self.gpu else [f"optim.lr={0.01 * batch / 128:g}"])]
         figures.update(steps_planned=steps, batch=batch, sized_from=f"{rate:.1f} img/s, {source}",
-                       variant=("paper.yaml's own: train.amp auto (bf16), NCHW" if self.gpu else
+                       variant=("paper.yaml's own: train.amp auto (bf16), NCHW, data.workers auto" if self.gpu else
                                 "float32 (CPU), optim.lr scaled to the batch"),
                        overrides=sets)
         windows: list[dict] = []
