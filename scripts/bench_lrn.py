@@ -35,12 +35,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ALPHA = LRN_ALPHA * LRN_SIZE  # as nn.LocalResponseNorm takes it
 
 
-def baseline(x: torch.Tensor) -> torch.Tensor:
-    """The model's LRN before the one-pass one: F.local_response_norm, in float32."""
+def baseline(x: torch.Tensor, size: int = LRN_SIZE, alpha: float = ALPHA, beta: float = LRN_BETA,
+             k: float = LRN_K) -> torch.Tensor:
+    """The model's LRN before the one-pass one (commit d0c6b60): F.local_response_norm, in float32."""
     if x.dtype in (torch.float16, torch.bfloat16):
         with torch.autocast(x.device.type, enabled=False):
-            return F.local_response_norm(x.float(), LRN_SIZE, ALPHA, LRN_BETA, LRN_K).to(x.dtype)
-    return F.local_response_norm(x, LRN_SIZE, ALPHA, LRN_BETA, LRN_K)
+            return F.local_response_norm(x.float(), size, alpha, beta, k).to(x.dtype)
+    return F.local_response_norm(x, size, alpha, beta, k)
 
 
 def implementations(device: torch.device, compiled: bool) -> tuple[dict, dict]:

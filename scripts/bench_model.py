@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import typing
 from functools import partial
 from pathlib import Path
 
@@ -44,12 +45,15 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from alexnet_train.config import PAPER_CONV, PAPER_FC, load_config
+from alexnet_train.config import PAPER_CONV, PAPER_FC, TrainConfig, load_config
 from alexnet_train.model import AlexNet, LocalResponseNorm, build_model, init_weights
 from alexnet_train.optim import build_sgd
-from alexnet_train.precision import GRAPH_MODES
+from alexnet_train.precision import uses_cuda_graphs
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lrn import baseline as legacy_lrn  # noqa: E402
+
+COMPILE_MODES = typing.get_args(typing.get_type_hints(TrainConfig)["compile_mode"])  # train.compile_mode's
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_TRAIN = 1_281_167  # ILSVRC-2012 training images: one epoch
@@ -130,8 +134,7 @@ class LegacyLRN(torch.nn.Module):
         self.size, self.alpha, self.beta, self.k = lrn.size, lrn.alpha, lrn.beta, lrn.k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return F.local_response_norm(x.float(), self.size, self.alpha, self.beta, self.k).to(x.dtype)
+        return legacy_lrn(x, self.size, self.alpha, self.beta, self.k)
 
 
 LRN_KINDS = ("off", "fused", "legacy")
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                         model = torch.compile(model, mode=None if mode == "default" else mode)
                     # alexnet-train's own SGD: fused on CUDA (no host sync under fp16's scaler)
                     make = partial(build_sgd, cfg=cfg.optim, fused=device.type == "cuda")
-                    graphs = mode in GRAPH_MODES and device.type == "cuda"
+                    graphs = uses_cuda_graphs(mode is not None, mode or "default", device)
                     rate, finite = images_per_second(model, device, args.batch_size, args.steps, args.warmup,
                                                      amp, cl, max_seconds=args.max_seconds, optimizer=make,
                                                      graphs=graphs)
