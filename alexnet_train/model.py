@@ -51,7 +51,6 @@ class LocalResponseNorm(nn.LocalResponseNorm):
         return lrn(x, self.size, self.alpha, self.beta, self.k)
 
 
-
 def _exporting() -> bool:
     """Inside ``torch.onnx.export`` or ``torch.export`` (whose graphs need standard ops)."""
     onnx = getattr(torch, "onnx", None)

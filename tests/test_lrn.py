@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -243,7 +244,10 @@ def test_cuda_lrn_equals_f_local_response_norm(dtype, layer, channels_last):
 def test_a_checkpoint_written_before_the_fused_lrn_evaluates_as_it_did(tmp_path, monkeypatch):
     """The fixture's checkpoint, written and evaluated by the code that used F.local_response_norm
     (tests/fixtures/before_fused_lrn/README.md), evaluated by today's alexnet-eval."""
-    monkeypatch.chdir(FIXTURE)  # the old run's prediction paths are relative to this folder
+    # A copy: evaluating writes the folder's index beside it, and the repository is no place for it.
+    here = tmp_path / "fixture"
+    shutil.copytree(FIXTURE, here)
+    monkeypatch.chdir(here)  # the old run's prediction paths are relative to this folder
     out, preds = tmp_path / "eval.json", tmp_path / "pred.csv"
     assert eval_main(["checkpoint.pth", "--data", "val", "--ten-crop", "--json", str(out), "--device", "cpu",
                       "--workers", "0", "--predictions", str(preds)]) in (0, None)
