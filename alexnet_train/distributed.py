@@ -78,6 +78,41 @@ class DistInfo:
         return cls()
 
 
+def _tasks_on_node(env: Mapping[str, str]) -> int | None:
+    """Slurm's tasks of this step on this node, from ``SLURM_STEP_TASKS_PER_NODE`` (or
+    ``SLURM_TASKS_PER_NODE``), e.g. ``4(x2),2`` and ``SLURM_NODEID``; None if unreadable."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if not spec:
+        return None
+    per_node: list[int] = []
+    try:
+        for part in spec.split(","):
+            count, _, repeat = part.partition("(x")
+            per_node += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+        node = int(env.get("SLURM_NODEID", "0"))
+    except ValueError:
+        return None
+    return per_node[node] if 0 <= node < len(per_node) else None
+
+
+def ranks_sharing_cores(dist: DistInfo, cores: int, env: Mapping[str, str] | None = None) -> int:
+    """How many training processes on this node share this process's ``cores``.
+
+    torchrun starts its local ranks with one CPU set: ``LOCAL_WORLD_SIZE`` of them share it.
+    Slurm binds each task to its own cores where ``--cpus-per-task`` is given (the affinity
+    then already is this task's share); otherwise the step's tasks on this node share them.
+    """
+    env = os.environ if env is None else env
+    if dist.launcher == "torchrun":
+        return max(1, int(env.get("LOCAL_WORLD_SIZE") or 1))
+    if dist.launcher == "slurm":
+        per_task = env.get("SLURM_CPUS_PER_TASK", "")
+        if per_task.isdigit() and cores <= int(per_task):
+            return 1
+        return max(1, _tasks_on_node(env) or 1)
+    return 1
+
+
 def rank_gpu(local_rank: int, visible: int) -> int:
     """The index, among the ``visible`` GPUs this process sees, of the one GPU of the process
     with ``local_rank``: the rule every part of a run (DDP's ``device_ids``, the inputs,

@@ -22,9 +22,9 @@ from alexnet_train.data import ring
 from alexnet_train.data.batching import collate_encoded, collate_hwc
 from alexnet_train.data.datasets import EncodedDataset, ImageDataset, scan_image_folder
 from alexnet_train.data.loaders import (WORKERS_CAP, EpochSampler, auto_workers, close_loader, make_loader,
-                                        ranks_sharing_cores, resolve_workers, usable_cores)
+                                        resolve_workers, usable_cores)
 from alexnet_train.data.transforms import TrainPreset
-from alexnet_train.distributed import DistInfo
+from alexnet_train.distributed import DistInfo, ranks_sharing_cores
 from alexnet_train.errors import ConfigError
 
 from .conftest import write_image_folder
