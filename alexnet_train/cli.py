@@ -4,7 +4,7 @@ Exit codes: 0 done; otherwise the code of the error, one line on stderr
 (:data:`alexnet_train.errors.EXITS`: 1 runtime failure, 2 bad usage or config,
 75 another run holds OUT, 128 + the signal after a stop that saved).  The run
 itself (lock, resume, launch environment, signals) is :mod:`alexnet_train.lifecycle`
-and alexnet-eval's program is :mod:`alexnet_train.evaluate`; this module only
+and alexnet-eval's program is :mod:`alexnet_train.evalrun`; this module only
 parses argv and maps exceptions to exit codes.
 """
 from __future__ import annotations
@@ -135,7 +135,7 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
             _fail(prog, EXIT_CONFIG, f"--{name.replace('_', '-')}: must be >= {1 if name == 'batch_size' else 0}")
 
     from .errors import USER_ERRORS, exit_code, message
-    from .evaluate import run_eval
+    from .evalrun import run_eval
 
     try:
         run_eval(args)
