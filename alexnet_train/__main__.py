@@ -28,10 +28,10 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in COMMANDS:
+    if args and args[0] in COMMANDS and COMMANDS[args[0]] is not cli.train_main:
         COMMANDS[args[0]](args[1:])
-    else:
-        cli.train_main(args)
+    else:  # as a program (argv None), the process exits when the run returns
+        cli.train_main(args[1:] if args and args[0] == "train" else args, exiting=argv is None)
 
 
 if __name__ == "__main__":

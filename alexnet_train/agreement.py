@@ -8,6 +8,7 @@ Usage (the trainer's side)::
     agreement.unreadable(bad, "train")   # a batch's unreadable files: judged now or at the next agreement
     agreement.fail(exc)                  # this rank's failure: raised at once alone, held under DDP
     decision = agreement.decide(stop=signum, save=time_due, nonfinite=not finite)  # at a log step
+    signum = agreement.stop_now(stop=signum)   # between log steps, every ~2 s of steps
     agreement.settle()                   # after validation, a save, the run: act on what any rank holds
 
 In one process every method acts at once (``fail`` raises, ``decide`` returns its own
@@ -34,11 +35,13 @@ from .errors import LoaderFailed
 @dataclass(frozen=True)
 class Decision:
     """What every rank does after a log step: stop (the signal number, 0 for none), save a
-    time-based checkpoint, or fail for a non-finite loss on some rank."""
+    time-based checkpoint, or fail for a non-finite loss on some rank; and the slowest rank's
+    seconds per step over the interval (what the next stop checks are spaced by)."""
 
     stop: int
     save: bool
     nonfinite: bool
+    step_seconds: float = 0.0
 
 
 class RankAgreement:
@@ -134,10 +137,14 @@ class RankAgreement:
             self._settle(group)
         return agreed
 
-    def decide(self, stop: int, save: bool, nonfinite: bool) -> Decision:
+    def decide(self, stop: int, save: bool, nonfinite: bool, step_seconds: float = 0.0) -> Decision:
         """The log step's decision, the same on every rank (a held failure raises first)."""
-        stop_, save_, nonfinite_ = self.agree_failures(stop, save, nonfinite)
-        return Decision(int(stop_), bool(save_), bool(nonfinite_))
+        stop_, save_, nonfinite_, seconds = self.agree_failures(stop, save, nonfinite, step_seconds)
+        return Decision(int(stop_), bool(save_), bool(nonfinite_), seconds)
+
+    def stop_now(self, stop: int) -> int:
+        """A stop check between log steps: the signal number any rank holds (0 for none)."""
+        return int(self.agree(stop)[0])
 
     def settle(self, after_save: bool = False) -> None:
         """At a point every rank reaches (after validation, a save, the run): act on any

@@ -61,12 +61,37 @@ def train_parser() -> argparse.ArgumentParser:
                    help="auto (default): continue from OUT's newest valid checkpoint if any; "
                         "none: start fresh (refused if OUT already holds checkpoints); PATH: continue from that file")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--log", metavar="FILE",
+                   help="append everything the run prints (its errors and its loader workers' output too) to "
+                        "FILE, creating FILE's folder: the shell's `>> FILE 2>&1` for cron and batch jobs, "
+                        "without the shell failing on a folder that is not there yet")
     return p
 
 
-def train_main(argv: Sequence[str] | None = None) -> None:
+def log_to(path: str, prog: str) -> None:
+    """From now on this process's stdout and stderr (file descriptors 1 and 2, so its children's
+    and C libraries' output as well) append to ``path``; its folder is created.  An existing
+    file is only appended to."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as exc:
+        _fail(prog, EXIT_RUNTIME, f"--log {path}: cannot write ({exc.strerror or exc})")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def train_main(argv: Sequence[str] | None = None, exiting: bool | None = None) -> None:
+    """alexnet-train.  ``exiting`` (default: whether argv is None, i.e. the console script): the
+    process exits when this returns."""
     prog = "alexnet-train"
     args = train_parser().parse_args(argv)
+    if args.log:
+        log_to(args.log, prog)
     from .config import ConfigError, dump_yaml, load_config, replace
 
     try:
@@ -79,7 +104,7 @@ def train_main(argv: Sequence[str] | None = None) -> None:
         print(dump_yaml(cfg), end="")
         return
 
-    from .errors import USER_ERRORS, Interrupted, exit_code, message
+    from .errors import USER_ERRORS, Aborted, Interrupted, exit_code, message
     from .lifecycle import run_training
     from .tracking import versions
 
@@ -87,7 +112,14 @@ def train_main(argv: Sequence[str] | None = None) -> None:
     provenance += "# " + ", ".join(f"{k} {v}" for k, v in versions().items())
     provenance += f"\n# git {git_sha() or 'unknown'}\n"
     try:
-        run_training(cfg, args.resume, _log, provenance)
+        # Called as the program (argv from sys.argv), the process exits when the run returns:
+        # a stop signal from then on must not turn its exit code into a kill.
+        run_training(cfg, args.resume, _log, provenance, exiting=argv is None if exiting is None else exiting)
+    except KeyboardInterrupt as exc:  # Aborted: a deliberate second stop; or Ctrl-C before training began
+        if getattr(exc, "report", True):
+            print(f"{prog}: {exc or 'interrupted before training began; nothing to save'}", file=sys.stderr,
+                  flush=True)
+        sys.exit(exit_code(exc) if isinstance(exc, Aborted) else 130)
     except USER_ERRORS as exc:
         # Under DDP every rank raises the same error at the same step; ``report`` is False on all
         # but rank 0, so the run prints one line (a lost peer is each survivor's own line).

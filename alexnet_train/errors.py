@@ -47,6 +47,26 @@ class Interrupted(Exception):
         self.signum = signum
         self.path = path
         self.report = True  # False on DDP ranks other than 0: one line for the run, not one per rank
+
+
+# A stop signal that arrives within this many seconds of the first is the same request,
+# delivered again: a process group's copy and a launcher's forward of it (torchrun, srun,
+# `timeout --foreground`, a batch script's trap) arrive milliseconds apart.  Later, it is a
+# person asking again (a second Ctrl-C), and the run aborts without saving (Aborted).
+REPEAT_SECONDS = 5.0
+
+
+class Aborted(KeyboardInterrupt):
+    """A deliberate second stop request (see :class:`~alexnet_train.lifecycle.StopSignals`): the run
+    stops at once, without saving.  A KeyboardInterrupt, so no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int, report: bool = True) -> None:
+        super().__init__(f"aborted by a second {signal.Signals(signum).name} without saving; the last "
+                         "checkpoint in OUT, if any, is whole, and the same command resumes from it")
+        self.signum = signum
+        self.report = report
+
+
 # Runtime failures: exit 1, one line naming the file or setting at fault.
 class BadImageError(RuntimeError):
     """An image file that cannot be decoded; the message names the file."""
@@ -74,6 +94,10 @@ class WriteError(RuntimeError):
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN/inf; nothing was saved from the bad state."""
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory in a step; the message names the batch size and what to try."""
 
 
 class LoaderFailed(RuntimeError):
@@ -132,6 +156,7 @@ EXITS: tuple[tuple[type, int, bool], ...] = (
     (CheckpointError, EXIT_RUNTIME, True),
     (WriteError, EXIT_RUNTIME, True),
     (NonFiniteLoss, EXIT_RUNTIME, True),
+    (OutOfMemory, EXIT_RUNTIME, True),
     (LoaderFailed, EXIT_RUNTIME, True),
     (RankFailed, EXIT_RUNTIME, False),
     (PeerLost, EXIT_RUNTIME, False),
@@ -153,7 +178,7 @@ def run_errors() -> tuple[type, ...]:
 
 def exit_code(exc: BaseException) -> int:
     """The process exit code for ``exc``: 128 + the signal for a stop, else its row in EXITS."""
-    if isinstance(exc, Interrupted):
+    if isinstance(exc, (Interrupted, Aborted)):
         return 128 + exc.signum
     return next((code for cls, code, _ in EXITS if isinstance(exc, cls)), EXIT_RUNTIME)
 

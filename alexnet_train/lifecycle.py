@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +29,7 @@ from typing import Any, Callable
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_yaml, replace
 from .distributed import DistInfo, agree_on_failure, all_gather, is_collective_error
-from .errors import USER_ERRORS, Interrupted, PeerLost, first_line, run_errors
+from .errors import REPEAT_SECONDS, USER_ERRORS, Aborted, Interrupted, PeerLost, first_line, run_errors
 from .resume import (check_resume_config, confirm_resume, confirm_shared_out, decide_resume, resume_decision,
                      trim_metrics)
 
@@ -41,17 +42,30 @@ STOP_SIGNALS = {
     signal.SIGUSR1: " (Slurm's warning before a time limit or preemption)",
 }
 
-
 class StopSignals:
-    """Turns the first stop signal into ``signum`` (read by the trainer between steps).
+    """SIGINT / SIGTERM / SIGUSR1 as one stop request, read by the trainer between steps.
 
-    A second one aborts at once with KeyboardInterrupt (checkpoints are written
-    atomically, so the previous one stays whole).
+    The first stop signal sets ``signum``: the trainer finishes its step, saves a resumable
+    checkpoint and raises Interrupted (exit 128 + signum).  Any stop signal within
+    :data:`REPEAT_SECONDS` of the first is the same request and changes nothing; one
+    :data:`REPEAT_SECONDS` or more after it aborts at once (:class:`~alexnet_train.errors.Aborted`:
+    checkpoints are written atomically, so the previous one stays whole).  After
+    :meth:`finished` (training is over: checkpoints written, the report to come) a stop
+    signal is only noted in ``late``: the run ends as finished, exit 0.
+
+    The handler only records: it never prints (a print inside a signal handler can meet the
+    one the main thread is in the middle of).  The trainer says what it does when it acts.
     """
 
-    def __init__(self, log: Log) -> None:
+    def __init__(self, log: Log, report: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
         self.signum: int | None = None
+        self.late: int | None = None
+        self.repeats = 0  # deliveries taken as the same request
         self.log = log
+        self.report = report  # this process speaks for the run (rank 0)
+        self.clock = clock
+        self.first_at = 0.0
+        self.done = False
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -63,15 +77,35 @@ class StopSignals:
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        now = self.clock()
+        if self.done:
+            self.late = self.late or signum
+        elif self.signum is None:
+            self.signum, self.first_at = signum, now
+        elif now - self.first_at < REPEAT_SECONDS:
+            self.repeats += 1
+        else:
+            raise Aborted(signum, self.report)
+
+    def finished(self) -> None:
+        """Training is over: from now on a stop signal is noted, never acted on.  A request no
+        step acted on (it came after the ranks' last agreement) is such a late one too."""
+        self.done = True
         if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        self.log(f"{signal.Signals(signum).name} received{STOP_SIGNALS[signal.Signals(signum)]}: saving a "
-                 "resumable checkpoint after this step (send it again to abort at once)")
+            self.late, self.signum = self.late or self.signum, None
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def ignore_stop_signals() -> None:
+    """From here on this process ignores the stop signals (it is about to exit with its code)."""
+    for sig in STOP_SIGNALS:
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
 
 
 def launch_environment(mode: str | None = None) -> DistInfo:
@@ -211,12 +245,18 @@ def leave_process_group(failure: BaseException | None = None) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance: str = ""):
+def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance: str = "",
+                 exiting: bool = False):
     """Train ``cfg`` from start or from where OUT stopped; returns the trainer's FitResult.
 
     ``provenance`` heads OUT/config.yaml (versions, git SHA).  Under DDP every step a rank
     takes alone before training (the checks, the resume decision, rank 0's first writes) ends
     in an agreement: if any rank failed, every rank raises that rank's error (:class:`Together`).
+    So do the steps after it: rank 0's report and the tracker's close (a write error there
+    is every rank's exit 1).  From training on, stop signals are :class:`StopSignals`'; after
+    training they change nothing (a finished run exits 0).  ``exiting``: the process exits
+    when this returns (the console script), so the stop signals stay ignored instead of
+    getting their default handlers back, which would turn a late SIGUSR1 into a kill.
     """
     from .train import fit
 
@@ -225,51 +265,71 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
     out = Path(cfg.train.out_dir)
     group = joins_group(cfg.dist.mode, dist)
     device = _announce(cfg, dist, group, say)
-    with ckpt.RunLock(out) as lock:
-        if group:
-            say(f"dist: rank {dist.rank} of {dist.world_size} from {dist.launcher}"
-                + (f", rendezvous {dist.init_method}" if dist.launcher == "slurm" else ""))
-            join_process_group(dist, cfg.dist.backend, device, cfg.dist.timeout_minutes,
-                               cfg.dist.save_timeout_minutes)
-        tracker = None
-        try:
-            together = Together(dist, group)
-            cfg, splits, point, pretrained = _agree_on_inputs(cfg, resume, out, lock, dist, group, together, say)
-            tracker = together(lambda: _start_out(cfg, out, lock, point, provenance, dist))
+    stop = StopSignals(log, report=dist.is_main)
+    try:
+        with ckpt.RunLock(out) as lock:
             if group:
-                mine = together(lambda: ckpt.file_digest(out / "config.yaml") if dist.is_main else None)
-                written = all_gather(mine, dist.world_size)[0]
-                together(lambda: confirm_shared_out(out, written, dist))
-            if point is not None:
-                say(f"resuming from {point.path} (epoch {point.state['epoch'] + 1}, "
-                    f"step {point.state['step_in_epoch']} of that epoch)")
-            tracker.text("config", dump_yaml(cfg))
-            say(f"training {cfg.model.arch} on {len(splits.train)} images / {len(splits.classes)} classes, "
-                f"validating on {len(splits.val)}; output in {out}")
-            with StopSignals(tracker.log) as stop:
+                say(f"dist: rank {dist.rank} of {dist.world_size} from {dist.launcher}"
+                    + (f", rendezvous {dist.init_method}" if dist.launcher == "slurm" else ""))
+                join_process_group(dist, cfg.dist.backend, device, cfg.dist.timeout_minutes,
+                                   cfg.dist.save_timeout_minutes)
+            tracker = None
+            try:
+                together = Together(dist, group)
+                cfg, splits, point, pretrained = _agree_on_inputs(cfg, resume, out, lock, dist, group, together,
+                                                                  say)
+                tracker = together(lambda: _start_out(cfg, out, lock, point, provenance, dist))
+                if group:
+                    mine = together(lambda: ckpt.file_digest(out / "config.yaml") if dist.is_main else None)
+                    written = all_gather(mine, dist.world_size)[0]
+                    together(lambda: confirm_shared_out(out, written, dist))
+                if point is not None:
+                    say(f"resuming from {point.path} (epoch {point.state['epoch'] + 1}, "
+                        f"step {point.state['step_in_epoch']} of that epoch)")
+                tracker.text("config", dump_yaml(cfg))
+                say(f"training {cfg.model.arch} on {len(splits.train)} images / {len(splits.classes)} classes, "
+                    f"validating on {len(splits.val)}; output in {out}")
+                stop.__enter__()
                 try:
                     result = fit(cfg, splits, out, tracker, dist, point.state if point else None, pretrained,
                                  stop=stop, resume_path=point.path if point else None, device=device)
                 except Interrupted as exc:
                     exc.report = dist.is_main
                     raise
-            _say_done(result, out, dist, say)
-            return result
-        except Exception as exc:
-            if group:
-                raise _leaving_together(exc, dist)
-            raise
-        finally:
-            try:
-                if tracker is not None:
-                    try:
-                        tracker.close()
-                    except ckpt.WriteError:
-                        if sys.exc_info()[0] is None:  # only when nothing else is being reported
-                            raise
-            finally:  # also when the close raised: the group must not outlive the run
+                stop.finished()
+                together(lambda: _say_done(result, out, dist, say))
+                closing, tracker = tracker, None
+                together(lambda: _close(closing))  # rank 0's failed write at close is every rank's
+                if stop.late is not None:
+                    say(f"{signal.Signals(stop.late).name} received after training finished: nothing left to "
+                        "save, the run is done")
+                return result
+            except Exception as exc:
                 if group:
-                    leave_process_group(sys.exc_info()[1])
+                    raise _leaving_together(exc, dist)
+                raise
+            finally:
+                try:
+                    if tracker is not None:  # a failure is being reported: the close's own is not
+                        try:
+                            tracker.close()
+                        except ckpt.WriteError:
+                            pass
+                finally:  # also when the close raised: the group must not outlive the run
+                    if group:
+                        leave_process_group(sys.exc_info()[1])
+    finally:
+        if exiting:
+            ignore_stop_signals()
+        else:
+            stop.__exit__()
+
+
+def _close(tracker) -> None:
+    """The tracker's close, and a write error it held back (DDP ranks defer them) raised."""
+    tracker.close()
+    if tracker.failure is not None:
+        raise tracker.failure
 
 
 def _announce(cfg: Config, dist: DistInfo, group: bool, say: Log):
@@ -323,9 +383,13 @@ def _say_done(result, out: Path, dist: DistInfo, say: Log) -> None:
     say(f"done: {result.epochs_run} epochs, final val top-1 {result.last.top1:.2f}% "
         f"top-5 {result.last.top5:.2f}%, best top-1 {result.best_top1:.2f}%; checkpoints in {out}")
     if dist.is_main:
+        from .errors import ReportError
         from .report import report_run
 
-        report_run(out, say)
+        try:
+            report_run(out, say)
+        except ReportError as exc:  # the run is done: a report it cannot draw is a warning
+            say(f"warning: no report: {exc}")
 
 
 def _leaving_together(exc: Exception, dist: DistInfo) -> Exception:
@@ -333,13 +397,9 @@ def _leaving_together(exc: Exception, dist: DistInfo) -> Exception:
 
     Every rank is leaving at the same step with the same code.  torchrun SIGTERMs a worker's
     siblings the moment one exits: taken now, that SIGTERM would turn this rank's agreed exit
-    (1, 2, 143 ...) into a kill, so both stop signals are ignored from here on.
+    (1, 2, 143 ...) into a kill, so the stop signals are ignored from here on.
     """
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            signal.signal(sig, signal.SIG_IGN)
-        except ValueError:  # not the main thread
-            pass
+    ignore_stop_signals()
     if not isinstance(exc, USER_ERRORS) and is_collective_error(exc):
         lost = PeerLost(f"rank {dist.rank}: lost contact with the other ranks ({first_line(exc)}); "
                         "stopped without saving; OUT's last checkpoint is kept, and the same command "

@@ -31,6 +31,7 @@ class LogWindow:
         self.device, self.tracker, self.workers = device, tracker, workers
         self.loss = torch.zeros((), device=device)  # sum of loss x images, kept on the device
         self.images = 0
+        self.steps = 0
         self.data_seconds = 0.0
         self.started = time.perf_counter()
         self.warned_wait = False
@@ -47,6 +48,11 @@ class LogWindow:
         if loss_sum is not None:
             self.loss += loss_sum
         self.images += images
+        self.steps += 1
+
+    def seconds_per_step(self) -> float:
+        """The interval's wall time per step so far (data waits and collectives included)."""
+        return (time.perf_counter() - self.started) / max(1, self.steps)
 
     def should_log(self, step_in_epoch: int, at_end: bool) -> bool:
         return at_end or step_in_epoch % self.interval == 0
@@ -79,5 +85,5 @@ class LogWindow:
                 f"data.workers (now {self.workers})"
             )
         self.loss.zero_()
-        self.images, self.data_seconds = 0, 0.0
+        self.images, self.steps, self.data_seconds = 0, 0, 0.0
         self.started = time.perf_counter()

@@ -203,3 +203,28 @@ def settle_ddp_buckets(net: nn.Module, optimizer: torch.optim.Optimizer, blank: 
     torch.set_rng_state(cpu)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
+
+
+# What the CPU allocator's failure says (a RuntimeError, not torch.OutOfMemoryError).
+_CPU_OOM = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a device running out of memory: CUDA's OutOfMemoryError, the CPU
+    allocator's failure, or Python's MemoryError."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _CPU_OOM)
+
+
+def memory_line(device: torch.device) -> str:
+    """The device's memory as the out-of-memory message gives it (empty where it cannot be read)."""
+    if device.type != "cuda":
+        return ""
+    try:
+        free, total = torch.cuda.mem_get_info(device)
+        held = torch.cuda.memory_reserved(device)
+    except Exception:  # noqa: BLE001 - a broken context: the message goes without it
+        return ""
+    gib = 2 ** 30
+    return f"; {device}: {total / gib:.1f} GiB, {held / gib:.1f} GiB held by this process, {free / gib:.1f} GiB free"

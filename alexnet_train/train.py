@@ -9,13 +9,16 @@ Usage::
 :mod:`alexnet_train.tracking`.  When ``stop.signum`` is set (the run's
 lifecycle turns SIGINT/SIGTERM/SIGUSR1 into it) the current step finishes, a
 resumable checkpoint is saved and :class:`Interrupted` is raised; under DDP
-the ranks agree on it at log-interval steps (or after validation), so all stop
-at the same step.  ``train.checkpoint_steps`` / ``train.checkpoint_minutes``
+the ranks agree on it every ~:data:`STOP_CHECK_SECONDS` of steps (training or
+validation), whatever ``train.log_interval`` is, so all stop at the same step
+within a bounded time.  ``train.checkpoint_steps`` / ``train.checkpoint_minutes``
 save a resumable mid-epoch ``last.pth`` as well.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +39,10 @@ from .distributed import DistInfo, all_reduce_sum
 from .evaluate import EvalResult, evaluate
 from .logwindow import LogWindow
 from .rngstate import gather_rng_states, restore_rng_states, rng_state, seed_rank, step_seed
-from .errors import Interrupted, NonFiniteLoss, run_errors
+from .errors import REPEAT_SECONDS, Interrupted, NonFiniteLoss, OutOfMemory, run_errors
 from .optim import build_sgd, start_momentum
-from .precision import (MEMORY_FORMATS, amp_dtype, compiled, configure_device, resolve_device, settle_ddp_buckets,
-                        uses_cuda_graphs, wrap)
+from .precision import (MEMORY_FORMATS, amp_dtype, compiled, configure_device, is_out_of_memory, memory_line,
+                        resolve_device, settle_ddp_buckets, uses_cuda_graphs, wrap)
 from .schedule import LrPolicy
 from .tracking import RunClock, Tracker, epoch_line, epoch_row, versions
 from .transfer import Pretrained, start_model
@@ -49,6 +52,13 @@ class StopRequest:
     """What the trainer reads between steps: the signal number of a stop request, or None."""
 
     signum: int | None = None
+
+
+# Under DDP the ranks check for a stop request together every this many seconds of steps
+# (at the last log step's pace, the slowest rank's): a stop is acted on within ~2 s of
+# steps plus the save, whatever train.log_interval is, at the cost of one small all-reduce
+# (and host sync) per ~2 s.  One process acts on its own signal after the step it is in.
+STOP_CHECK_SECONDS = 2.0
 
 
 @dataclass
@@ -111,6 +121,9 @@ class Trainer:
         self.agreement = RankAgreement(self.dist, self.device, bad, run_errors(), self._count_bad,
                                        held_elsewhere=lambda: tracker.failure)
         self.saves = ckpt.SaveSchedule(cfg.train.checkpoint_steps, cfg.train.checkpoint_minutes)
+        # Steps between the ranks' stop checks, agreed at each log step (1 until the first).
+        self.stop_every = 1
+        self.stopped_by = 0  # the stop agreed during validation (its signal number)
         self.batch = self.loaders.train.batch_size
         self.last_eval: EvalResult | None = None
         # What a failure can truthfully say is on disk (a NaN in the first epoch has nothing).
@@ -217,9 +230,27 @@ class Trainer:
 
     def _sync_point(self, window: LogWindow, stop: int, save: bool) -> tuple[float, Decision]:
         """The one host sync of a log interval: the window's loss sum, and what every rank does
-        next (stop, save, fail on a non-finite loss), agreed by all ranks."""
+        next (stop, save, fail on a non-finite loss), agreed by all ranks; and how many steps
+        make :data:`STOP_CHECK_SECONDS` at the slowest rank's pace."""
         loss_sum = window.read()
-        return loss_sum, self.agreement.decide(stop, save, not math.isfinite(loss_sum))
+        decision = self.agreement.decide(stop, save, not math.isfinite(loss_sum), window.seconds_per_step())
+        self.stop_every = max(1, int(STOP_CHECK_SECONDS / max(decision.step_seconds, 1e-6)))
+        return loss_sum, decision
+
+    def _stop_due(self, stop: StopRequest) -> bool:
+        """After a step that is no log step: whether to stop now.  One process: its own signal.
+        DDP: every ``stop_every`` steps, whether any rank holds one (all ranks check at the
+        same steps: the count is agreed, and the steps are shared)."""
+        if not self.dist.distributed:
+            return stop.signum is not None
+        if self.global_step % self.stop_every:
+            return False
+        return self.agreement.stop_now(stop.signum or 0) != 0
+
+    def _stopping(self, signum: int) -> None:
+        self.tracker.log(f"{signal.Signals(signum).name} received: saving a resumable checkpoint "
+                         f"({self._position()}); a stop signal {REPEAT_SECONDS:g} s or more after the first "
+                         "aborts without saving")
 
     def _set_lr(self, lr: float) -> None:
         # The multiplier comes from the config (like the base lr, it may change on resume).
@@ -244,9 +275,7 @@ class Trainer:
                 self.global_step += 1
                 at_end = self.step_in_epoch == total
                 steps_due = self.saves.steps_due(self.global_step, at_end)
-                # One process acts on a signal at once; DDP ranks only at the steps they share.
-                stop_alone = stop.signum is not None and not self.dist.distributed
-                if not (window.should_log(self.step_in_epoch, at_end) or steps_due or stop_alone):
+                if not (window.should_log(self.step_in_epoch, at_end) or steps_due or self._stop_due(stop)):
                     bar.update(1)
                     continue
                 loss_sum, decision = self._sync_point(window, stop.signum or 0, self.saves.time_due(at_end))
@@ -255,10 +284,12 @@ class Trainer:
                 window.log(loss_sum, lr, self.global_step, bar)
                 bar.update(1)
                 if decision.stop:
+                    self._stopping(decision.stop)
                     raise Interrupted(decision.stop, self.save())
                 if steps_due or decision.save:
                     self._save_mid_epoch()
         if stop.signum is not None and self.step_in_epoch < total:  # the loader's workers died of the stop
+            self._stopping(stop.signum)
             raise Interrupted(stop.signum, self.save())
         self.clock.finished("train", bar.seconds_per_step())
 
@@ -319,40 +350,59 @@ class Trainer:
             yield from decode_ahead(loader, self.decoder, self.device)
 
     def validate(self, stop: StopRequest) -> EvalResult | None:
+        """The epoch's validation; None when a stop request ended it (``stopped_by`` says which)."""
         loader = self.loaders.val
-        if self.dist.distributed:
-            # Ranks hold unequal val shards: none may leave early; the stop is agreed after it.
-            stop = StopRequest()
+        self.stopped_by = 0
         with self.tracker.progress(len(loader), f"epoch {self.epoch + 1}/{self.cfg.train.epochs} val",
                                    self.cfg.train.log_interval, eta=self._eta("val")) as bar:
             try:
                 # Under the training's autocast: the accuracy it reports is the model it trains.
                 batches = self.agreement.guard(self._batches(loader), len(loader), stop, blank=False)
-                result = evaluate(self.net, _until(batches, stop), self.preprocess, self.device,
+                batches = self._until_agreed(batches, stop, len(loader)) if self.dist.distributed \
+                    else _until(batches, stop)
+                result = evaluate(self.net, batches, self.preprocess, self.device,
                                   progress=bar,
                                   all_reduce=all_reduce_sum if self.dist.distributed else None,
                                   bad_images=lambda bad: self.agreement.unreadable(bad, "val"), amp_dtype=self.amp_dtype)
-            except RuntimeError:
-                if stop.signum is not None:  # stopped before the first batch
-                    return None
+            except RuntimeError as exc:
+                if stop.signum is not None and not self.dist.distributed and not is_out_of_memory(exc):
+                    return None  # stopped before the first batch
                 raise
+        if self.stopped_by or stop.signum is not None and not self.dist.distributed:
+            return None
         self.clock.finished("val", bar.seconds_per_step())
         return result
+
+    def _until_agreed(self, batches, stop: StopRequest, steps: int):
+        """DDP validation's batches until the ranks agree to stop (``stopped_by``).  Ranks hold
+        val shards that differ by a batch, so they check together every ``stop_every``
+        batches below the fewest any rank holds; all of them stop after the same batch."""
+        shared = -int(self.agreement.agree(-steps)[0])
+        for i, batch in enumerate(batches):
+            if 0 < i < shared and i % self.stop_every == 0:
+                self.stopped_by = self.agreement.stop_now(stop.signum or 0)
+                if self.stopped_by:
+                    return
+            yield batch
 
     def run(self, stop: StopRequest | None = None) -> FitResult:
         cfg, tracker = self.cfg, self.tracker
         stop = stop or StopRequest()
         while self.epoch < cfg.train.epochs and not self.policy.should_stop:
             lr = self.policy.lr
-            self.train_epoch(stop)
+            with self._memory("training"):
+                self.train_epoch(stop)
             val_started = time.perf_counter()
-            result = self.validate(stop)
+            with self._memory("validation"):
+                result = self.validate(stop)
             if self.dist.distributed:  # a rank's unreadable val images or dead loader, before the result is used
                 self.agreement.settle()
             val_seconds = time.perf_counter() - val_started
-            if result is None or stop.signum is not None and not self.dist.distributed:
+            if result is None:
                 # Validation abandoned: the epoch's training is saved, validation reruns on resume.
-                raise Interrupted(stop.signum, self.save())
+                signum = self.stopped_by or stop.signum
+                self._stopping(signum)
+                raise Interrupted(signum, self.save())
             self.last_eval = result
             events = self.policy.epoch_end(100.0 - result.top1)
             epoch = self.epoch + 1
@@ -376,14 +426,39 @@ class Trainer:
             if self.dist.distributed:  # rank 0's writes of this epoch's lines, before its checkpoint
                 self.agreement.settle()
             last = self.save(tuple(names))
-            signum = int(self.agreement.agree(stop.signum or 0)[0])
+            signum = self.agreement.stop_now(stop.signum or 0)
             if signum:
+                self.tracker.log(f"{signal.Signals(signum).name} received: stopping after epoch {epoch}, saved")
                 raise Interrupted(signum, last)
         if self.last_eval is not None:
             tracker.run_hparams(cfg, self.epoch, self.best_top1, self.last_eval)
         if self.dist.distributed:
             self.agreement.settle()
         return FitResult(self.epoch, self.best_top1, self.last_eval, self.policy.should_stop)
+
+
+    @contextlib.contextmanager
+    def _memory(self, phase: str):
+        """The device running out of memory in ``phase``, as one line: where, the batch size and
+        what to try (OutOfMemory, exit 1).  Under DDP only the rank that met it knows; the
+        others end with a lost peer (exit 1) once the backend notices it gone."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - only an out-of-memory is turned into a line
+            if not is_out_of_memory(exc):
+                raise
+            data = self.cfg.data
+            rank = f"rank {self.dist.rank}: " if self.dist.distributed else ""
+            per = f" ({self.batch} per process)" if self.dist.world_size > 1 else ""
+            failure = OutOfMemory(
+                f"{rank}{self.device.type.upper() if self.device.type == 'cuda' else self.device.type} out of memory "
+                f"in {phase} at epoch {self.epoch + 1}, step {self.step_in_epoch}, with data.batch_size="
+                f"{data.batch_size}{per}{memory_line(self.device)}: lower data.batch_size (halve optim.lr with it: "
+                f"--set data.batch_size={max(1, data.batch_size // 2)} optim.lr={self.cfg.optim.lr / 2:g})"
+                + (", train in bf16 (train.amp=bf16)" if self.amp_dtype is None and self.device.type == "cuda" else "")
+                + " or free the device of other processes; "
+                + (self.last_saved or f"no checkpoint was written yet, {self.out_dir} holds none of this run"))
+            raise failure from None
 
 
 def _until(loader, stop: StopRequest):
