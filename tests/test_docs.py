@@ -3,8 +3,9 @@
 (a) Every relative link and image target in README.md and docs/*.md exists, and
     an anchor (``page.md#heading``) names a heading of that page, slugged as
     GitHub does.
-(b) Every command in a ```bash block that runs one of this project's console
-    scripts, ``python -m alexnet_train ...`` or ``torchrun ... -m alexnet_train
+(b) Every command in a ```bash block (or a ```crontab block, after its five schedule
+    fields) that runs one of this project's console scripts (by name or by a path to it,
+    such as ``.venv/bin/alexnet-train``), ``python -m alexnet_train ...`` or ``torchrun ... -m alexnet_train
     ...`` (also after ``srun``, and the alexnet-train options given to
     ``sbatch scripts/slurm/train.sbatch``) is parsed by that command's own
     argparse parser: only parsed, never run (parse_known_args is intercepted
@@ -120,11 +121,21 @@ def code_blocks(path: Path) -> list[tuple[str, str]]:
             re.findall(r"^[ \t]*```(\w*)[ \t]*\n(.*?)^[ \t]*```", path.read_text(), flags=re.S | re.M)]
 
 
+def crontab_command(line: str) -> str:
+    """A crontab line's command: what follows its five schedule fields."""
+    return line.split(None, 5)[5]
+
+
 def bash_commands(path: Path) -> list[str]:
-    """Each simple command of the file's ```bash blocks: continuations joined, comments and redirections gone."""
+    """Each simple command of the file's ```bash and ```crontab blocks: continuations joined,
+    comments and redirections gone."""
     commands = []
-    for block in [body for lang, body in code_blocks(path) if lang == "bash"]:
-        for line in block.replace("\\\n", " ").splitlines():
+    blocks = [body.replace("\\\n", " ") for lang, body in code_blocks(path) if lang == "bash"]
+    blocks += ["\n".join(crontab_command(line) for line in body.splitlines() if line.strip() and not
+                         line.lstrip().startswith("#"))
+               for lang, body in code_blocks(path) if lang == "crontab"]
+    for block in blocks:
+        for line in block.splitlines():
             lexer = shlex.shlex(REDIRECT.sub(" ", line), posix=True, punctuation_chars=";&|()")
             lexer.commenters = "#"
             lexer.whitespace_split = True
@@ -235,6 +246,8 @@ def check_command(command: str) -> str | None:
         else:
             words = words[i:]
     name = words[0]
+    if "/" in name and Path(name).name in SCRIPTS:  # a console script by its path: .venv/bin/alexnet-train
+        name = words[0] = Path(name).name
     if name in SCRIPTS:
         target = SCRIPTS[name].split(":")[1]
         ns = parse_with(getattr(cli, target), words[1:], command)
@@ -290,7 +303,34 @@ def test_commands_are_shown_in_bash_blocks(doc):
     ours = set(SCRIPTS) | {"torchrun", "python"}
     for lang, body in code_blocks(doc):
         first = next((line.split()[0] for line in body.splitlines() if line.split()), "")
-        assert lang == "bash" or first not in ours, f"{rel(doc)}: a ```{lang} block starts with {first}: make it ```bash"
+        assert lang in ("bash", "crontab") or first not in ours, (
+            f"{rel(doc)}: a ```{lang} block starts with {first}: make it ```bash")
+
+
+def crontab_blocks() -> list[tuple[Path, str]]:
+    return [(doc, line) for doc in DOCS for lang, body in code_blocks(doc) if lang == "crontab"
+            for line in body.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_crontab_lines_are_lines_cron_runs_as_shown():
+    """Five schedule fields, then a command with no ``%`` (cron turns an unescaped one into a
+    newline), and one of ours, parsed above; the README shows one."""
+    lines = crontab_blocks()
+    assert any(doc.name == "README.md" for doc, _ in lines)
+    for doc, line in lines:
+        fields = line.split(None, 5)
+        assert len(fields) == 6 and all(re.fullmatch(r"[\d*/,-]+", f) for f in fields[:5]), f"{rel(doc)}: {line}"
+        assert "%" not in fields[5], f"{rel(doc)}: cron cuts a command at %: {line}"
+        assert check_command(bash_commands_of(fields[5])[0]) == "alexnet-train", f"{rel(doc)}: {line}"
+
+
+def bash_commands_of(text: str) -> list[str]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / "page.md"
+        page.write_text(f"```bash\n{text}\n```\n")
+        return [c for c in bash_commands(page) if not c.startswith("cd ")]
 
 
 def test_the_checker_rejects_what_the_parsers_reject():

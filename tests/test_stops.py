@@ -28,7 +28,7 @@ import torch
 from alexnet_train.errors import REPEAT_SECONDS, Aborted
 from alexnet_train.lifecycle import StopSignals
 
-from .conftest import assert_bit_identical, checkpoint_weights, write_image_folder
+from .conftest import console_script, write_image_folder
 from .test_ddp_agreement import TRACEBACK, Ranks, args
 
 TIMEOUT = shutil.which("timeout")
@@ -313,3 +313,36 @@ def test_out_of_memory_on_one_rank_ends_the_other_with_a_lost_peer_promptly(tree
     no_tracebacks(results)
     assert results[1][2].strip().splitlines()[0].startswith(oom_line(out, "rank 1: ", " (2 per process)"))
     assert "rank 0: lost contact with the other ranks" in results[0][2]
+
+
+# --------------------------------------------------------------------------- torchrun's exit code
+
+
+@pytest.mark.slow
+def test_torchrun_returns_1_for_a_stop_its_workers_saved(tree, tmp_path):
+    """What docs/fault-tolerance.md's launcher table says of torchrun (torch 2.14): signalled, it
+    passes the signal to its workers, which save and exit 143; torchrun itself exits 1."""
+    import subprocess
+
+    train, val = tree
+    out = tmp_path / "out"
+    argv = [console_script("torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "alexnet_train",
+            *args(train, val, out, "train.log_interval=1")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PATCH"))}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("epoch 1/2 train 3/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 1, err[-2000:]
+    assert f"interrupted by SIGTERM; resumable checkpoint: {out / 'last.pth'}" in rest
+    assert "SignalException" in err  # torchrun's own traceback, not a worker's
+    state = torch.load(out / "last.pth", weights_only=True)
+    assert state["epoch"] == 0 and state["step_in_epoch"] >= 3
