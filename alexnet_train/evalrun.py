@@ -133,13 +133,15 @@ def run_eval(args) -> None:
     from .data.transforms import BatchPreprocess
     from .distributed import all_gather, all_reduce_sum
     from .lifecycle import join_process_group, launch_environment, leave_process_group
+    from .errors import OutOfMemory
+    from .precision import is_out_of_memory, memory_line
     from .tracking import Tracker
 
     dist = launch_environment()
     device, loaded, data_dir, samples = _eval_inputs(args, dist)
     if dist.distributed:
         join_process_group(dist, "auto", device)
-    failure = None
+    failure, loader = None, None
     try:
         data_cfg = loaded.data
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp) if device.type == "cuda" else None
@@ -162,6 +164,14 @@ def run_eval(args) -> None:
             rows = [row for part in all_gather(rows, dist.world_size) for row in part]
     except BaseException as exc:
         failure = exc
+        if isinstance(exc, Exception) and is_out_of_memory(exc):
+            batch = loader.batch_size if loader is not None else args.batch_size
+            failure = OutOfMemory(
+                f"{'rank ' + str(dist.rank) + ': ' if dist.distributed else ''}{device} out of memory evaluating "
+                f"{'ten crops' if args.ten_crop else 'the centre crop'} of batches of {batch} images"
+                f"{memory_line(device)}: lower --batch-size"
+                + (" (ten-crop runs 10 crops of each image)" if args.ten_crop else ""))
+            raise failure from None
         raise
     finally:
         if dist.distributed:

@@ -14,6 +14,7 @@ Every wait has a deadline, so a hang fails the test.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -212,3 +213,86 @@ def test_the_retry_loop_runs_as_printed_restarts_a_saved_stop_and_ends_on_a_conf
     assert last.startswith("alexnet-train: error: ") and str(data) in last, last
     assert "Traceback" not in content
     assert mail.read_bytes() == b""
+
+
+# --------------------------------------------------------------------------- the sbatch line
+
+SBATCH_SHAPE = ["--nodes=1", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=8"]  # train.sbatch's
+
+
+def why_no_slurm() -> str | None:
+    """Why README's sbatch line cannot run here as printed (None when it can): it needs a Slurm
+    cluster that takes train.sbatch's 8 tasks x 8 CPUs x 8 GPUs."""
+    if shutil.which("sbatch") is None:
+        return "no Slurm here (start one: LOCAL_SLURM_SHAPE=gpu8 scripts/slurm/local-cluster.sh start)"
+    probe = subprocess.run(["sbatch", "--test-only", *SBATCH_SHAPE, "--wrap", "true"], capture_output=True,
+                           text=True, timeout=30)
+    if probe.returncode != 0:
+        return (f"this Slurm cannot take 8 tasks x 8 CPUs x 8 GPUs ({probe.stderr.strip().splitlines()[-1:]}); "
+                "LOCAL_SLURM_SHAPE=gpu8 scripts/slurm/local-cluster.sh start declares such a node")
+    return None
+
+
+def readme_sbatch_line() -> str:
+    lines = [" ".join(body.replace("\\\n", " ").split()) for lang, body in code_blocks(REPO / "README.md")
+             if lang == "bash" and body.startswith("sbatch scripts/slurm/train.sbatch")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def tasks_exited(out: str, code: int) -> set[int]:
+    """The tasks srun reports as exited with ``code`` ("tasks 0-2,5: Exited with exit code 138")."""
+    tasks: set[int] = set()
+    for spec in re.findall(rf"tasks? ([\d,-]+): Exited with exit code {code}\b", out):
+        for part in spec.split(","):
+            first, _, last = part.partition("-")
+            tasks |= set(range(int(first), int(last or first) + 1))
+    return tasks
+
+
+def job_state(job: str) -> str:
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    found = re.search(r"JobState=(\w+)", shown)
+    return found.group(1) if found else ""
+
+
+def test_the_sbatch_line_runs_as_printed_saves_requeues_resumes_and_cancels(imagenet256, tmp_path):
+    """README's sbatch line from a fresh clone under cron's environment, on a Slurm that takes its
+    8 GPU tasks (on this VM, local-cluster.sh's gpu8 node: 8 CPU ranks of the paper's model).
+    Slurm's warning (SIGUSR1 to the batch shell): every task saves and exits 138 and the job
+    requeues itself and resumes; a plain scancel: every task saves and exits 143."""
+    why = why_no_slurm()
+    if why:
+        pytest.skip(why)
+    clone = fresh_clone(tmp_path / "alexnet")
+    home = tmp_path / "home"
+    home.mkdir()
+    line = pasted(readme_sbatch_line(), clone, imagenet256)
+    submitted = subprocess.run(["/bin/sh", "-c", line], cwd=clone, env=cron_env(home), capture_output=True,
+                               text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job = re.fullmatch(r"Submitted batch job (\d+)", submitted.stdout.strip()).group(1)
+    log = clone / f"alexnet-{job}.out"  # train.sbatch's --output, in the directory it was submitted from
+    try:
+        wait_for(log, "data.workers:")
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=30)
+        wait_for(log, f"job {job}: requeueing")
+        content = wait_for(log, "data.workers:", count=2)  # Slurm's requeue delay, then the same job again
+        assert tasks_exited(content, 138) == set(range(8)), content[-3000:]
+        assert "resuming from runs/paper/last.pth" in content
+        subprocess.run(["scancel", job], check=True, timeout=30)
+        deadline = time.monotonic() + DEADLINE
+        while job_state(job) != "CANCELLED" and time.monotonic() < deadline:
+            time.sleep(1)
+        assert job_state(job) == "CANCELLED"
+        content = wait_for(log, "interrupted by SIGTERM; resumable checkpoint: runs/paper/last.pth")
+        deadline = time.monotonic() + 60
+        while tasks_exited(log.read_text(), 143) != set(range(8)) and time.monotonic() < deadline:
+            time.sleep(1)
+        content = log.read_text()
+        assert tasks_exited(content, 143) == set(range(8)), content[-3000:]
+    finally:
+        subprocess.run(["scancel", job], timeout=30)
+    assert "Traceback" not in content
+    state = torch.load(clone / "runs" / "paper" / "last.pth", weights_only=True)
+    assert state["epoch"] in (0, 1) and state["config"]["data"]["batch_size"] == 128

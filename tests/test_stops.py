@@ -77,6 +77,14 @@ elif patch == "oom":  # the device runs out of memory at global step OOM_STEP on
                                          "capacity of 79.19 GiB of which 1.06 GiB is free.")
         return learn(self, *a)
     train.Trainer._learn = _learn
+elif patch == "eval_oom":  # alexnet-eval's forward runs out of memory
+    import torch
+    from alexnet_train import evalrun
+    def _evaluate_crops(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.19 GiB.")
+    evalrun.evaluate_crops = _evaluate_crops
+    from alexnet_train.cli import eval_main
+    sys.exit(eval_main())
 from alexnet_train.cli import train_main
 sys.exit(train_main())
 """
@@ -346,3 +354,20 @@ def test_torchrun_returns_1_for_a_stop_its_workers_saved(tree, tmp_path):
     assert "SignalException" in err  # torchrun's own traceback, not a worker's
     state = torch.load(out / "last.pth", weights_only=True)
     assert state["epoch"] == 0 and state["step_in_epoch"] >= 3
+
+
+@pytest.mark.slow
+def test_alexnet_eval_out_of_memory_is_one_line_naming_its_batch_size(tree, tmp_path, monkeypatch):
+    import subprocess
+
+    train, val = tree
+    out = tmp_path / "out"
+    assert subprocess.run([*wrapped(forwarding=False), *args(train, val, out, "dist.mode=none", epochs=1)],
+                          capture_output=True, timeout=90).returncode == 0
+    monkeypatch.setenv("PATCH", "eval_oom")
+    proc = subprocess.run([*wrapped(forwarding=False), str(out / "last.pth"), "--ten-crop", "--batch-size", "6"],
+                          capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 1 and TRACEBACK not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "alexnet-eval: error: cpu out of memory evaluating ten crops of batches of 6 images: lower --batch-size "
+        "(ten-crop runs 10 crops of each image)"]
