@@ -376,14 +376,23 @@ class Trainer:
     def _until_agreed(self, batches, stop: StopRequest, steps: int):
         """DDP validation's batches until the ranks agree to stop (``stopped_by``).  Ranks hold
         val shards that differ by a batch, so they check together every ``stop_every``
-        batches below the fewest any rank holds; all of them stop after the same batch."""
+        batches below the fewest any rank holds; all of them stop after the same batch.  A
+        rank whose batches end early (its loader failed: the failure is held for the ranks'
+        next agreement) still takes the checks the others take."""
         shared = -int(self.agreement.agree(-steps)[0])
+        taken = 0
         for i, batch in enumerate(batches):
-            if 0 < i < shared and i % self.stop_every == 0:
-                self.stopped_by = self.agreement.stop_now(stop.signum or 0)
-                if self.stopped_by:
-                    return
+            if 0 < i < shared and i % self.stop_every == 0 and self._stop_check(stop):
+                return
             yield batch
+            taken = i + 1
+        for i in range(max(taken, 1), shared):
+            if i % self.stop_every == 0 and self._stop_check(stop):
+                return
+
+    def _stop_check(self, stop: StopRequest) -> bool:
+        self.stopped_by = self.agreement.stop_now(stop.signum or 0)
+        return self.stopped_by != 0
 
     def run(self, stop: StopRequest | None = None) -> FitResult:
         cfg, tracker = self.cfg, self.tracker

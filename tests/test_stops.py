@@ -77,6 +77,17 @@ elif patch == "oom":  # the device runs out of memory at global step OOM_STEP on
                                          "capacity of 79.19 GiB of which 1.06 GiB is free.")
         return learn(self, *a)
     train.Trainer._learn = _learn
+elif patch == "val_loader_dies":  # rank 1's validation loader dies after one batch; stop checks every batch
+    from alexnet_train import train
+    train.STOP_CHECK_SECONDS = 0.0
+    batches = train.Trainer._batches
+    def _batches(self, loader):
+        it = batches(self, loader)
+        if loader is self.loaders.val and rank == 1:
+            yield next(it)
+            raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed.")
+        yield from it
+    train.Trainer._batches = _batches
 elif patch == "eval_oom":  # alexnet-eval's forward runs out of memory
     import torch
     from alexnet_train import evalrun
@@ -371,3 +382,22 @@ def test_alexnet_eval_out_of_memory_is_one_line_naming_its_batch_size(tree, tmp_
     assert proc.stderr.strip().splitlines() == [
         "alexnet-eval: error: cpu out of memory evaluating ten crops of batches of 6 images: lower --batch-size "
         "(ten-crop runs 10 crops of each image)"]
+
+
+@pytest.mark.slow
+def test_a_validation_loader_that_dies_on_one_rank_stops_both_with_one_line_not_a_hang(tree, tmp_path, monkeypatch):
+    """Validation's stop checks are collectives: the rank whose val batches end early still takes
+    them, so both ranks reach the agreement where the held loader failure stops them."""
+    train, val = tree
+    ranks_env(monkeypatch, PATCH="val_loader_dies")
+    out = tmp_path / "out"
+    started = time.monotonic()
+    results = Ranks([args(train, val, out, "data.batch_size=2", epochs=1)] * 2,
+                    program=wrapped(forwarding=False)).wait(timeout=90)
+    assert [code for code, _, _ in results] == [1, 1], results[0][2][-2000:] + results[1][2][-2000:]
+    assert time.monotonic() - started < 60
+    no_tracebacks(results)
+    assert results[0][2].strip().splitlines() == [
+        "alexnet-train: error: rank 1: the data loader failed: DataLoader worker (pid 4242) is killed by signal: "
+        "Killed."]
+    assert results[1][2].strip() == ""
