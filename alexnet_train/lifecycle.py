@@ -49,7 +49,8 @@ class StopSignals:
     checkpoint and raises Interrupted (exit 128 + signum).  Any stop signal within
     :data:`REPEAT_SECONDS` of the first is the same request and changes nothing; one
     :data:`REPEAT_SECONDS` or more after it aborts at once (:class:`~alexnet_train.errors.Aborted`:
-    checkpoints are written atomically, so the previous one stays whole).  After
+    checkpoints are written atomically, so the previous one stays whole), once: the abort's own
+    copies change nothing, so the way out (the loader workers' shutdown) is not cut short.  After
     :meth:`finished` (training is over: checkpoints written, the report to come) a stop
     signal is only noted in ``late``: the run ends as finished, exit 0.
 
@@ -66,6 +67,7 @@ class StopSignals:
         self.clock = clock
         self.first_at = 0.0
         self.done = False
+        self.aborted = False
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -80,11 +82,14 @@ class StopSignals:
         now = self.clock()
         if self.done:
             self.late = self.late or signum
+        elif self.aborted:  # the abort's own copies: raised again, they would cut the cleanup short
+            self.repeats += 1
         elif self.signum is None:
             self.signum, self.first_at = signum, now
         elif now - self.first_at < REPEAT_SECONDS:
             self.repeats += 1
         else:
+            self.aborted = True
             raise Aborted(signum, self.report)
 
     def finished(self) -> None:
