@@ -42,6 +42,7 @@ STOP_SIGNALS = {
     signal.SIGUSR1: " (Slurm's warning before a time limit or preemption)",
 }
 
+
 class StopSignals:
     """SIGINT / SIGTERM / SIGUSR1 as one stop request, read by the trainer between steps.
 

@@ -124,6 +124,13 @@ class Trainer:
         # Steps between the ranks' stop checks, agreed at each log step (1 until the first).
         self.stop_every = 1
         self.stopped_by = 0  # the stop agreed during validation (its signal number)
+        # The fewest val batches any rank holds (shards differ by one): agreed once, here, not
+        # at each validation's start, where the all-reduce would come just before the val
+        # loader forks its workers (a fork while a gloo thread takes the GIL can leave the
+        # child deadlocked in CPython's after-fork; seen once in ~200 2-rank launches).
+        self.val_shared = len(self.loaders.val)
+        if self.dist.distributed:
+            self.val_shared = -int(self.agreement.agree(-self.val_shared)[0])
         self.batch = self.loaders.train.batch_size
         self.last_eval: EvalResult | None = None
         # What a failure can truthfully say is on disk (a NaN in the first epoch has nothing).
@@ -358,8 +365,7 @@ class Trainer:
             try:
                 # Under the training's autocast: the accuracy it reports is the model it trains.
                 batches = self.agreement.guard(self._batches(loader), len(loader), stop, blank=False)
-                batches = self._until_agreed(batches, stop, len(loader)) if self.dist.distributed \
-                    else _until(batches, stop)
+                batches = self._until_agreed(batches, stop) if self.dist.distributed else _until(batches, stop)
                 result = evaluate(self.net, batches, self.preprocess, self.device,
                                   progress=bar,
                                   all_reduce=all_reduce_sum if self.dist.distributed else None,
@@ -373,13 +379,13 @@ class Trainer:
         self.clock.finished("val", bar.seconds_per_step())
         return result
 
-    def _until_agreed(self, batches, stop: StopRequest, steps: int):
+    def _until_agreed(self, batches, stop: StopRequest):
         """DDP validation's batches until the ranks agree to stop (``stopped_by``).  Ranks hold
         val shards that differ by a batch, so they check together every ``stop_every``
-        batches below the fewest any rank holds; all of them stop after the same batch.  A
-        rank whose batches end early (its loader failed: the failure is held for the ranks'
-        next agreement) still takes the checks the others take."""
-        shared = -int(self.agreement.agree(-steps)[0])
+        batches below the fewest any rank holds (``val_shared``); all of them stop after the
+        same batch.  A rank whose batches end early (its loader failed: the failure is held
+        for the ranks' next agreement) still takes the checks the others take."""
+        shared = self.val_shared
         taken = 0
         for i, batch in enumerate(batches):
             if 0 < i < shared and i % self.stop_every == 0 and self._stop_check(stop):

@@ -160,9 +160,13 @@ class Ranks:
                 done.append((p.returncode, out, err))
         finally:
             for p in self.procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.communicate()
+                if len(done) <= self.procs.index(p):  # not read to the end: killed (if alive) and read
+                    if p.poll() is None:
+                        p.kill()
+                    try:  # bounded: an orphaned grandchild (a loader worker) can hold the pipes open
+                        p.communicate(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        pass
         return done
 
 
