@@ -36,11 +36,7 @@ from .resume import (check_resume_config, confirm_resume, confirm_shared_out, de
 Log = Callable[[str], None]
 
 # Signals that stop a run after saving; the exit code is 128 + the number.
-STOP_SIGNALS = {
-    signal.SIGINT: "",
-    signal.SIGTERM: "",
-    signal.SIGUSR1: " (Slurm's warning before a time limit or preemption)",
-}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopSignals:

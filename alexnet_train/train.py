@@ -255,7 +255,8 @@ class Trainer:
         return self.agreement.stop_now(stop.signum or 0) != 0
 
     def _stopping(self, signum: int) -> None:
-        self.tracker.log(f"{signal.Signals(signum).name} received: saving a resumable checkpoint "
+        note = " (Slurm's warning before a time limit or preemption)" if signum == signal.SIGUSR1 else ""
+        self.tracker.log(f"{signal.Signals(signum).name} received{note}: saving a resumable checkpoint "
                          f"({self._position()}); a stop signal {REPEAT_SECONDS:g} s or more after the first "
                          "aborts without saving")
 
