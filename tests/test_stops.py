@@ -407,3 +407,33 @@ def test_a_validation_loader_that_dies_on_one_rank_stops_both_with_one_line_not_
         "alexnet-train: error: rank 1: the data loader failed: DataLoader worker (pid 4242) is killed by signal: "
         "Killed."]
     assert results[1][2].strip() == ""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TIMEOUT is None, reason="needs coreutils' timeout")
+def test_a_stop_only_rank_1_gets_is_acted_on_by_both_ranks_at_the_same_step_within_10_s(long_tree, tmp_path,
+                                                                                       monkeypatch):
+    """SIGTERM to rank 1 alone (an OOM-killer's neighbour, a `kill` of one task), twice through its
+    launcher: rank 0 learns of it at the next stop check, and both save the same step."""
+    train, val = long_tree
+    ranks_env(monkeypatch, PATCH="slow_steps", STEP_SECONDS=str(STEP_SECONDS))
+    out = tmp_path / "out"
+    ranks = Ranks([slow_args(train, val, out)] * 2, program=wrapped())
+    for line in ranks.procs[0].stdout:
+        if line.startswith(f"epoch 1/2 train {LOG_INTERVAL}/"):
+            launcher = ranks.procs[1].pid
+            child = int(Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()[0])
+            os.kill(child, signal.SIGTERM)  # rank 1 alone, twice: directly and through its launcher
+            os.kill(launcher, signal.SIGTERM)
+            sent = time.monotonic()
+            break
+    else:
+        raise AssertionError("rank 0 ended before its first log step")
+    results = ranks.wait(timeout=60)
+    took = time.monotonic() - sent
+    assert [code for code, _, _ in results] == [143, 143], results[0][2][-2000:] + results[1][2][-2000:]
+    assert took < 10, f"{took:.1f} s from the signal to both ranks' exit"
+    no_tracebacks(results)
+    assert "SIGTERM received: saving a resumable checkpoint (epoch 1, step " in results[0][1]
+    state = torch.load(out / "last.pth", weights_only=True)
+    assert LOG_INTERVAL < state["step_in_epoch"] <= LOG_INTERVAL + 2 / STEP_SECONDS + 2, state["step_in_epoch"]
