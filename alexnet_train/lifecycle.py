@@ -55,11 +55,10 @@ class StopSignals:
     one the main thread is in the middle of).  The trainer says what it does when it acts.
     """
 
-    def __init__(self, log: Log, report: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, report: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
         self.signum: int | None = None
         self.late: int | None = None
         self.repeats = 0  # deliveries taken as the same request
-        self.log = log
         self.report = report  # this process speaks for the run (rank 0)
         self.clock = clock
         self.first_at = 0.0
@@ -267,7 +266,7 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
     out = Path(cfg.train.out_dir)
     group = joins_group(cfg.dist.mode, dist)
     device = _announce(cfg, dist, group, say)
-    stop = StopSignals(log, report=dist.is_main)
+    stop = StopSignals(report=dist.is_main)
     try:
         with ckpt.RunLock(out) as lock:
             if group:

@@ -140,7 +140,7 @@ def our_loop(cfg, data: str, steps: int, warmup: int, seconds: float = 0.0) -> f
             return result
 
         trainer.optimizer.step = step_hook
-        with StopSignals(lambda m: None) as stop:
+        with StopSignals() as stop:
             try:
                 trainer.train_epoch(stop)
             except _TimeUp:

@@ -91,6 +91,14 @@ def retry_loop() -> str:
     return loops[0]
 
 
+def cron_job(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    """A fresh clone, cron's HOME, the file cron would mail the job's output to, and the run's log."""
+    clone = fresh_clone(tmp_path / "alexnet")
+    home = tmp_path / "home"
+    home.mkdir()
+    return clone, home, tmp_path / "mail", clone / "runs" / "paper.log"
+
+
 def start(shell: str, command: str, cwd: Path, home: Path, mail: Path) -> subprocess.Popen:
     """``command`` as cron runs it (the shell's output is what cron would mail)."""
     return subprocess.Popen([shell, "-c", command], cwd=cwd, env=cron_env(home), start_new_session=True,
@@ -143,13 +151,9 @@ def end(proc: subprocess.Popen, timeout: float = DEADLINE) -> int:
 def test_the_crontab_line_runs_as_printed_from_a_fresh_clone(imagenet256, tmp_path):
     """Started in a clone with no runs/: it makes runs/paper.log and trains; started again while
     it runs, it exits 75 at once; stopped, it saves (143); started again, it resumes."""
-    clone = fresh_clone(tmp_path / "alexnet")
-    line = readme_crontab_line()
-    command = pasted(crontab_command(line), clone, imagenet256)
-    log, mail = clone / "runs" / "paper.log", tmp_path / "mail"
+    clone, home, mail, log = cron_job(tmp_path)
+    command = pasted(crontab_command(readme_crontab_line()), clone, imagenet256)
     sh = shutil.which("sh", path="/usr/bin:/bin")
-    home = tmp_path / "home"
-    home.mkdir()
 
     first = start(sh, command, tmp_path, home, mail)
     try:
@@ -185,14 +189,11 @@ def test_the_crontab_line_runs_as_printed_from_a_fresh_clone(imagenet256, tmp_pa
 def test_the_retry_loop_runs_as_printed_restarts_a_saved_stop_and_ends_on_a_config_error(imagenet256, tmp_path):
     """In bash, in the clone, under cron's environment: a SIGTERM (143) is restarted and resumed;
     a restart that meets a bad config (2) ends the loop instead of spinning."""
-    clone = fresh_clone(tmp_path / "alexnet")
+    clone, home, mail, log = cron_job(tmp_path)
     data = tmp_path / "data-link"  # the data, until the test takes it away
     data.symlink_to(imagenet256, target_is_directory=True)
     loop = pasted(retry_loop(), clone, data)
-    log, mail = clone / "runs" / "paper.log", tmp_path / "mail"
     bash = shutil.which("bash", path="/usr/bin:/bin")
-    home = tmp_path / "home"
-    home.mkdir()
 
     shell = start(bash, loop, clone, home, mail)
     try:
@@ -264,9 +265,7 @@ def test_the_sbatch_line_runs_as_printed_saves_requeues_resumes_and_cancels(imag
     why = why_no_slurm()
     if why:
         pytest.skip(why)
-    clone = fresh_clone(tmp_path / "alexnet")
-    home = tmp_path / "home"
-    home.mkdir()
+    clone, home, _, _ = cron_job(tmp_path)
     line = pasted(readme_sbatch_line(), clone, imagenet256)
     submitted = subprocess.run(["/bin/sh", "-c", line], cwd=clone, env=cron_env(home), capture_output=True,
                                text=True, timeout=60)

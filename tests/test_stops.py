@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -138,7 +139,7 @@ class Clock:
 
 def test_a_repeat_within_the_window_is_the_same_request_and_a_later_one_aborts():
     clock = Clock()
-    stop = StopSignals(lambda _m: None, clock=clock)
+    stop = StopSignals(clock=clock)
     stop._handle(signal.SIGTERM, None)
     clock.now += 0.01
     stop._handle(signal.SIGTERM, None)  # the launcher's forward of the same request
@@ -156,7 +157,7 @@ def test_a_repeat_within_the_window_is_the_same_request_and_a_later_one_aborts()
 
 def test_after_training_a_stop_signal_is_noted_never_acted_on():
     clock = Clock()
-    stop = StopSignals(lambda _m: None, clock=clock)
+    stop = StopSignals(clock=clock)
     stop._handle(signal.SIGUSR1, None)  # arrived after the ranks' last agreement
     stop.finished()
     assert (stop.signum, stop.late) == (None, signal.SIGUSR1)
@@ -167,7 +168,7 @@ def test_after_training_a_stop_signal_is_noted_never_acted_on():
 
 def test_the_handlers_are_installed_and_given_back():
     before = signal.getsignal(signal.SIGUSR1)
-    with StopSignals(lambda _m: None) as stop:
+    with StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGUSR1)
         deadline = time.monotonic() + 5
@@ -188,13 +189,11 @@ def slow_args(train: Path, val: Path, out: Path, *extra: str) -> list[str]:
                 "model.num_classes=4", *extra)
 
 
-def stop_after_first_log_step(ranks: Ranks, sig: int, times: int = 1) -> float:
-    """Send ``sig`` to the ranks' process group once rank 0 has logged its first interval;
-    the moment it was sent."""
+def at_first_log_step(ranks: Ranks, send) -> float:
+    """``send()`` once rank 0 has logged its first interval; the moment it was sent."""
     for line in ranks.procs[0].stdout:
         if line.startswith(f"epoch 1/2 train {LOG_INTERVAL}/"):
-            for _ in range(times):
-                os.killpg(ranks.procs[0].pid, sig)
+            send()
             return time.monotonic()
     raise AssertionError("rank 0 ended before its first log step")
 
@@ -211,7 +210,7 @@ def test_a_stop_sent_to_the_group_under_a_forwarding_launcher_saves_on_both_rank
     ranks_env(monkeypatch, PATCH="slow_steps", STEP_SECONDS=str(STEP_SECONDS))
     out = tmp_path / "out"
     ranks = Ranks([slow_args(train, val, out)] * 2, one_group=True, program=wrapped())
-    sent = stop_after_first_log_step(ranks, sig)
+    sent = at_first_log_step(ranks, lambda: os.killpg(ranks.procs[0].pid, sig))
     results = ranks.wait(timeout=60)
     took = time.monotonic() - sent
     assert [code for code, _, _ in results] == [128 + sig] * 2, results[0][2][-2000:] + results[1][2][-2000:]
@@ -300,7 +299,6 @@ def test_out_of_memory_is_one_line_naming_the_batch_size_and_exit_1(tree, tmp_pa
     train, val = tree
     ranks_env(monkeypatch, PATCH="oom", OOM_STEP="3", OOM_RANKS="0")
     out = tmp_path / "out"
-    import subprocess
 
     proc = subprocess.run([*wrapped(forwarding=False), *args(train, val, out, "dist.mode=none")],
                           capture_output=True, text=True, timeout=90)
@@ -347,7 +345,6 @@ def test_out_of_memory_on_one_rank_ends_the_other_with_a_lost_peer_promptly(tree
 def test_torchrun_returns_1_for_a_stop_its_workers_saved(tree, tmp_path):
     """What docs/fault-tolerance.md's launcher table says of torchrun (torch 2.14): signalled, it
     passes the signal to its workers, which save and exit 143; torchrun itself exits 1."""
-    import subprocess
 
     train, val = tree
     out = tmp_path / "out"
@@ -375,7 +372,6 @@ def test_torchrun_returns_1_for_a_stop_its_workers_saved(tree, tmp_path):
 
 @pytest.mark.slow
 def test_alexnet_eval_out_of_memory_is_one_line_naming_its_batch_size(tree, tmp_path, monkeypatch):
-    import subprocess
 
     train, val = tree
     out = tmp_path / "out"
@@ -419,16 +415,13 @@ def test_a_stop_only_rank_1_gets_is_acted_on_by_both_ranks_at_the_same_step_with
     ranks_env(monkeypatch, PATCH="slow_steps", STEP_SECONDS=str(STEP_SECONDS))
     out = tmp_path / "out"
     ranks = Ranks([slow_args(train, val, out)] * 2, program=wrapped())
-    for line in ranks.procs[0].stdout:
-        if line.startswith(f"epoch 1/2 train {LOG_INTERVAL}/"):
-            launcher = ranks.procs[1].pid
-            child = int(Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()[0])
-            os.kill(child, signal.SIGTERM)  # rank 1 alone, twice: directly and through its launcher
-            os.kill(launcher, signal.SIGTERM)
-            sent = time.monotonic()
-            break
-    else:
-        raise AssertionError("rank 0 ended before its first log step")
+
+    def rank_1_alone():  # twice: directly and through its launcher
+        launcher = ranks.procs[1].pid
+        os.kill(int(Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()[0]), signal.SIGTERM)
+        os.kill(launcher, signal.SIGTERM)
+
+    sent = at_first_log_step(ranks, rank_1_alone)
     results = ranks.wait(timeout=60)
     took = time.monotonic() - sent
     assert [code for code, _, _ in results] == [143, 143], results[0][2][-2000:] + results[1][2][-2000:]

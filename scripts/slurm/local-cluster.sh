@@ -230,10 +230,8 @@ EOF
         tmp=$(mktemp)
         printf '%s\n%s\n' "$MARK" "CgroupPlugin=$plugin" >"$tmp"
         install_conf "$tmp" "$CGCONF"
-    elif [[ -f $CGCONF ]] && head -n1 "$CGCONF" | grep -qxF "$MARK"; then
-        rm -f "$CGCONF"
-        say "removed $CGCONF (written earlier for proctrack/cgroup)"
-        CONF_CHANGED=1
+    else
+        remove_ours "$CGCONF" "proctrack/cgroup"
     fi
     if [[ $SHAPE == gpu8 ]]; then
         local i
@@ -244,9 +242,16 @@ EOF
         tmp=$(mktemp)
         printf '%s\n%s\n' "$MARK" "NodeName=$NODE Name=gpu File=$FAKE_GPUS/gpu[0-7]" >"$tmp"
         install_conf "$tmp" "$GRESCONF"
-    elif [[ -f $GRESCONF ]] && head -n1 "$GRESCONF" | grep -qxF "$MARK"; then
-        rm -f "$GRESCONF"
-        say "removed $GRESCONF (written earlier for LOCAL_SLURM_SHAPE=gpu8)"
+    else
+        remove_ours "$GRESCONF" "LOCAL_SLURM_SHAPE=gpu8"
+    fi
+}
+
+# remove_ours FILE WHAT: a file this script wrote earlier (for WHAT) that this start does not want
+remove_ours() {
+    if [[ -f $1 ]] && head -n1 "$1" | grep -qxF "$MARK"; then
+        rm -f "$1"
+        say "removed $1 (written earlier for $2)"
         CONF_CHANGED=1
     fi
 }
