@@ -332,6 +332,7 @@ def stats_main(argv: Sequence[str] | None = None) -> None:
     args = p.parse_args(argv)
     from .data.datasets import BadImageError, DataError
     from .data.stats import compute_stats, stats_yaml
+    from .errors import LoaderFailed
     from .tracking import Tracker
 
     tracker = Tracker(None, tensorboard=False, stream=sys.stderr)
@@ -341,7 +342,7 @@ def stats_main(argv: Sequence[str] | None = None) -> None:
                               progress=lambda n: tracker.progress(n, "stats", interval=1000))
     except (DataError, ValueError) as exc:
         _fail(prog, EXIT_CONFIG, str(exc))
-    except BadImageError as exc:
+    except (BadImageError, LoaderFailed) as exc:
         _fail(prog, EXIT_RUNTIME, str(exc))
     text = stats_yaml(stats)
     if args.out:

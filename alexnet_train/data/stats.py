@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import BadImageError, LoaderFailed
 from .datasets import DataError, images_under
 from .shards import is_shard_source
 from .decode import decode_rgb
@@ -40,7 +41,9 @@ class PixelStats:
 
 
 class _Moments(Dataset):
-    """Per image: (pixel count, sum of RGB, sum of RGB outer products), in float64 on the 0-1 scale."""
+    """Per image: (pixel count, sum of RGB, sum of RGB outer products), in float64 on the 0-1 scale,
+    or for an unreadable file ``(0, None, None, (path, reason))``: a worker never raises for one
+    (its exception would reach the main process as a multi-line traceback), the main process does."""
 
     def __init__(self, paths: list[str], resize_size: int) -> None:
         self.paths, self.resize_size = paths, resize_size
@@ -48,10 +51,13 @@ class _Moments(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        x = resize_shorter(decode_rgb(self.paths[i], self.resize_size), self.resize_size)
-        px = x.reshape(3, -1).to(torch.float64) / 255.0
-        return px.shape[1], px.sum(dim=1), px @ px.T
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, torch.Tensor | None, tuple[str, str] | None]:
+        try:
+            image = decode_rgb(self.paths[i], self.resize_size)
+        except BadImageError as exc:
+            return 0, None, None, (exc.path, exc.reason)
+        px = resize_shorter(image, self.resize_size).reshape(3, -1).to(torch.float64) / 255.0
+        return px.shape[1], px.sum(dim=1), px @ px.T, None
 
 
 def compute_stats(
@@ -62,7 +68,13 @@ def compute_stats(
     seed: int = 0,
     progress: Callable[[int], object] | None = None,
 ) -> PixelStats:
-    """Statistics of ``samples`` images drawn at random (all if fewer) from the tree at ``data_dir``."""
+    """Statistics of ``samples`` images drawn at random (all if fewer) from the tree at ``data_dir``.
+
+    An unreadable image stops it with :class:`BadImageError` naming the file, as training's
+    default ``data.on_bad_image: error`` does: statistics of a set that training would then
+    stop on are no use, and the first unreadable file in the draw is the same for any
+    ``workers``.  Another failure of a loader worker is :class:`LoaderFailed`.
+    """
     if not (os.path.isdir(data_dir) or is_shard_source(data_dir)):
         raise DataError(f"{data_dir}: data directory not found")
     if samples < 1:
@@ -81,12 +93,31 @@ def compute_stats(
     count = 0
     total = torch.zeros(3, dtype=torch.float64)
     outer = torch.zeros(3, 3, dtype=torch.float64)
-    for n, s, o in loader:
-        count += int(n)
-        total += s
-        outer += o
-        if bar is not None:
-            bar.update(1)
+    batches = iter(loader)
+    try:
+        for n, s, o, bad in batches:
+            if bad is not None:
+                raise BadImageError(*bad)
+            count += int(n)
+            total += s
+            outer += o
+            if bar is not None:
+                bar.update(1)
+    except BadImageError:
+        raise
+    except RuntimeError as exc:
+        if "DataLoader worker" not in str(exc):
+            raise
+        # torch's text: "Caught X in DataLoader worker process N." ... the traceback ... "X: message".
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise LoaderFailed(f"{data_dir}: a loader worker failed: {lines[-1]}") from None
+    finally:
+        # Now, not at interpreter exit: there multiprocessing ends the workers with SIGTERM, which
+        # a worker answers only after its grace (loaders.worker_init) -- the 30 s wait and the
+        # "killed by signal: Alarm clock" of an error that a traceback kept the iterator alive for.
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
     if bar is not None and hasattr(bar, "__exit__"):
         bar.__exit__(None, None, None)
     mean = total / count
