@@ -140,9 +140,10 @@ def test_another_plan_into_the_same_destination_is_refused(train, tmp_path):
         write_shards(train, dst, size=48, shard_size=SHARD_SIZE, log=quiet)
 
 
-def test_flat_val_with_labels_merges_into_the_same_info(train, tmp_path):
+def flat_val(tmp_path: Path, per_class: int = 4) -> tuple[Path, Path, dict[str, str]]:
+    """SRC/val as ILSVRC ships it: one flat folder, and a labels file; (folder, labels file, wnid of each key)."""
     val = tmp_path / "src" / "val"
-    labelled = write_image_folder(tmp_path / "labelled", CLASSES, 4, seed=4)
+    labelled = write_image_folder(tmp_path / "labelled", CLASSES, per_class, seed=4)
     val.mkdir()
     lines, wnids = [], {}
     for i, img in enumerate(sorted(labelled.rglob("*.JPEG")), 1):
@@ -152,7 +153,11 @@ def test_flat_val_with_labels_merges_into_the_same_info(train, tmp_path):
         wnids[name[:-5]] = img.parent.name
     labels = tmp_path / "val.txt"
     labels.write_text("".join(lines))
+    return val, labels, wnids
 
+
+def test_flat_val_with_labels_merges_into_the_same_info(train, tmp_path):
+    val, labels, wnids = flat_val(tmp_path)
     dst = tmp_path / "wds"
     write_shards(train, dst, size=64, shard_size=SHARD_SIZE, log=quiet)
     report = write_shards(val, dst, size=64, shard_size=SHARD_SIZE, labels_file=str(labels), log=quiet)
@@ -162,11 +167,122 @@ def test_flat_val_with_labels_merges_into_the_same_info(train, tmp_path):
     for s in samples:
         meta = json.loads(s["json"])
         assert int(s["cls"]) == meta["label"] == CLASSES.index(wnids[s["__key__"]])
-        assert meta["filename"] == f"{s['__key__']}.JPEG"
+        # The wnid travels in the filename as for class folders (and timm's val shards): readers match by it.
+        assert meta["filename"] == f"{wnids[s['__key__']]}/{s['__key__']}.JPEG"
     info = json.loads((dst / INFO_FILE).read_text())
     assert set(info["splits"]) == {"train", "validation"}
     assert info["splits"]["validation"]["num_samples"] == len(samples) == len(wnids)
     assert info["splits"]["train"]["num_samples"] == len(CLASSES) * PER_CLASS
+
+
+def files_state(folder: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Every file under ``folder``, hidden ones included: (bytes, mtime_ns, inode), to show nothing was touched."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def timm_download(dst: Path, split: str = "train", prefix: str = "imagenet1k-train", count: int = 6) -> dict:
+    """DST as a downloaded timm/imagenet-1k-wds leaves it: real shards written by webdataset's TarWriter,
+    and timm's _info.json, which also lists a split this folder does not hold."""
+    dst.mkdir(parents=True, exist_ok=True)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(jpeg, "JPEG")
+    names = [f"{prefix}-{i:04d}.tar" for i in range(count)]
+    for i, name in enumerate(names):
+        with wds.TarWriter(str(dst / name)) as sink:
+            for j in range(2):
+                key = f"ILSVRC2012_{split}_{i:04d}{j}"
+                sink.write({"__key__": key, "jpg": jpeg.getvalue(), "cls": b"7",
+                            "json": json.dumps({"filename": f"n01530575/{key}.JPEG", "label": 7}).encode()})
+    info = {"name": "imagenet-1k", "version": "timm-wds-test",
+            "splits": {split: {"name": split, "filenames": names, "shard_lengths": [2] * count,
+                               "num_samples": 2 * count, "alt_label": ""},
+                       "test": {"name": "test", "filenames": ["imagenet1k-test-0000.tar"], "shard_lengths": [2],
+                                "num_samples": 2}}}
+    (dst / INFO_FILE).write_text(json.dumps(info, indent=2))
+    return info
+
+
+@pytest.mark.parametrize("found", ["download", "temp", "underscore", "after-our-run"])
+def test_files_like_our_shards_that_we_did_not_write_are_refused_and_left_untouched(train, tmp_path, capsys, found):
+    """A download of this split in DST (or a stray temp, or a shard of some other tool): refused in one
+    line naming the files, before anything in DST changes; not deleted, not overwritten."""
+    dst = tmp_path / "wds"
+    if found == "download":
+        timm_download(dst)
+        expected = ["6 file(s)", "imagenet1k-train-0000.tar, imagenet1k-train-0001.tar, imagenet1k-train-0002.tar and 3 more"]
+    elif found == "temp":
+        dst.mkdir()
+        (dst / "imagenet1k-train-0003.tar.tmp").write_bytes(b"someone else's temp")
+        expected = ["1 file(s)", "imagenet1k-train-0003.tar.tmp"]
+    elif found == "underscore":
+        timm_download(dst, prefix="imagenet1k-train_x", count=0)  # just the _info.json
+        (dst / "imagenet1k-train_0000.tar").write_bytes(b"another tool's shard")
+        expected = ["1 file(s)", "imagenet1k-train_0000.tar"]
+    else:  # our own shards, and then someone adds one with the next number
+        write_shards(train, dst, size=64, shard_size=SHARD_SIZE, log=quiet)
+        extra = dst / f"imagenet1k-train-{len(shards(dst)):04d}.tar"
+        extra.write_bytes(b"not ours")
+        expected = ["1 file(s)", "progress.json does not list them", extra.name]
+    before = files_state(tmp_path / "wds")
+
+    with pytest.raises(DataError) as refused:
+        write_shards(train, dst, size=64, shard_size=SHARD_SIZE, log=quiet)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"{dst}: "), message
+    for part in expected + ["nothing was changed: write to another destination, or move them away"]:
+        assert part in message, message
+    assert files_state(dst) == before
+
+    code, out, err = run_prepare(capsys, train, dst, "--shards", "--shard-size", SHARD_SIZE, "--size", 64,
+                                 "--workers", 0)
+    assert code == 2 and err.count("\n") == 1 and "move them away" in err and "removing" not in out + err
+    assert files_state(dst) == before
+
+
+def test_a_split_written_beside_a_download_keeps_its_files_info_and_failures_list(train, tmp_path):
+    """Val written into a folder holding timm's train download: train's shards and its _info.json entry
+    stay as they were, the other keys of timm's _info.json too; another tree's prepare-failures.txt is
+    not rewritten."""
+    val, labels, wnids = flat_val(tmp_path)
+    dst = tmp_path / "wds"
+    info = timm_download(dst)
+    failures = dst / FAILURES_FILE
+    failures.write_text("/elsewhere/train/n01530575/x.JPEG\tcannot identify image file\n")
+    before = files_state(dst)
+
+    report = write_shards(val, dst, size=64, shard_size=SHARD_SIZE, labels_file=str(labels), log=quiet)
+    assert report.written == len(wnids) and report.shards[0] == "imagenet1k-validation-0000.tar"
+    after = files_state(dst)
+    for name in [n for n in before if n.endswith(".tar")] + [FAILURES_FILE]:
+        assert after[name] == before[name], f"{name} was touched"
+    merged = json.loads((dst / INFO_FILE).read_text())
+    assert {k: v for k, v in merged.items() if k != "splits"} == {"name": "imagenet-1k", "version": "timm-wds-test"}
+    assert merged["splits"]["train"] == info["splits"]["train"] and merged["splits"]["test"] == info["splits"]["test"]
+    assert merged["splits"]["validation"]["filenames"] == report.shards
+    assert len(read_back(dst, "imagenet1k-validation")) == len(wnids)
+    assert len(read_back(dst, "imagenet1k-train")) == 12  # the download's, all still there
+
+    # A failures list of only other trees' lines: not deleted when this split has none either.
+    again = write_shards(val, dst, size=64, shard_size=SHARD_SIZE, labels_file=str(labels), log=quiet)
+    assert again.written == 0 and files_state(dst)[FAILURES_FILE] == before[FAILURES_FILE]
+
+
+def test_shards_an_earlier_run_wrote_that_the_plan_no_longer_has_are_removed(train, tmp_path):
+    """Images that became unreadable since the last run: the rewritten split is a shard shorter, and the
+    left-over shard, recorded as ours, is removed (and only it)."""
+    dst = tmp_path / "wds"
+    first = write_shards(train, dst, size=64, shard_size=SHARD_SIZE, log=quiet)
+    for img in (train / CLASSES[2]).iterdir():
+        img.write_bytes(b"broken since")
+    shards(dst)[0].unlink()  # the first shard missing: the whole split is written again
+    (dst / "imagenet1k-validation-0000.tar").write_bytes(b"another split's")
+    report = write_shards(train, dst, size=64, shard_size=SHARD_SIZE, log=quiet)
+    assert len(report.shards) < len(first.shards) and [p.name for p in shards(dst)] == report.shards
+    assert (dst / "imagenet1k-validation-0000.tar").read_bytes() == b"another split's"
+    assert len(read_back(dst)) == 2 * PER_CLASS and len(report.failed) == PER_CLASS
+    progress = json.loads((dst / ".imagenet1k-train-progress.json").read_text())
+    assert progress["owned"] == report.shards
 
 
 def test_original_bytes_with_size_0(train, tmp_path):

@@ -14,15 +14,22 @@ What is written to DST:
   ``imagenet1k-validation-0000.tar`` for ``val``/``validation``, else ``<SRC's name>-0000.tar``.
   Each sample is three members: ``KEY.jpg`` (the ``size``×``size`` copy ``prepare_tree`` makes,
   or with ``size=0`` the source file's bytes unchanged), ``KEY.cls`` (the class index as ASCII
-  decimal) and ``KEY.json`` (``{"filename": "<wnid>/<name>", "label": i, "height": h, "width": w}``).
+  decimal) and ``KEY.json`` (``{"filename": "<wnid>/<name>", "label": i, "height": h, "width": w}``;
+  ``<wnid>/<name>`` for a flat folder with a labels file too, as timm's validation shards have it).
   KEY is the source file's stem ('.' in it becomes '_': WebDataset readers take everything
   after a name's first dot for the extension).
 - ``_info.json``: timm's split table (``filenames``, ``shard_lengths``, ``num_samples`` per
-  split); a second split written to the same DST is merged into it.
-- ``.{prefix}-progress.json``: the shards finished so far, for resuming.
+  split).  Only this split's entry is replaced: the other splits' entries and any other keys of
+  an ``_info.json`` already there (ours or a download's) are kept.
+- ``.{prefix}-progress.json``: the shards finished so far, for resuming, and every shard name this
+  split's runs have claimed (``owned``).
+- ``prepare-failures.txt``: this source's unreadable files; other lines are kept as they are.
 
 Class indices are the sorted class folders (ImageFolder's order), or for a flat folder
-with a labels file the sorted wnids of that file.  Samples are shuffled across shards by
+with a labels file the sorted wnids of that file.  So the ``.cls`` of a split written alone
+is that split's own numbering (a val that lacks some classes numbers the rest differently from
+train): readers match a split to training's classes by the wnid in ``KEY.json``'s ``filename``,
+not by ``.cls``.  Samples are shuffled across shards by
 a keyed hash of their relative path (no shard holds one class, and the order is the same
 on every platform and NumPy), then cut into shards of at most ``shard_size`` bytes
 (but at least one sample each).  Members are USTAR, mtime 0, mode 0444, owner 0:
@@ -33,6 +40,14 @@ in the progress file; a re-run keeps the recorded shards whose size still matche
 writes on from the first one missing.  The plan (order, what was written with which
 settings) is fingerprinted, so a resume cannot mix two sources or two settings.
 Unreadable sources are logged, listed in ``DST/prepare-failures.txt`` and left out.
+
+Never deletes or overwrites a file it did not write.  A file in DST that looks like a shard of
+the split being written (``{prefix}-NNNN.tar``, ``{prefix}_NNNN.tar`` or such a name plus ``.tmp``)
+but is not in that split's progress record (a downloaded timm/imagenet-1k-wds, another tool's
+output) makes it refuse with a DataError naming the files, before anything in DST is touched;
+write to another DST or move them away.  Shards of other splits are left alone.  Only shard names
+the progress record lists are ever replaced or removed: a name is recorded before its temp file
+is created, so whatever a kill leaves behind is recognised as ours on the next run.
 """
 from __future__ import annotations
 
@@ -66,7 +81,7 @@ CHUNK = 16
 @dataclass(frozen=True, slots=True)  # slots: no dict per sample, of which ImageNet has 1.28M
 class Sample:
     path: str      # the source file
-    relname: str   # its path under SRC, '/'-separated: the json's "filename"
+    relname: str   # the json's "filename": its path under SRC, '/'-separated; "<wnid>/<name>" in a flat SRC
     key: str
     label: int
 
@@ -125,7 +140,8 @@ def _flat_samples(src: Path, labels_file: str) -> tuple[list[str], list[Sample]]
         wnid = wnid_of.get(os.path.splitext(name)[0])
         if wnid is None:
             raise DataError(f"{src / name}: no label for this file in {labels_file}")
-        samples.append(Sample(str(src / name), name, _key(name), index[wnid]))
+        # "<wnid>/<name>" as in a class folder: readers take the wnid from it (timm's val shards do the same).
+        samples.append(Sample(str(src / name), f"{wnid}/{name}", _key(name), index[wnid]))
     return classes, samples
 
 
@@ -258,19 +274,33 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, lambda fh: fh.write(text))
 
 
-def _finished_shards(dst: Path, progress: Path, fingerprint: str) -> list[dict[str, Any]]:
-    """The recorded shards of a previous run with this plan that are still whole on disk, in order."""
+def _read_progress(progress: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The progress record of a previous run with this plan, or None; DataError for another plan's."""
     state = _read_json(progress)
     if state is None:
-        return []
-    if not isinstance(state, dict) or state.get("version") != PROGRESS_VERSION:
+        return None
+    if (not isinstance(state, dict) or state.get("version") != PROGRESS_VERSION
+            or not isinstance(state.get("shards", []), list) or not isinstance(state.get("owned", []), list)):
         raise DataError(f"{progress}: not a progress file of this version of alexnet-prepare")
     if state.get("plan") != fingerprint:
         raise DataError(f"{progress}: these shards were written from other source files or with other settings "
                         f"({state.get('settings')}); use those, another destination, or delete this split's "
                         "shards and this file")
+    return state
+
+
+def _owned(state: dict[str, Any] | None) -> set[str]:
+    """The shard names (``NAME.tar``) a progress record says this split's runs created or were creating."""
+    if state is None:
+        return set()
+    # "owned" is absent from a record written before it existed: its finished shards are all it knew.
+    return {s["filename"] for s in state.get("shards", [])} | set(state.get("owned", []))
+
+
+def _finished_shards(dst: Path, state: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The recorded shards of a previous run with this plan that are still whole on disk, in order."""
     kept = []
-    for shard in state.get("shards", []):
+    for shard in (state or {}).get("shards", []):
         path = dst / shard["filename"]
         if not path.is_file() or path.stat().st_size != shard["bytes"]:
             break
@@ -278,35 +308,63 @@ def _finished_shards(dst: Path, progress: Path, fingerprint: str) -> list[dict[s
     return kept
 
 
-def _remove_temps(dst: Path, prefix: str) -> None:
-    pattern = re.compile(re.escape(prefix) + r"-\d+\.tar\.tmp$")
-    for entry in os.scandir(dst):
-        if pattern.match(entry.name):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
+def _shard_pattern(prefix: str) -> re.Pattern[str]:
+    # '_' as well as '-': readers take 'train_0000.tar' for a shard of 'train' too, so such a file
+    # beside ours would be read as part of the split we write.
+    return re.compile(re.escape(prefix) + r"[-_]\d+\.tar(\.tmp)?$")
 
 
-def _remove_stale(dst: Path, prefix: str, count: int, log: Callable[[str], None]) -> None:
-    """Delete ``{prefix}-NNNN.tar`` beyond this plan's last shard: a reader that globs the folder
-    must not find them."""
-    pattern = re.compile(re.escape(prefix) + r"-(\d+)\.tar$")
-    for entry in os.scandir(dst):
-        m = pattern.match(entry.name)
-        if m and int(m.group(1)) >= count:
-            log(f"prepare: removing {entry.path}: not a shard of this plan")
-            os.unlink(entry.path)
+def _refuse_foreign(dst: Path, prefix: str, owned: set[str], progress: Path) -> None:
+    """DataError naming the files in DST that look like shards (or shard temps) of this split but that
+    our progress record does not list: a download or another tool's output, which we must neither
+    overwrite nor delete, nor leave beside ours for a reader to mix in."""
+    if not dst.is_dir():
+        return
+    pattern = _shard_pattern(prefix)
+    foreign = sorted(e.name for e in os.scandir(dst)
+                     if pattern.match(e.name) and e.name.removesuffix(".tmp") not in owned)
+    if foreign:
+        named = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        record = f"{progress.name} does not list them" if progress.exists() else f"there is no {progress.name}"
+        raise DataError(f"{dst}: {len(foreign)} file(s) named like shards of {prefix!r} were not written by "
+                        f"alexnet-prepare ({record}): {named}; nothing was changed: write to another destination, "
+                        "or move them away")
+
+
+def _remove_temps(dst: Path, owned: set[str]) -> None:
+    """Delete the temp files a killed run of ours left.  A temp is ours when its shard's name is in
+    our progress record: the name is recorded (and fsynced) before the temp is created, so a kill
+    at any instant leaves no temp of ours unrecorded, and a temp whose name we never recorded is
+    someone else's (refused earlier by _refuse_foreign, and never deleted here)."""
+    for name in sorted(owned):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dst / f"{name}.tmp")
+
+
+def _remove_stale(dst: Path, keep: set[str], owned: set[str], log: Callable[[str], None]) -> None:
+    """Delete shards an earlier run of ours wrote that this plan no longer has (a reader that globs
+    the folder must not find them); only names in ``owned``, our progress record's."""
+    for name in sorted(owned - keep):
+        path = dst / name
+        if path.is_file():
+            log(f"prepare: removing {path}: a shard an earlier run wrote, not one of this plan")
+            path.unlink()
 
 
 def _merge_failures(dst: Path, src: Path, failed: list[tuple[str, str]]) -> None:
     """DST/prepare-failures.txt with this source's lines replaced by ``failed`` (another split written
-    to the same DST keeps its lines)."""
+    to the same DST keeps its lines).  A file with no line of this source is left untouched when there
+    is nothing to add, and the file is deleted only when every line in it was this source's."""
     path = dst / FAILURES_FILE
     mine = str(src) + os.sep
     try:
-        lines = path.read_bytes().decode("utf-8", "surrogateescape").splitlines(keepends=True)
+        old = path.read_bytes().decode("utf-8", "surrogateescape").splitlines(keepends=True)
     except FileNotFoundError:
-        lines = []
-    lines = [ln for ln in lines if not ln.startswith(mine)] + [f"{p}\t{reason}\n" for p, reason in failed]
+        old = None
+    others = [ln for ln in old or [] if not ln.startswith(mine)]
+    if old is not None and len(others) == len(old) and not failed:
+        return  # not ours to rewrite: nothing of this source in it, nothing to add
+    lines = others + [f"{p}\t{reason}\n" for p, reason in failed]
     if not lines:
         path.unlink(missing_ok=True)
         return
@@ -314,11 +372,15 @@ def _merge_failures(dst: Path, src: Path, failed: list[tuple[str, str]]) -> None
     atomic_write_bytes(path, lambda fh: fh.write(text))
 
 
-def _merge_info(dst: Path, prefix: str, split: str, shards: list[dict[str, Any]]) -> None:
+def _merge_info(dst: Path, prefix: str, split: str, shards: list[dict[str, Any]], check_only: bool = False) -> None:
+    """Replace ``split``'s entry in DST/_info.json, keeping everything else in it (a download's other
+    splits and keys); with ``check_only``, only raise the DataError a bad file would give."""
     path = dst / INFO_FILE
     info = _read_json(path) or {"name": "imagenet-1k" if prefix.startswith("imagenet1k-") else dst.resolve().name}
     if not isinstance(info, dict) or not isinstance(info.setdefault("splits", {}), dict):
         raise DataError(f"{path}: not a WebDataset _info.json (expected {{'name': ..., 'splits': {{...}}}})")
+    if check_only:
+        return
     info["splits"][split] = {
         "name": split,
         "filenames": [s["filename"] for s in shards],
@@ -356,10 +418,11 @@ def _results(plan: list[Sample], work: Callable, workers: int, stack: contextlib
 
 
 def _write_plan(dst: Path, prefix: str, plan: list[Sample], done: list[dict[str, Any]], shard_size: int,
-                save: Callable[[list[dict[str, Any]]], None], work: Callable, workers: int, progress: Any,
+                save: Callable[[list[dict[str, Any]]], None], claim: Callable[[str, list[dict[str, Any]]], None],
+                work: Callable, workers: int, progress: Any,
                 log: Callable[[str], None]) -> tuple[list[dict[str, Any]], int]:
-    """Write the shards after ``done``, recording each as it is finished; returns (every shard's
-    record, samples written)."""
+    """Write the shards after ``done``, claiming each name in the progress record before its file is
+    created and recording each as it is finished; returns (every shard's record, samples written)."""
     shards = list(done)
     start = sum(s["consumed"] for s in done)
     todo = plan[start:]
@@ -394,7 +457,9 @@ def _write_plan(dst: Path, prefix: str, plan: list[Sample], done: list[dict[str,
                 if current is not None and current.samples and current.size_with(members) > shard_size:
                     close()
                 if current is None:
-                    current = _ShardFile(dst / shard_name(prefix, len(shards)))
+                    name = shard_name(prefix, len(shards))
+                    claim(name, shards)
+                    current = _ShardFile(dst / name)
                 current.add(sample, members)
                 consumed += 1
                 written += 1
@@ -437,22 +502,37 @@ def write_shards(
     settings = {"size": size, "quality": quality, "shard_size": shard_size, "seed": seed}
     plan = shuffled(list_samples(src, labels_file), seed)
     fingerprint = _fingerprint(plan, settings)
-    dst.mkdir(parents=True, exist_ok=True)
-    _remove_temps(dst, prefix)
     progress_path = dst / f".{prefix}-progress.json"
-    done = _finished_shards(dst, progress_path, fingerprint)
+    # Every check before the first change to DST: a refusal leaves it as it was.
+    state = _read_progress(progress_path, fingerprint)
+    owned = _owned(state)
+    _refuse_foreign(dst, prefix, owned, progress_path)
+    _merge_info(dst, prefix, split, [], check_only=True)
+    dst.mkdir(parents=True, exist_ok=True)
+    _remove_temps(dst, owned)
+    done = _finished_shards(dst, state)
     skipped = sum(s["samples"] for s in done)
     log(f"prepare: {len(plan)} images in {src} -> {dst}/{prefix}-NNNN.tar (split {split!r}; "
         f"{f'{size}x{size}, JPEG quality {quality}' if size else 'original bytes'}; shards of <= {shard_size} bytes); "
         f"{len(done)} shards ({skipped} images) already done")
 
     def save(shards: list[dict[str, Any]]) -> None:
+        owned.update(s["filename"] for s in shards)
         _write_json(progress_path, {"version": PROGRESS_VERSION, "plan": fingerprint, "settings": settings,
-                                    "samples": len(plan), "shards": shards})
+                                    "samples": len(plan), "shards": shards, "owned": sorted(owned)})
+
+    def claim(name: str, shards: list[dict[str, Any]]) -> None:
+        if name not in owned:
+            owned.add(name)
+            save(shards)
 
     work = partial(_encode, size=size, quality=quality)
-    shards, written = _write_plan(dst, prefix, plan, done, shard_size, save, work, workers, progress, log)
-    _remove_stale(dst, prefix, len(shards), log)
+    shards, written = _write_plan(dst, prefix, plan, done, shard_size, save, claim, work, workers, progress, log)
+    keep = {s["filename"] for s in shards}
+    if owned != keep:
+        _remove_stale(dst, keep, owned, log)
+        owned.intersection_update(keep)
+        save(shards)
     failed = sorted((p, r) for s in shards for p, r in s["failed"])
     _merge_failures(dst, src, failed)
     _merge_info(dst, prefix, split, shards)
