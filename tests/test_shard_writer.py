@@ -285,6 +285,29 @@ def test_shards_an_earlier_run_wrote_that_the_plan_no_longer_has_are_removed(tra
     assert progress["owned"] == report.shards
 
 
+def test_timm_reads_every_sample_with_its_label(train, tmp_path):
+    """timm's WebDataset reader (create_dataset('wds/...'), as `train.py --dataset wds/...` uses it) reads
+    both splits from the _info.json alone, every image once, each with the class of its source."""
+    timm_data = pytest.importorskip("timm.data")
+    val, labels, wnids = flat_val(tmp_path)
+    dst = tmp_path / "wds"
+    write_shards(train, dst, size=64, shard_size=SHARD_SIZE, log=quiet)
+    write_shards(val, dst, size=64, shard_size=SHARD_SIZE, labels_file=str(labels), log=quiet)
+
+    def pixels(path: Path) -> bytes:
+        with Image.open(io.BytesIO(square_jpeg(str(path), 64, 90))) as img:
+            return img.convert("RGB").tobytes()
+
+    expected = {
+        "train": sorted((pixels(p), CLASSES.index(p.parent.name)) for p in train.rglob("*.JPEG")),
+        "validation": sorted((pixels(p), CLASSES.index(wnids[p.stem])) for p in val.iterdir()),
+    }
+    for split, want in expected.items():
+        ds = timm_data.create_dataset("wds/imagenet", root=str(dst), split=split, is_training=False)
+        got = sorted((img.tobytes(), int(target)) for img, target in ds)
+        assert len(ds) == len(got) == len(want) and got == want, split
+
+
 def test_original_bytes_with_size_0(train, tmp_path):
     dst = tmp_path / "wds"
     write_shards(train, dst, size=0, shard_size=SHARD_SIZE, log=quiet)
