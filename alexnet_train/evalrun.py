@@ -21,11 +21,12 @@ from .evaluate import evaluate_crops
 
 def _resized_image_kind(samples: list, resize: int) -> str:
     """Say what the ten crops are cut from: the prepared square copy, or a shorter-side resize."""
-    from .data.decode import SHARD_SEP, jpeg_info, read_bytes
+    from .data.decode import jpeg_info, read_bytes
+    from .data.shards import is_member
 
     step = max(1, len(samples) // 20)
     for path, _ in samples[::step]:
-        if SHARD_SEP in path:  # a shard's sample: one pread of the whole member
+        if is_member(path):  # a shard's sample: one pread of the whole member
             info = jpeg_info(read_bytes(path))
         else:
             with open(path, "rb") as fh:
@@ -108,7 +109,7 @@ def _eval_loader(args, data_cfg, samples: list, dist, device: torch.device):
     sampler = EpochSampler(len(samples), shuffle=False, rank=dist.rank, world=dist.world_size)
     workers = resolve_workers(data_cfg.workers, dist)[0] if args.workers is None else args.workers
     loader = make_loader(ImageDataset(samples, preset), sampler, args.batch_size or data_cfg.batch_size,
-                         workers, device.type == "cuda")
+                         workers, device.type == "cuda", timeout=getattr(data_cfg, "loader_timeout", 300.0))
     return sampler, loader
 
 

@@ -61,7 +61,8 @@ from alexnet_train.config import DataConfig
 from alexnet_train.data.batching import collate_hwc
 from alexnet_train.data.datasets import ImageDataset, scan_image_folder
 from alexnet_train.data.loaders import EpochSampler, close_loader, make_loader
-from alexnet_train.data.shards import find_shards, is_shard_source, shard_index
+from alexnet_train.data.shardindex import shard_index
+from alexnet_train.data.shards import find_shards, is_shard_source
 from alexnet_train.data.transforms import TrainPreset
 from alexnet_train.data.treeindex import is_image, list_tree
 

@@ -27,7 +27,8 @@ from PIL import Image, ImageOps
 # one; most callers import them from here
 from ..errors import BadImageError, DataError, TooManyBadImages
 from .samples import SampleList
-from .shards import classes_of, find_shards, is_shard_source, shard_index
+from .shardindex import classes_of, eval_labels, shard_index
+from .shards import expand, find_shards, is_shard_source
 from .treeindex import list_tree
 
 Sample = tuple[str, int]
@@ -242,14 +243,7 @@ def labelled_samples(root: str, classes: Sequence[str], labels_file: str | None 
 
 
 def _shard_eval_samples(root: str, classes: Sequence[str], log: Log | None) -> SampleList:
-    index = shard_index(find_shards(root, root), log)
-    labels = index.samples.labels
-    if labels.max(initial=-1) >= len(classes):
-        raise DataError(f"{root}: class index {int(labels.max())} in the shards, but training has {len(classes)} classes")
-    for label, wnid in sorted(index.wnids.items()):
-        if classes[label] != wnid:
-            raise DataError(f"{root}: class {label} is {wnid} in the shards but {classes[label]} in training")
-    return index.samples
+    return eval_labels(shard_index(find_shards(root, root), log), list(classes), root, log)
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -335,6 +329,7 @@ def check_dir(path: str | None, key: str) -> Path:
     """The directory at ``path`` or a DataError naming the config ``key``."""
     if not path:
         raise DataError(f"{key}: not set")
+    path = expand(path)
     if is_shard_source(path):
         find_shards(path, key)  # a folder of several splits, or a pattern naming none, is an error here
         return Path(path)

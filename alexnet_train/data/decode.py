@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import BadImageError
-from .shards import SEP as SHARD_SEP  # <shard>::<member>@<offset>+<size>
+from .shards import is_member  # <shard>::<member>@<offset>+<size>
 
 # ImageNet's largest files are ~ 20 megapixels; PIL's bomb guard (89 MP warning,
 # 179 MP error) would only stop legitimate scans.  A hard cap still refuses garbage.
@@ -239,8 +239,8 @@ def decode_pil(data: bytes, path: str, min_side: int | None = None) -> torch.Ten
 
 
 def read_bytes(path: str) -> bytes:
-    if SHARD_SEP in path:  # a sample of a WebDataset shard: one pread of its byte range
-        from .shards import read_member
+    if is_member(path):  # a sample of a WebDataset shard: one pread of its byte range
+        from .shardread import read_member
 
         return read_member(path)
     try:
