@@ -15,6 +15,8 @@ that names the key (and the file or ``--set`` it came from).  Reading YAML and
 """
 from __future__ import annotations
 
+import os
+
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -101,8 +103,19 @@ class DataConfig:
     """worker: loader processes decode and crop; device: they only read the file bytes and draw
     the crops, and the training process decodes each batch on the training device (TorchCodec;
     nvJPEG on a GPU) and crops there.  Same crops either way."""
+    loader_timeout: float = 300.0
+    """Seconds a loader with workers may go without delivering a batch before the run ends with
+    one line (exit 1, resumable from the last checkpoint) instead of waiting forever on a worker
+    that is stuck or can no longer send (out of file descriptors, a hung network mount);
+    0 = wait forever."""
 
     def __post_init__(self) -> None:
+        for key in ("train_dir", "val_dir", "val_labels", "demo_cache"):
+            value = getattr(self, key)
+            if isinstance(value, str) and value.startswith("~"):  # as a shell would: YAML and --set keep it
+                object.__setattr__(self, key, os.path.expanduser(value))
+        if self.loader_timeout < 0:
+            raise ConfigError(f"data.loader_timeout: must be >= 0 seconds (0 = wait forever), got {self.loader_timeout}")
         _positive(self, "batch_size", "resize_size", "crop_size")
         if self.workers != "auto" and self.workers < 0:
             raise ConfigError(f"data.workers: must be >= 0, got {self.workers}")

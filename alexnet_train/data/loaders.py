@@ -10,8 +10,10 @@ Usage::
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
+import re
 import signal
 import sys
 import weakref
@@ -27,6 +29,7 @@ from ..errors import first_line
 from .datasets import DataError, EncodedDataset, ImageDataset, Sample, check_dir, labelled_samples, scan_image_folder
 from . import ring
 from .samples import SampleList
+from .shardread import raise_open_files_limit
 from .batching import collate_encoded, collate_hwc
 from .transforms import CenterPreset, TrainPreset
 
@@ -161,10 +164,11 @@ RING_SLOTS = PREFETCH + 2
 
 def make_loader(
     dataset: ImageDataset, sampler: EpochSampler, batch_size: int, workers: int, pin_memory: bool,
-    collate_fn=collate_hwc, ring_slots: int = RING_SLOTS,
+    collate_fn=collate_hwc, ring_slots: int = RING_SLOTS, timeout: float = 0.0,
 ) -> DataLoader:
     """The DataLoader of a split.  ``ring_slots``: reused shared-memory buffers per worker for
-    the batches (:mod:`~.ring`; 0 = a fresh segment per batch)."""
+    the batches (:mod:`~.ring`; 0 = a fresh segment per batch).  ``timeout``: seconds without a
+    batch before the loader raises (``data.loader_timeout``; 0 = never; workers only)."""
     global _loader_pid
     _loader_pid = os.getpid()
     # torch's SIGCHLD handler raises a dead worker's error from wherever the main process is
@@ -183,6 +187,7 @@ def make_loader(
         persistent_workers=workers > 0,
         worker_init_fn=functools.partial(worker_init, ring_slots=ring_slots) if workers > 0 else None,
         prefetch_factor=PREFETCH if workers > 0 else None,
+        timeout=timeout if workers > 0 else 0,
         # Every iterator draws a base seed from this generator; from the global one it
         # would shift dropout's random stream with the worker count and resume point.
         # (Augmentation takes its randomness from the sampler's per-sample seeds.)
@@ -251,6 +256,13 @@ def close_loader(loader: DataLoader) -> None:
     iterator = getattr(loader, "_iterator", None)
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
         iterator._shutdown_workers()
+        # A worker still alive after that (stopped, or stuck where SIGTERM does not reach it) would
+        # make multiprocessing's exit handler wait for it forever, holding OUT's lock.
+        for w in getattr(iterator, "_workers", []):
+            if w.is_alive():
+                with contextlib.suppress(OSError):
+                    os.kill(w.pid, signal.SIGKILL)
+                w.join(timeout=5)
     loader._iterator = None
     ring.forget_dead()  # its workers' slots: batches still held keep their own
 
@@ -299,6 +311,7 @@ def build_loaders(cfg: DataConfig, splits: Splits, dist: DistInfo, seed: int, pi
     """Train and val loaders; with ``data.decode: device`` their batches go through
     :class:`~alexnet_train.data.batching.DecodeOnDevice` in the training process."""
     check_decode(cfg)
+    raise_open_files_limit()  # before the workers fork: they inherit it (shards, shared memory, pipes)
     batch = per_process_batch(cfg, dist)
     if len(splits.train) < cfg.batch_size:
         raise DataError(f"data.batch_size: {cfg.batch_size} is more than the {len(splits.train)} training images "
@@ -309,9 +322,9 @@ def build_loaders(cfg: DataConfig, splits: Splits, dist: DistInfo, seed: int, pi
     dataset, collate = (EncodedDataset, collate_encoded) if cfg.decode == "device" else (ImageDataset, collate_hwc)
     return Loaders(
         train=make_loader(dataset(splits.train, TrainPreset(cfg)), train_sampler, batch, workers, pin_memory,
-                          collate),
+                          collate, timeout=cfg.loader_timeout),
         val=make_loader(dataset(splits.val, CenterPreset(cfg)), val_sampler, batch, workers, pin_memory,
-                        collate),
+                        collate, timeout=cfg.loader_timeout),
         workers=workers,
         workers_line=line,
     )
@@ -329,6 +342,10 @@ def _worker_killed(exc: BaseException) -> bool:
 
 def loader_failure(exc: BaseException) -> str:
     """One line for an exception the data loader raised."""
+    timed_out = re.match(r"DataLoader timed out after (\S+) seconds", str(exc))
+    if timed_out:
+        return (f"no batch from the loader's workers for {timed_out.group(1)} s (data.loader_timeout): a worker is "
+                "stuck or can no longer send (out of open files? ulimit -n; a hung network mount?)")
     if isinstance(exc, (ConnectionError, EOFError)):
         return f"a DataLoader worker died while sending a batch ({first_line(exc)})"
     return first_line(exc)
