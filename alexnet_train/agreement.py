@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from .data.datasets import BadImageError, BadImages, TooManyBadImages
-from .data.loaders import _worker_killed, loader_failure
+from .data.loaders import _worker_killed, batch_deadline, loader_failure
 from .distributed import DistInfo, all_gather, all_reduce_max, rebuild_failure, save_group
 from .errors import LoaderFailed
 
@@ -89,7 +89,7 @@ class RankAgreement:
         else:
             self.pending_bad.extend((split, path, reason) for path, reason in bad)
 
-    def guard(self, batches, steps: int, stop, blank: bool = True):
+    def guard(self, batches, steps: int, stop, blank: bool = True, timeout: float = 0.0):
         """``batches`` (at most ``steps``), with the loader's errors as one line, not a traceback.
 
         ``stop``: the run's stop request (``stop.signum`` set once a stop signal arrived).  A
@@ -98,12 +98,15 @@ class RankAgreement:
         Under DDP a rank whose loader is gone holds the failure and, with ``blank``, yields
         ``(None, None, [])`` for the epoch's remaining steps, so it keeps joining the gradient
         all-reduce until the ranks' next agreement (evaluation has no per-batch collective).
+        ``timeout``: seconds a batch may take before the loader counts as failed
+        (``data.loader_timeout``; 0 = wait forever).
         """
         it = iter(batches)
         done = 0
         while done < steps:
             try:
-                batch = next(it)
+                with batch_deadline(timeout, grace=2.0):
+                    batch = next(it)
             except StopIteration:
                 return
             except Exception as exc:  # noqa: BLE001 - whatever the loader raised, as one line

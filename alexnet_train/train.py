@@ -276,7 +276,8 @@ class Trainer:
                            self.tracker, self.loaders.workers)
         with self.tracker.progress(total, f"epoch {self.epoch + 1}/{self.cfg.train.epochs} train", window.interval,
                                    initial=self.step_in_epoch, eta=self._eta("train")) as bar:
-            for images, targets, bad in window.timed(self.agreement.guard(self._batches(loader), len(loader), stop)):
+            for images, targets, bad in window.timed(self.agreement.guard(self._batches(loader), len(loader), stop,
+                                                                         timeout=self.cfg.data.loader_timeout)):
                 self.agreement.unreadable(bad, "train")
                 window.add(*self._learn(images, targets))
                 self.step_in_epoch += 1
@@ -365,7 +366,8 @@ class Trainer:
                                    self.cfg.train.log_interval, eta=self._eta("val")) as bar:
             try:
                 # Under the training's autocast: the accuracy it reports is the model it trains.
-                batches = self.agreement.guard(self._batches(loader), len(loader), stop, blank=False)
+                batches = self.agreement.guard(self._batches(loader), len(loader), stop, blank=False,
+                                               timeout=self.cfg.data.loader_timeout)
                 batches = self._until_agreed(batches, stop) if self.dist.distributed else _until(batches, stop)
                 result = evaluate(self.net, batches, self.preprocess, self.device,
                                   progress=bar,

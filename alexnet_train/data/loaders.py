@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
@@ -328,6 +329,35 @@ def build_loaders(cfg: DataConfig, splits: Splits, dist: DistInfo, seed: int, pi
         workers=workers,
         workers_line=line,
     )
+
+
+class LoaderTimeout(RuntimeError):
+    """No batch within ``data.loader_timeout`` seconds."""
+
+
+@contextlib.contextmanager
+def batch_deadline(seconds: float, grace: float = 0.0) -> Iterator[None]:
+    """Raise LoaderTimeout in the block if it runs longer than ``seconds`` + ``grace`` (``seconds``
+    0: never).  ``grace``: let the DataLoader's own timeout of ``seconds`` speak first.
+
+    The DataLoader's own ``timeout`` covers only its wait on the result queue; a batch whose
+    shared memory must be fetched from a worker that stopped answering (torch's file-descriptor
+    sharing asks the worker for it) waits inside unpickling, where nothing times out.  A timer
+    signal interrupts that wait wherever the main thread is.  Main thread only (signals)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(_signum, _frame):
+        raise LoaderTimeout(f"DataLoader timed out after {seconds:g} seconds")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds + grace)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _worker_killed(exc: BaseException) -> bool:

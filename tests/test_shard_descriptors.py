@@ -1,0 +1,118 @@
+"""Bounded descriptors and a loader that cannot hang a run: many shards under a low ``ulimit -n``
+train, and a loader whose workers stop delivering ends the run with one line, lock released."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from alexnet_train.data.shardread import MAX_OPEN
+
+from .conftest import DEMO_CONFIG as DEMO, console_script, read_metrics, tiny_overrides, write_image_folder
+
+CLASSES = ["n01440764", "n01443537", "n01484850"]
+
+
+def _many_shards(folder: Path, tree: Path) -> int:
+    """One sample per shard: every image of ``tree`` in a shard of its own."""
+    folder.mkdir(parents=True)
+    files = sorted(tree.rglob("*.JPEG"))
+    for i, f in enumerate(files):
+        with tarfile.open(folder / f"train-{i:04d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            label = CLASSES.index(f.parent.name)
+            meta = json.dumps({"filename": f"{f.parent.name}/{f.name}", "label": label}).encode()
+            for name, data in ((f"{f.stem}.jpg", f.read_bytes()), (f"{f.stem}.cls", str(label).encode()),
+                               (f"{f.stem}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return len(files)
+
+
+def _args(train: str, val: Path, out: Path, *extra: str, epochs: int = 1) -> list[str]:
+    return ["--config", DEMO, "--out", str(out), "--set", *tiny_overrides(Path(train), val, 3, epochs),
+            "data.batch_size=8", "data.workers=2", *extra]
+
+
+@pytest.mark.slow
+def test_120_shards_train_under_a_limit_of_48_open_files(tmp_path):
+    """Issue 35 item 4: at ulimit -n 48 (soft = hard, so nothing can raise it) a worker that
+    kept one descriptor per shard ran out, its queue's feeder thread died with EMFILE, and the
+    run waited forever.  Each process now keeps at most MAX_OPEN shards open."""
+    tree = write_image_folder(tmp_path / "train", CLASSES, 40, size=40, seed=1)
+    val = write_image_folder(tmp_path / "val", CLASSES, 2, size=40, seed=2)
+    assert _many_shards(tmp_path / "wds", tree) == 120 > 48 > 3 * MAX_OPEN
+    out = tmp_path / "out"
+    cmd = " ".join(f"'{a}'" for a in [console_script("alexnet-train"), *_args(str(tmp_path / "wds"), val, out)])
+    done = subprocess.run(["bash", "-c", f"ulimit -n 48 && exec {cmd}"], capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = read_metrics(out)
+    assert len(rows) == 1 and rows[0]["bad_images"] == 0 and rows[0]["val_images"] == 6
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
+@pytest.mark.slow
+def test_a_loader_that_stops_delivering_ends_the_run_with_one_line_and_frees_the_lock(tmp_path):
+    """Workers that stop (SIGSTOP: alive, silent, deaf to SIGTERM) are the worst case of a loader
+    that stops delivering: the run ends within data.loader_timeout with one line, exit 1, kills
+    them, and the next run on OUT starts (not 75: the lock is not held by a dead run)."""
+    train = write_image_folder(tmp_path / "train", CLASSES, 30, size=40, seed=1)
+    val = write_image_folder(tmp_path / "val", CLASSES, 2, size=40, seed=2)
+    out = tmp_path / "out"
+    run = subprocess.Popen([console_script("alexnet-train"), *_args(str(train), val, out, "data.loader_timeout=4",
+                                                                   epochs=200)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        for line in run.stdout:  # the first log step: the workers are delivering
+            if line.startswith("epoch 1/200 train 2/"):  # train.log_interval=2
+                break
+            assert time.monotonic() < deadline, "no log step within 120 s"
+        workers = _children(run.pid)
+        assert len(workers) >= 2, workers
+        stopped = time.monotonic()
+        for w in workers:
+            os.kill(w, signal.SIGSTOP)
+        _, err = run.communicate(timeout=90)
+        took = time.monotonic() - stopped
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        for w in workers:
+            if not _gone(w):
+                os.kill(w, signal.SIGKILL)
+    assert run.returncode == 1, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("alexnet-train: error:")]
+    assert len(errors) == 1 and "no batch from the loader's workers for 4" in errors[0], err[-3000:]
+    assert "Traceback" not in err
+    assert took < 4 + 30, took  # the timeout, a stop check, closing: not forever
+    time.sleep(0.5)
+    assert all(_gone(w) for w in workers)
+    again = subprocess.run([console_script("alexnet-train"), *_args(str(train), val, out, epochs=1)],
+                           capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-2000:]
