@@ -30,8 +30,8 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError, dump_yaml, replace
 from .distributed import DistInfo, agree_on_failure, all_gather, is_collective_error
 from .errors import REPEAT_SECONDS, USER_ERRORS, Aborted, Interrupted, PeerLost, first_line, run_errors
-from .resume import (check_resume_config, confirm_resume, confirm_shared_out, decide_resume, resume_decision,
-                     trim_metrics)
+from .resume import (ResumePoint, check_resume_config, confirm_resume, confirm_shared_out, decide_resume,
+                     resume_decision, resume_on_data, same_sample_lists, sample_lists, trim_metrics)
 
 Log = Callable[[str], None]
 
@@ -277,8 +277,8 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
             tracker = None
             try:
                 together = Together(dist, group)
-                cfg, splits, point, pretrained = _agree_on_inputs(cfg, resume, out, lock, dist, group, together,
-                                                                  say)
+                cfg, splits, point, pretrained, lists = _agree_on_inputs(cfg, resume, out, lock, dist, group,
+                                                                         together, say)
                 tracker = together(lambda: _start_out(cfg, out, lock, point, provenance, dist))
                 if group:
                     mine = together(lambda: ckpt.file_digest(out / "config.yaml") if dist.is_main else None)
@@ -293,7 +293,8 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
                 stop.__enter__()
                 try:
                     result = fit(cfg, splits, out, tracker, dist, point.state if point else None, pretrained,
-                                 stop=stop, resume_path=point.path if point else None, device=device)
+                                 stop=stop, resume_path=point.path if point else None, device=device,
+                                 sample_lists=lists)
                 except Interrupted as exc:
                     exc.report = dist.is_main
                     raise
@@ -354,7 +355,8 @@ def _announce(cfg: Config, dist: DistInfo, group: bool, say: Log):
 
 def _agree_on_inputs(cfg: Config, resume: str, out: Path, lock: ckpt.RunLock, dist: DistInfo, group: bool,
                      together: "Together", say: Log):
-    """(cfg, splits, resume point, pretrained weights), every check agreed by all ranks.
+    """(cfg, splits, resume point, pretrained weights, the splits' sample lists as a checkpoint
+    records them), every check agreed by all ranks.
 
     Everything that can be wrong with the config or data is checked before OUT is touched; an
     existing OUT is locked first, so no other run writes it while we read it.  Rank 0 first:
@@ -373,7 +375,15 @@ def _agree_on_inputs(cfg: Config, resume: str, out: Path, lock: ckpt.RunLock, di
         mine = together(lambda: resume_decision(point, out) if dist.is_main else None)
         decision = all_gather(mine, dist.world_size)[0]
     point, pretrained = together(lambda: _confirm(cfg, splits, point, decision, out, dist, group, say))
-    return cfg, splits, point, pretrained
+    # Every rank compares its checkpoint (the same file on all: _confirm) with its sample lists,
+    # agreed to be rank 0's first: so a resume on changed data takes the same path on every rank.
+    lists = together(lambda: sample_lists(splits))
+    if group:
+        gathered = all_gather(lists, dist.world_size)
+        together(lambda: same_sample_lists(gathered))
+    point = together(lambda: None if point is None else
+                     ResumePoint(point.path, resume_on_data(point.state, lists, cfg, say)))
+    return cfg, splits, point, pretrained, lists
 
 
 def _say_done(result, out: Path, dist: DistInfo, say: Log) -> None:

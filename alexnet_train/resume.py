@@ -4,21 +4,26 @@ Usage::
 
     point = decide_resume("auto", out, log)            # OUT's newest readable checkpoint, or None
     check_resume_config(point.state["config"], cfg, log)  # a changed model is refused
+    state = resume_on_data(point.state, sample_lists(splits), cfg, log)  # changed data: a notice
     trim_metrics(out / "metrics.jsonl", point.state["epoch"])
 
 Under DDP rank 0 decides (:func:`resume_decision`: the file, its size and SHA-256) and every
 other rank confirms it reads the same file from the same OUT (:func:`confirm_resume`,
-:func:`confirm_shared_out`): OUT must be one directory for all ranks.
+:func:`confirm_shared_out`): OUT must be one directory for all ranks.  Every rank reads the same
+sample lists (:func:`same_sample_lists`), so :func:`resume_on_data`, a function of the checkpoint
+and the lists alone, takes the same path on every rank.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from . import checkpoint as ckpt
 from .config import Config, config_to_dict
+from .data.samples import SampleList, fingerprint
 from .distributed import DistInfo
 from .errors import ConfigError
 
@@ -65,7 +70,14 @@ def check_resume_config(saved: dict, cfg: Config, log: Log) -> None:
         old_values = saved.get(section, {})
         for key, value in values.items():
             old = old_values.get(key, defaults[section][key])
-            if old == value or section == "data" and key in ("train_dir", "val_dir") and old is not None:
+            if old == value:
+                continue
+            if section == "data" and key in ("train_dir", "val_dir") and old is not None:
+                # Another spelling of the same folder (a symlink, another working directory) says
+                # nothing; whether the data itself changed is resume_on_data's to say.
+                if _same_folder(old, value):
+                    continue
+                log(f"notice: data.{key} changed since the checkpoint: {old!r} -> {value!r}")
                 continue
             if section == "model" and key in cfg.model.unused_keys():
                 continue  # the arch (unchanged, or refused above) does not use it: the model is the same
@@ -84,6 +96,108 @@ def check_resume_config(saved: dict, cfg: Config, log: Log) -> None:
             log(f"notice: {section}.{key} changed since the checkpoint: {old!r} -> {value!r}"
                 + ("; under schedule.kind plateau the run goes on at the checkpoint's current lr (the new value "
                    "starts a fresh run: another --out)" if plateau else ""))
+
+
+def _same_folder(a: str, b: str | None) -> bool:
+    """Whether two spellings name one folder (a relative one as from this working directory: a
+    checkpoint does not record the one its run started in)."""
+    if b is None:
+        return False
+    try:
+        return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+    except (OSError, ValueError):
+        return False
+
+
+# What a checkpoint records of each split's data, and the config key that names the split.
+SPLIT_KEYS = {"train": "data.train_dir", "val": "data.val_dir"}
+
+
+def sample_lists(splits) -> dict[str, dict]:
+    """Per split (train, val): ``{"samples": count, "fingerprint": ...}`` of the sample list the
+    run reads (:func:`~alexnet_train.data.samples.fingerprint`: its paths relative to the
+    split's root, and labels), for a checkpoint to record and a resume to compare."""
+    recorded = {}
+    for split in SPLIT_KEYS:
+        samples = getattr(splits, split)
+        if not isinstance(samples, SampleList):
+            samples = SampleList.from_pairs(samples)
+        recorded[split] = {"samples": len(samples), "fingerprint": fingerprint(samples)}
+    return recorded
+
+
+def same_sample_lists(gathered: list[dict[str, dict]]) -> None:
+    """ConfigError unless every rank (``gathered``: each rank's :func:`sample_lists`, in rank
+    order) reads rank 0's sample lists.  Ranks that read other lists would pick other images
+    for the same index and, counting other steps per epoch, leave one another waiting; and
+    they could not agree on what a resume on changed data does."""
+    first = gathered[0]
+    for rank, lists in enumerate(gathered):
+        for split, key in SPLIT_KEYS.items():
+            if lists[split] != first[split]:
+                raise ConfigError(
+                    f"{key}: rank {rank} reads another sample list than rank 0 ({lists[split]['samples']} samples, "
+                    f"rank 0 {first[split]['samples']}): every rank must read the same data (a node-local "
+                    "copy that is complete, or storage every node sees)")
+
+
+def resume_on_data(state: dict, now: dict[str, dict], cfg: Config, log: Log) -> dict:
+    """The checkpoint ``state`` to resume from, given the sample lists the run reads ``now``
+    (:func:`sample_lists`); a one-line notice for each split that changed since the checkpoint.
+
+    Between epochs the run goes on with the new lists.  Mid-epoch on a changed training list
+    the epoch restarts from its first step: the checkpoint's step k is a position in the old
+    list's shuffle order, and step k of the new list's order would see some images twice and
+    skip others.  The restarted epoch sees every image of the new list once (the k steps
+    already taken on the old order were extra training, as in a longer epoch), and its row in
+    metrics.jsonl is of the restarted epoch alone.  A checkpoint written before sample lists
+    were recorded resumes as it is, with a note that the data cannot be checked.
+
+    A function of ``state`` and ``now`` alone: under DDP every rank holds the same checkpoint
+    (:func:`confirm_resume`) and the same lists (:func:`same_sample_lists`), so every rank
+    takes the same path.
+    """
+    saved = state.get("sample_lists")
+    if not isinstance(saved, dict):
+        log("note: the checkpoint records no fingerprint of its sample lists (written by an older "
+            "alexnet-train): whether data.train_dir or data.val_dir changed since cannot be checked")
+        return state
+    epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
+    restart = trained = False
+    for split, key in SPLIT_KEYS.items():
+        old, new = saved.get(split), now[split]
+        if old is None or old == new:
+            continue
+        counts = (f"{old['samples']} -> {new['samples']} samples" if old["samples"] != new["samples"]
+                  else f"{new['samples']} samples")
+        line = f"notice: {key} changed since the checkpoint ({counts}, sample list differs): "
+        if split == "val":
+            line += f"validation from epoch {epoch + 1} on is of the new list"
+        elif step == 0:
+            line += f"the run goes on with the new list from epoch {epoch + 1}"
+        elif step >= _steps_per_epoch(old["samples"], state):
+            line += (f"epoch {epoch + 1}'s training was complete (step {step}); its validation runs, and the new "
+                     "list is used from the next epoch")
+            trained = True
+        else:
+            line += (f"epoch {epoch + 1} restarts from its first step in the new list's order (the checkpoint is at "
+                     f"step {step} of the old list's order; going on there would see some images twice and "
+                     "skip others)")
+            restart = True
+        log(line)
+    if restart:
+        accum = {name: type(value)() for name, value in dict(state.get("accum") or {}).items()}
+        return dict(state, step_in_epoch=0, accum=accum)
+    if trained:  # the new list's whole epoch: nothing of it left to train
+        return dict(state, step_in_epoch=now["train"]["samples"] // cfg.data.batch_size)
+    return state
+
+
+def _steps_per_epoch(samples: int, state: dict) -> int:
+    """Training steps of a whole epoch of ``samples`` under the checkpoint's global batch (the
+    ragged tail is left out: :class:`~alexnet_train.data.loaders.EpochSampler`)."""
+    batch = int((state.get("config") or {}).get("data", {}).get("batch_size") or 1)
+    return samples // max(1, batch)
 
 
 def trim_metrics(path: Path, epochs_done: int) -> None:

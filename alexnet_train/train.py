@@ -38,6 +38,7 @@ from .data.transforms import BatchPreprocess
 from .distributed import DistInfo, all_reduce_sum
 from .evaluate import EvalResult, evaluate
 from .logwindow import LogWindow
+from .resume import sample_lists as split_sample_lists
 from .rngstate import gather_rng_states, restore_rng_states, rng_state, seed_rank, step_seed
 from .errors import REPEAT_SECONDS, Interrupted, NonFiniteLoss, OutOfMemory, run_errors
 from .optim import build_sgd, start_momentum
@@ -73,8 +74,11 @@ class Trainer:
     def __init__(self, cfg: Config, splits: Splits, out_dir: Path, tracker: Tracker,
                  dist: DistInfo | None = None, resume_state: dict | None = None,
                  pretrained: Pretrained | None = None, resume_path: Path | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, sample_lists: dict | None = None) -> None:
         self.cfg, self.splits, self.out_dir, self.tracker = cfg, splits, out_dir, tracker
+        # Each split's sample count and fingerprint, recorded in every checkpoint: a resume on
+        # changed data says so (resume.resume_on_data).
+        self.sample_lists = sample_lists if sample_lists is not None else split_sample_lists(splits)
         self.dist = dist or DistInfo()
         # The lifecycle chose it (and made it current) before the process group; alone, choose here.
         self.device = device if device is not None else resolve_device(cfg.train.device, self.dist.local_rank)[0]
@@ -197,6 +201,7 @@ class Trainer:
             "rng_ranks": rng_ranks,
             "config": config_to_dict(self.cfg),
             "classes": list(self.splits.classes),
+            "sample_lists": self.sample_lists,
             "versions": versions(),
             "val": self.last_eval.as_dict() if self.last_eval else None,
             "transfer": self.transfer,
@@ -490,8 +495,9 @@ def _until(loader, stop: StopRequest):
 def fit(cfg: Config, splits: Splits, out_dir: Path, tracker: Tracker, dist: DistInfo | None = None,
         resume_state: dict | None = None, pretrained: Pretrained | None = None,
         stop: StopRequest | None = None, resume_path: Path | None = None,
-        device: torch.device | None = None) -> FitResult:
-    trainer = Trainer(cfg, splits, out_dir, tracker, dist, resume_state, pretrained, resume_path, device)
+        device: torch.device | None = None, sample_lists: dict | None = None) -> FitResult:
+    trainer = Trainer(cfg, splits, out_dir, tracker, dist, resume_state, pretrained, resume_path, device,
+                      sample_lists)
     try:
         return trainer.run(stop)
     finally:

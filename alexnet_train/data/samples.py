@@ -20,6 +20,7 @@ every path shares (the tree's root) is kept once: ImageNet's 1.28M training path
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Iterable, Iterator, Sequence, overload
 
@@ -170,3 +171,22 @@ class SampleList(Sequence):
     def __repr__(self) -> str:
         head = ", ".join(repr(s) for s in list(self[:2]))
         return f"SampleList({len(self)} samples{': ' + head + ', ...' if len(self) else ''})"
+
+
+def fingerprint(samples: SampleList) -> str:
+    """SHA-256 (hex) of a sample list: every path after the prefix (the split's root), with its
+    label, in order.
+
+    The same data gives the same fingerprint however its root is spelled (relative, absolute,
+    through a symlink, from another working directory, a node-local copy); a file added,
+    removed or renamed, or a label changed, gives another.  It hashes the three flat buffers
+    as they are, ~35 ms for ImageNet's 1.28M training samples.
+    """
+    data, offsets, labels = samples.buffers
+    start, end = (int(offsets[0]), int(offsets[-1])) if len(offsets) else (0, 0)
+    digest = hashlib.sha256()
+    digest.update(np.int64(len(labels)).astype("<i8").tobytes())
+    digest.update(np.ascontiguousarray(offsets - start, dtype="<i8"))
+    digest.update(np.ascontiguousarray(labels, dtype="<i8"))
+    digest.update(data[start:end])
+    return digest.hexdigest()
