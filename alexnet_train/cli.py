@@ -20,6 +20,12 @@ from typing import NoReturn, Sequence
 from .errors import EXIT_CONFIG, EXIT_RUNTIME
 
 
+def _path(text: str) -> str:
+    """A path argument as a shell gives it: ``~`` expanded also where the shell leaves it
+    (``--data=~/x``, a quoted argument, a script's)."""
+    return os.path.expanduser(text)
+
+
 def _fail(prog: str, code: int, message: str) -> NoReturn:
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
@@ -54,14 +60,14 @@ def train_parser() -> argparse.ArgumentParser:
         prog="alexnet-train",
         description="Train AlexNet on an ImageFolder tree (see README.md and docs/ for configs and exit codes).",
     )
-    p.add_argument("--config", required=True, metavar="FILE", help="YAML config (e.g. configs/paper.yaml)")
+    p.add_argument("--config", required=True, metavar="FILE", type=_path, help="YAML config (e.g. configs/paper.yaml)")
     _add_set(p)
-    p.add_argument("--out", metavar="DIR", help="output directory (default: the config's train.out_dir)")
-    p.add_argument("--resume", default="auto", metavar="auto|none|PATH",
+    p.add_argument("--out", metavar="DIR", type=_path, help="output directory (default: the config's train.out_dir)")
+    p.add_argument("--resume", default="auto", metavar="auto|none|PATH", type=_path,
                    help="auto (default): continue from OUT's newest valid checkpoint if any; "
                         "none: start fresh (refused if OUT already holds checkpoints); PATH: continue from that file")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--log", metavar="FILE",
+    p.add_argument("--log", metavar="FILE", type=_path,
                    help="append everything the run prints (its errors and its loader workers' output too) to "
                         "FILE, creating FILE's folder: the shell's `>> FILE 2>&1` for cron and batch jobs, "
                         "without the shell failing on a folder that is not there yet")
@@ -140,9 +146,11 @@ def eval_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint (ours, or a torchvision AlexNet state_dict): top-1/top-5 for the centre "
                     "crop and, with --ten-crop, the paper's ten-crop test.",
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pth written by alexnet-train, or torchvision weights")
-    p.add_argument("--data", metavar="DIR", help="validation folder (default: the checkpoint config's data.val_dir)")
-    p.add_argument("--labels", metavar="FILE", help="labels for a flat val folder: 'filename wnid' lines, "
+    p.add_argument("checkpoint", metavar="CHECKPOINT", type=_path,
+                   help="a .pth written by alexnet-train, or torchvision weights")
+    p.add_argument("--data", metavar="DIR", type=_path,
+                   help="validation folder (default: the checkpoint config's data.val_dir)")
+    p.add_argument("--labels", metavar="FILE", type=_path, help="labels for a flat val folder: 'filename wnid' lines, "
                    "Kaggle's LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt "
                    "(with meta.mat beside it)")
     p.add_argument("--ten-crop", action="store_true",
@@ -151,9 +159,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, metavar="N", help="loader processes (default: config's)")
     p.add_argument("--device", default="auto", metavar="D", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast on CUDA (default none)")
-    p.add_argument("--json", metavar="FILE", help='write {"center": {...}, "ten_crop": {...}} '
+    p.add_argument("--json", metavar="FILE", type=_path, help='write {"center": {...}, "ten_crop": {...}} '
                                                   "(top1, top5 in percent, loss, images)")
-    p.add_argument("--predictions", metavar="FILE",
+    p.add_argument("--predictions", metavar="FILE", type=_path,
                    help="write CSV path,label,pred1..pred5 (wnids) for every image (ten-crop with --ten-crop)")
     return p
 
@@ -181,7 +189,8 @@ def eval_main(argv: Sequence[str] | None = None) -> None:
 def summary_main(argv: Sequence[str] | None = None) -> None:
     prog = "alexnet-summary"
     p = argparse.ArgumentParser(prog=prog, description="Per-layer output shapes, parameters and MACs of the model.")
-    p.add_argument("--config", metavar="FILE", help="YAML config (default: the built-in defaults, arch paper)")
+    p.add_argument("--config", metavar="FILE", type=_path,
+                   help="YAML config (default: the built-in defaults, arch paper)")
     _add_set(p)
     p.add_argument("--input-size", type=int, default=224, metavar="PX", help="square input size (default 224)")
     args = p.parse_args(argv)
@@ -234,8 +243,8 @@ def report_parser() -> argparse.ArgumentParser:
                     "val top-1/top-5 per epoch, lr steps marked (the plot needs matplotlib: "
                     "pip install 'alexnet-train[plot]').",
     )
-    p.add_argument("out", metavar="OUT", help="the run's output directory (holds metrics.jsonl)")
-    p.add_argument("--png", metavar="FILE", help="where to write the PNG (default: OUT/report.png)")
+    p.add_argument("out", metavar="OUT", type=_path, help="the run's output directory (holds metrics.jsonl)")
+    p.add_argument("--png", metavar="FILE", type=_path, help="where to write the PNG (default: OUT/report.png)")
     p.add_argument("--no-plot", action="store_true", help="print the summary only")
     return p
 
@@ -267,8 +276,10 @@ def prepare_main(argv: Sequence[str] | None = None) -> None:
                     "square, JPEG. Same folders and file names; or with --shards, WebDataset tar shards laid out "
                     "as timm/imagenet-1k-wds. Resumable; unreadable sources are reported.",
     )
-    p.add_argument("src", metavar="SRC", help="source tree (ImageFolder, or a flat folder such as ILSVRC val)")
-    p.add_argument("dst", metavar="DST", help="destination tree, or with --shards the folder of shards (created)")
+    p.add_argument("src", metavar="SRC", type=_path,
+                   help="source tree (ImageFolder, or a flat folder such as ILSVRC val)")
+    p.add_argument("dst", metavar="DST", type=_path,
+                   help="destination tree, or with --shards the folder of shards (created)")
     p.add_argument("--size", type=int, default=256,
                    help="side of the square output (default 256; with --shards, 0 keeps the original bytes)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality 1-100 (default 90)")
@@ -279,7 +290,7 @@ def prepare_main(argv: Sequence[str] | None = None) -> None:
                         "instead of a tree")
     p.add_argument("--shard-size", type=int, default=None, metavar="BYTES",
                    help="with --shards: the most bytes per shard (default 1000000000)")
-    p.add_argument("--labels", metavar="FILE",
+    p.add_argument("--labels", metavar="FILE", type=_path,
                    help="with --shards: labels of a flat SRC ('filename wnid' lines, or any ILSVRC format)")
     args = p.parse_args(argv)
     if not args.shards and (args.shard_size is not None or args.labels is not None):
@@ -323,12 +334,12 @@ def stats_main(argv: Sequence[str] | None = None) -> None:
         description="Mean pixel, std and RGB covariance eigenvalues/vectors of a training set, as a config "
                     "fragment (use it with `include: FILE` in a config).",
     )
-    p.add_argument("data_dir", metavar="DATA_DIR", help="training tree (or any folder of images)")
+    p.add_argument("data_dir", metavar="DATA_DIR", type=_path, help="training tree (or any folder of images)")
     p.add_argument("--samples", type=int, default=10000, help="images drawn at random (default 10000)")
     p.add_argument("--resize-size", type=int, default=256, help="shorter side the images are resized to (256)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader processes (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random sample (default 0)")
-    p.add_argument("--out", metavar="FILE", help="write the YAML here (default: print it)")
+    p.add_argument("--out", metavar="FILE", type=_path, help="write the YAML here (default: print it)")
     args = p.parse_args(argv)
     from .data.datasets import BadImageError, DataError
     from .data.stats import compute_stats, stats_yaml
@@ -368,8 +379,9 @@ def export_main(argv: Sequence[str] | None = None) -> None:
                     "installed), torchvision_state_dict.pth for the torchvision arch, and model.json with the "
                     "classes and the input each file expects.",
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pth written by alexnet-train, or torchvision weights")
-    p.add_argument("out", metavar="OUT", help="output directory (created)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", type=_path,
+                   help="a .pth written by alexnet-train, or torchvision weights")
+    p.add_argument("out", metavar="OUT", type=_path, help="output directory (created)")
     args = p.parse_args(argv)
     from .checkpoint import CheckpointError
     from .export import ExportError, export_model
@@ -388,9 +400,11 @@ def export_main(argv: Sequence[str] | None = None) -> None:
 def predict_main(argv: Sequence[str] | None = None) -> None:
     prog = "alexnet-predict"
     p = argparse.ArgumentParser(prog=prog, description="Top-5 classes of images, with names and probabilities.")
-    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .pth written by alexnet-train, or torchvision weights")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files")
-    p.add_argument("--synsets", metavar="FILE", help="class names: 'wnid name, name...' lines (synset_words.txt)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", type=_path,
+                   help="a .pth written by alexnet-train, or torchvision weights")
+    p.add_argument("images", metavar="IMAGE", type=_path, nargs="+", help="image files")
+    p.add_argument("--synsets", metavar="FILE", type=_path,
+                   help="class names: 'wnid name, name...' lines (synset_words.txt)")
     p.add_argument("--top", type=int, default=5, metavar="K", help="how many classes per image (default 5)")
     p.add_argument("--device", default="cpu", metavar="D", help="cpu (default), cuda or cuda:N")
     args = p.parse_args(argv)
@@ -422,9 +436,10 @@ def data_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="dataset", required=True, metavar="DATASET")
 
     def common(sp: argparse.ArgumentParser, archive: bool = True) -> None:
-        sp.add_argument("dir", metavar="DIR", help="where the tree goes (created), e.g. data/tiny-imagenet-200")
+        sp.add_argument("dir", metavar="DIR", type=_path,
+                        help="where the tree goes (created), e.g. data/tiny-imagenet-200")
         if archive:
-            sp.add_argument("--from", dest="source", metavar="ARCHIVE",
+            sp.add_argument("--from", dest="source", metavar="ARCHIVE", type=_path,
                             help="use this archive instead of downloading it (it is verified too)")
             sp.add_argument("--keep-archive", action="store_true",
                             help="keep the downloaded archive in DIR/.alexnet-data/downloads")
@@ -449,11 +464,13 @@ def data_parser() -> argparse.ArgumentParser:
     ils = sub.add_parser("ilsvrc", help="ILSVRC-2012 from image-net.org's tar files (you download them; "
                                         "they need a login)")
     common(ils, archive=False)
-    ils.add_argument("--train-tar", metavar="FILE", help="ILSVRC2012_img_train.tar (138 GB, a tar of per-class tars)")
-    ils.add_argument("--val-tar", metavar="FILE", help="ILSVRC2012_img_val.tar (6.3 GB, 50,000 flat JPEGs)")
-    ils.add_argument("--devkit", metavar="FILE", help="ILSVRC2012_devkit_t12.tar.gz (val labels, class names; "
+    ils.add_argument("--train-tar", metavar="FILE", type=_path,
+                     help="ILSVRC2012_img_train.tar (138 GB, a tar of per-class tars)")
+    ils.add_argument("--val-tar", metavar="FILE", type=_path, help="ILSVRC2012_img_val.tar (6.3 GB, 50,000 flat JPEGs)")
+    ils.add_argument("--devkit", metavar="FILE", type=_path,
+                     help="ILSVRC2012_devkit_t12.tar.gz (val labels, class names; "
                                                       "needs scipy)")
-    ils.add_argument("--labels", metavar="FILE", help="val labels without the devkit ('file wnid' lines, "
+    ils.add_argument("--labels", metavar="FILE", type=_path, help="val labels without the devkit ('file wnid' lines, "
                                                       "Kaggle's LOC_val_solution.csv, ...)")
     ils.add_argument("--val-layout", default="folders", choices=["folders", "flat"],
                      help="val sorted into class folders (default) or kept flat with DIR/val_labels.txt")

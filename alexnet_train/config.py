@@ -40,6 +40,14 @@ IMAGENET_EIGVEC = (
 )
 
 
+def _expand_home(section, *keys: str) -> None:
+    """``~`` in path keys expanded, as a shell would have: YAML and ``--set`` keep it as typed."""
+    for key in keys:
+        value = getattr(section, key)
+        if isinstance(value, str) and value.startswith("~"):
+            object.__setattr__(section, key, os.path.expanduser(value))
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the images come from, how they are cropped, coloured and normalized, and who decodes them."""
@@ -110,10 +118,7 @@ class DataConfig:
     0 = wait forever."""
 
     def __post_init__(self) -> None:
-        for key in ("train_dir", "val_dir", "val_labels", "demo_cache"):
-            value = getattr(self, key)
-            if isinstance(value, str) and value.startswith("~"):  # as a shell would: YAML and --set keep it
-                object.__setattr__(self, key, os.path.expanduser(value))
+        _expand_home(self, "train_dir", "val_dir", "val_labels", "demo_cache")
         if self.loader_timeout < 0:
             raise ConfigError(f"data.loader_timeout: must be >= 0 seconds (0 = wait forever), got {self.loader_timeout}")
         _positive(self, "batch_size", "resize_size", "crop_size")
@@ -199,6 +204,7 @@ class ModelConfig:
     momentum buffer."""
 
     def __post_init__(self) -> None:
+        _expand_home(self, "weights")
         _positive(self, "groups")
         if self.num_classes is not None:
             _positive(self, "num_classes")
@@ -373,6 +379,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         if not self.out_dir:
             raise ConfigError("train.out_dir: must not be empty")
+        _expand_home(self, "out_dir")
 
 
 @dataclass(frozen=True)

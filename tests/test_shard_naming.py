@@ -222,3 +222,31 @@ def test_val_shards_lacking_classes_are_matched_to_training_by_wnid(tmp_path):
         assert got == sorted((p.stem, CLASSES.index(p.parent.name)) for p in val.rglob("*.JPEG")), spec
     with pytest.raises(DataError, match=r"class 0 is n01443537 in the shards, which is not one of the 2 training"):
         labelled_samples(str(tmp_path / "wds"), ["n01440764", "n01484850"])
+
+
+@pytest.mark.slow
+def test_the_commands_take_every_spelling_as_typed(kinds, tmp_path):
+    """alexnet-stats, alexnet-prepare and alexnet-train given paths as users type them, including
+    a '~' the shell leaves alone (--flag=~/x, --set key=~/x, a quoted argument)."""
+    from .conftest import DEMO_CONFIG, tiny_overrides
+
+    base = kinds
+    env = {**os.environ, "HOME": str(base)}
+
+    def run(cwd: str, *argv: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([console_script(argv[0]), *argv[1:]], cwd=base / cwd, env=env, capture_output=True,
+                              text=True, timeout=180)
+        assert done.returncode == 0, (argv, done.stderr[-2000:])
+        return done
+
+    for kind in ("src/train", "wds/train"):
+        for cwd, spelled in (("elsewhere", f"../data/{kind}"), (".", f"./data/{kind}"), ("/", f"~/data/{kind}"),
+                             ("elsewhere", f"../link/{kind}")):
+            assert "mean" in run(cwd, "alexnet-stats", spelled, "--samples", "6", "--workers", "0").stdout
+    run("/", "alexnet-prepare", "~/data/src/val", "~/made/wds", "--shards", "--size", "64", "--workers", "0")
+    assert len(list((base / "made" / "wds").glob("imagenet1k-validation-*.tar"))) == 1
+    overrides = [o for o in tiny_overrides(Path("x"), Path("y"), 3, 1) if not o.startswith("data.")]
+    run("elsewhere", "alexnet-train", "--config", DEMO_CONFIG, "--out=~/runs/spelled", "--set", *overrides,
+        "data.train_dir=~/data/wds/train/imagenet1k-train-*.tar", "data.val_dir=../link/copy256/val",
+        "data.batch_size=4", "data.workers=0", "data.resize_size=72", "data.crop_size=64")
+    assert (base / "runs" / "spelled" / "last.pth").is_file()
