@@ -202,6 +202,28 @@ def test_unreadable_sources_are_reported_and_the_rest_written(tmp_path: Path) ->
     assert not (tmp_path / "out" / FAILURES_FILE).exists()
 
 
+def test_a_failures_list_another_source_wrote_is_kept_and_spellings_of_src_agree(tmp_path, monkeypatch):
+    """DST/prepare-failures.txt: a run replaces its own source's lines, whether SRC is spelled
+    'src' or './src', and leaves a list it did not write as it found it."""
+    src = write_image_folder(tmp_path / "src", CLASSES, 2, size=64)
+    good = (src / CLASSES[0] / f"{CLASSES[0]}_000.JPEG").read_bytes()
+    truncated = src / CLASSES[0] / "truncated.JPEG"
+    truncated.write_bytes(good[: len(good) // 2])
+    out = tmp_path / "out"
+    out.mkdir()
+    foreign = "/elsewhere/n01/x.JPEG\tunreadable\n"
+    (out / FAILURES_FILE).write_text(foreign)
+    monkeypatch.chdir(tmp_path)
+    report = prepare_tree("src", "out", size=32, log=quiet)
+    assert [p for p, _ in report.failed] == [str(truncated)]
+    assert (out / FAILURES_FILE).read_text() == "".join(sorted([foreign, f"{truncated}\t{report.failed[0][1]}\n"]))
+    truncated.unlink()
+    prepare_tree("./src", "out", size=32, log=quiet)
+    assert (out / FAILURES_FILE).read_text() == foreign  # ours gone, theirs kept
+    prepare_tree("./src", "./out", size=32, log=quiet)
+    assert (out / FAILURES_FILE).read_text() == foreign
+
+
 def test_worker_pool_writes_the_same_bytes_as_in_process(odd_images: Path, tmp_path: Path) -> None:
     write_image_folder(odd_images / "sub", CLASSES, 10, size=48)  # enough for several batches
     (odd_images / "sub" / CLASSES[0] / "empty.JPEG").write_bytes(b"")

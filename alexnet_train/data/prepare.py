@@ -249,13 +249,24 @@ def _check_settings(dst: Path, size: int, quality: int) -> None:
         )
 
 
-def _write_failures(dst: Path, failed: list[tuple[str, str]]) -> None:
+def merge_failures(dst: Path, src: Path, failed: list[tuple[str, str]]) -> None:
+    """DST/prepare-failures.txt with this source's lines replaced by ``failed`` (another source written
+    to the same DST keeps its lines).  A file with no line of this source is left untouched when there
+    is nothing to add, and the file is deleted only when every line in it was this source's."""
     path = dst / FAILURES_FILE
-    if not failed:
+    mine = str(src) + os.sep
+    try:
+        old = path.read_bytes().decode("utf-8", "surrogateescape").splitlines(keepends=True)
+    except FileNotFoundError:
+        old = None
+    others = [ln for ln in old or [] if not ln.startswith(mine)]
+    if old is not None and len(others) == len(old) and not failed:
+        return  # not ours to rewrite: nothing of this source in it, nothing to add
+    lines = others + [f"{p}\t{reason}\n" for p, reason in failed]
+    if not lines:
         path.unlink(missing_ok=True)
         return
-    # surrogateescape: a file name that is not valid UTF-8 is written back as its original bytes.
-    text = "".join(f"{p}\t{reason}\n" for p, reason in failed).encode("utf-8", "surrogateescape")
+    text = "".join(sorted(lines)).encode("utf-8", "surrogateescape")
     atomic_write_bytes(path, lambda fh: fh.write(text))
 
 
@@ -392,7 +403,7 @@ def prepare_tree(
     ValueError for a bad ``size``/``quality``/``workers``, OSError when writing fails.
     """
     started = time.monotonic()
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(os.path.abspath(src)), Path(dst)  # failure lines name SRC alike however it is spelled
     folders, found = _list_sources_ready_dst(src, dst, size, quality, workers)
     tasks, skipped = _plan(src, dst, folders)
     total = found - skipped
@@ -403,7 +414,7 @@ def prepare_tree(
     written, failed = _run_batches(tasks, work, workers, progress, total, log)
 
     failed.sort()
-    _write_failures(dst, failed)
+    merge_failures(dst, src, failed)
     indexes = _write_indexes(dst)
     if written and hasattr(os, "sync"):
         os.sync()

@@ -68,7 +68,7 @@ from PIL import Image
 
 from ..checkpoint import atomic_write_bytes
 from .datasets import DataError, class_folders, read_labels_file
-from .prepare import FAILURES_FILE, _ignore_sigint, _pool_context, _Unreadable, square_jpeg
+from .prepare import FAILURES_FILE, merge_failures, _ignore_sigint, _pool_context, _Unreadable, square_jpeg
 from .treeindex import IMAGE_EXTENSIONS, is_image
 
 INFO_FILE = "_info.json"
@@ -351,27 +351,6 @@ def _remove_stale(dst: Path, keep: set[str], owned: set[str], log: Callable[[str
             path.unlink()
 
 
-def _merge_failures(dst: Path, src: Path, failed: list[tuple[str, str]]) -> None:
-    """DST/prepare-failures.txt with this source's lines replaced by ``failed`` (another split written
-    to the same DST keeps its lines).  A file with no line of this source is left untouched when there
-    is nothing to add, and the file is deleted only when every line in it was this source's."""
-    path = dst / FAILURES_FILE
-    mine = str(src) + os.sep
-    try:
-        old = path.read_bytes().decode("utf-8", "surrogateescape").splitlines(keepends=True)
-    except FileNotFoundError:
-        old = None
-    others = [ln for ln in old or [] if not ln.startswith(mine)]
-    if old is not None and len(others) == len(old) and not failed:
-        return  # not ours to rewrite: nothing of this source in it, nothing to add
-    lines = others + [f"{p}\t{reason}\n" for p, reason in failed]
-    if not lines:
-        path.unlink(missing_ok=True)
-        return
-    text = "".join(sorted(lines)).encode("utf-8", "surrogateescape")
-    atomic_write_bytes(path, lambda fh: fh.write(text))
-
-
 def _merge_info(dst: Path, prefix: str, split: str, shards: list[dict[str, Any]], check_only: bool = False) -> None:
     """Replace ``split``'s entry in DST/_info.json, keeping everything else in it (a download's other
     splits and keys); with ``check_only``, only raise the DataError a bad file would give."""
@@ -496,7 +475,7 @@ def write_shards(
     ValueError for bad numbers; OSError when writing fails.
     """
     started = time.monotonic()
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(os.path.abspath(src)), Path(dst)  # failure lines name SRC alike however it is spelled
     _check_args(src, dst, size, quality, shard_size, workers)
     prefix, split = split_names(src)
     settings = {"size": size, "quality": quality, "shard_size": shard_size, "seed": seed}
@@ -534,7 +513,7 @@ def write_shards(
         owned.intersection_update(keep)
         save(shards)
     failed = sorted((p, r) for s in shards for p, r in s["failed"])
-    _merge_failures(dst, src, failed)
+    merge_failures(dst, src, failed)
     _merge_info(dst, prefix, split, shards)
     seconds = time.monotonic() - started
     log(f"prepare: wrote {written} images in {len(shards) - len(done)} shards, kept {skipped} in {len(done)}, "
