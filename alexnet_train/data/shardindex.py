@@ -45,7 +45,7 @@ import numpy as np
 
 from ..errors import DataError
 from .samples import SampleList
-from .shards import SEP, SHARD_NAME, member_path
+from .shards import SHARD_NAME, member_path
 from .treeindex import index_places, write_arrays
 
 INDEX_VERSION = 3  # 3: paths relative to the shards' folder; the damage notes kept
