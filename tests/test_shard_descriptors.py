@@ -115,3 +115,57 @@ def test_a_loader_that_stops_delivering_ends_the_run_with_one_line_and_frees_the
     again = subprocess.run([console_script("alexnet-train"), *_args(str(train), val, out, epochs=1)],
                            capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+@pytest.mark.slow
+def test_one_ranks_loader_stopping_ends_both_ranks_alike(tmp_path):
+    """Under torchrun, rank 1's workers stop: rank 1 holds the failure until the ranks' next
+    agreement, and both ranks end with the same line (no rank left waiting in a collective)."""
+    train = write_image_folder(tmp_path / "train", CLASSES, 30, size=40, seed=1)
+    val = write_image_folder(tmp_path / "val", CLASSES, 2, size=40, seed=2)
+    out = tmp_path / "out"
+    run = subprocess.Popen([console_script("torchrun"), "--standalone", "--nproc_per_node", "2",
+                            console_script("alexnet-train"),
+                            *_args(str(train), val, out, "data.loader_timeout=4", "dist.mode=ddp",
+                                   "dist.timeout_minutes=1", epochs=200)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        for line in run.stdout:
+            if line.startswith("epoch 1/200 train 2/"):
+                break
+            assert time.monotonic() < deadline, "no log step within 120 s"
+        rank1 = [p for p in _children(run.pid) if _rank_of(p) == 1]
+        assert len(rank1) == 1, _children(run.pid)
+        workers = _children(rank1[0])
+        assert len(workers) >= 2, workers
+        stopped = time.monotonic()
+        for w in workers:
+            os.kill(w, signal.SIGSTOP)
+        _, err = run.communicate(timeout=120)
+        took = time.monotonic() - stopped
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        for w in workers:
+            if not _gone(w):
+                os.kill(w, signal.SIGKILL)
+    assert run.returncode == 1, err[-3000:]  # torchrun's code for any failed rank
+    errors = [line for line in err.splitlines() if "alexnet-train: error:" in line]
+    assert len(errors) == 1, err[-3000:]  # rank 0 says it for both, naming the rank whose loader stopped
+    assert err.count("exitcode  : 1 ") == 2 and "Signal" not in err, err[-3000:]  # each rank left on its own, 1
+    assert "rank 1: the data loader failed: no batch from the loader's workers for 4 s" in errors[0], errors
+    assert took < 4 + 40, took
+    time.sleep(0.5)
+    assert all(_gone(w) for w in workers)
