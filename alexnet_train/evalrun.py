@@ -102,15 +102,16 @@ def _write_outputs(args, results: dict, rows: list) -> None:
 def _eval_loader(args, data_cfg, samples: list, dist, device: torch.device):
     """(sampler, loader) of this rank's shard of ``samples``, centre or ten-crop as ``args`` ask."""
     from .data.datasets import ImageDataset
-    from .data.loaders import EpochSampler, make_loader, resolve_workers
+    from .data.loaders import Deadlined, EpochSampler, make_loader, resolve_workers
     from .data.transforms import CenterPreset, TenCropPreset
 
     preset = TenCropPreset(data_cfg) if args.ten_crop else CenterPreset(data_cfg)
     sampler = EpochSampler(len(samples), shuffle=False, rank=dist.rank, world=dist.world_size)
     workers = resolve_workers(data_cfg.workers, dist)[0] if args.workers is None else args.workers
+    timeout = getattr(data_cfg, "loader_timeout", 300.0)  # a checkpoint's config from before the key: default
     loader = make_loader(ImageDataset(samples, preset), sampler, args.batch_size or data_cfg.batch_size,
-                         workers, device.type == "cuda", timeout=getattr(data_cfg, "loader_timeout", 300.0))
-    return sampler, loader
+                         workers, device.type == "cuda", timeout=timeout)
+    return sampler, loader, Deadlined(loader, timeout)
 
 
 def _print_results(args, loaded, data_dir: str, samples: list, results: dict, seconds: float) -> None:
@@ -149,13 +150,13 @@ def run_eval(args) -> None:
         tracker = Tracker(None, enabled=dist.is_main, tensorboard=False)
         if args.amp != "none" and amp_dtype is None:
             tracker.log(f"notice: --amp {args.amp} needs a CUDA device; evaluating in float32")
-        sampler, loader = _eval_loader(args, data_cfg, samples, dist, device)
+        sampler, loader, batches = _eval_loader(args, data_cfg, samples, dist, device)
         record = _Predictions([samples[i] for i in sampler.order()], loaded.classes)
         bad = BadImages(data_cfg.on_bad_image, data_cfg.max_bad_fraction, {"val": len(samples)}, tracker.log)
         started = time.monotonic()
         with tracker.progress(len(loader), "eval ten-crop" if args.ten_crop else "eval center", interval=50) as bar:
             results = evaluate_crops(
-                loaded.model, loader, BatchPreprocess(data_cfg, device), device, ten_crop=args.ten_crop,
+                loaded.model, batches, BatchPreprocess(data_cfg, device), device, ten_crop=args.ten_crop,
                 progress=bar, all_reduce=all_reduce_sum if dist.distributed else None,
                 bad_images=lambda b: bad.check(b, "val"), on_batch=record if args.predictions else None,
                 amp_dtype=amp_dtype,

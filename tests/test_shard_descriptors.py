@@ -112,9 +112,23 @@ def test_a_loader_that_stops_delivering_ends_the_run_with_one_line_and_frees_the
     assert took < 4 + 30, took  # the timeout, a stop check, closing: not forever
     time.sleep(0.5)
     assert all(_gone(w) for w in workers)
-    again = subprocess.run([console_script("alexnet-train"), *_args(str(train), val, out, epochs=1)],
+    again = subprocess.run([console_script("alexnet-train"), *_args(str(train), val, out, "data.loader_timeout=4",
+                                                                   epochs=1)],
                            capture_output=True, text=True, timeout=180)
     assert again.returncode == 0, again.stderr[-2000:]
+
+    # alexnet-eval too: a worker blocked for good opening an image (a FIFO nobody writes to: what a
+    # hung mount looks like to the reader) ends the evaluation within the checkpoint's loader_timeout.
+    os.mkfifo(val / CLASSES[1] / "stuck.JPEG")
+    started = time.monotonic()
+    done = subprocess.run([console_script("alexnet-eval"), str(out / "last.pth"), "--data", str(val), "--workers", "2",
+                           "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        "alexnet-eval: error: the data loader failed: no batch from the loader's workers for 4 s "
+        "(data.loader_timeout): a worker is stuck or can no longer send (out of open files? ulimit -n; "
+        "a hung network mount?)"]
+    assert time.monotonic() - started < 4 + 30
 
 
 def _rank_of(pid: int) -> int | None:

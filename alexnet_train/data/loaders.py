@@ -360,6 +360,34 @@ def batch_deadline(seconds: float, grace: float = 0.0) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+class Deadlined:
+    """``loader`` with every batch due within ``seconds`` (:func:`batch_deadline`), and a loader
+    that fails as one LoaderFailed line: for loops that have no :class:`RankAgreement` guard
+    (alexnet-eval's)."""
+
+    def __init__(self, loader: DataLoader, seconds: float) -> None:
+        self.loader, self.seconds = loader, seconds
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        from ..errors import LoaderFailed
+
+        it = iter(self.loader)
+        while True:
+            try:
+                with batch_deadline(self.seconds, grace=2.0):
+                    batch = next(it)
+            except StopIteration:
+                return
+            except Exception as exc:
+                if isinstance(exc, LoaderTimeout) or _worker_killed(exc) or "DataLoader timed out" in str(exc):
+                    raise LoaderFailed(f"the data loader failed: {loader_failure(exc)}") from None
+                raise
+            yield batch
+
+
 def _worker_killed(exc: BaseException) -> bool:
     """The DataLoader's error for a worker that died (a signal, the OOM killer).
 
@@ -374,8 +402,8 @@ def loader_failure(exc: BaseException) -> str:
     """One line for an exception the data loader raised."""
     timed_out = re.match(r"DataLoader timed out after (\S+) seconds", str(exc))
     if timed_out:
-        return (f"no batch from the loader's workers for {timed_out.group(1)} s (data.loader_timeout): a worker is "
-                "stuck or can no longer send (out of open files? ulimit -n; a hung network mount?)")
+        return (f"no batch from the loader's workers for {float(timed_out.group(1)):g} s (data.loader_timeout): "
+                "a worker is stuck or can no longer send (out of open files? ulimit -n; a hung network mount?)")
     if isinstance(exc, (ConnectionError, EOFError)):
         return f"a DataLoader worker died while sending a batch ({first_line(exc)})"
     return first_line(exc)
