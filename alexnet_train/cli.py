@@ -98,7 +98,8 @@ def train_main(argv: Sequence[str] | None = None, exiting: bool | None = None) -
     args = train_parser().parse_args(argv)
     if args.log:
         log_to(args.log, prog)
-    from .config import ConfigError, dump_yaml, load_config, replace
+    from .config import ConfigError, replace
+    from .configload import dump_yaml, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -194,7 +195,8 @@ def summary_main(argv: Sequence[str] | None = None) -> None:
     _add_set(p)
     p.add_argument("--input-size", type=int, default=224, metavar="PX", help="square input size (default 224)")
     args = p.parse_args(argv)
-    from .config import ConfigError, load_config, replace
+    from .config import ConfigError, replace
+    from .configload import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)

@@ -1,6 +1,8 @@
 """Typed, frozen configuration loaded from YAML with ``--set`` overrides.
 
-Usage::
+Usage (reading a config, ``--set`` and dumping live in :mod:`alexnet_train.configload`)::
+
+    from alexnet_train.configload import dump_yaml, load_config
 
     cfg = load_config("configs/paper.yaml", ["optim.lr=0.02", "model.groups=1"])
     cfg.optim.lr          # 0.02
@@ -438,14 +440,3 @@ def _section_name(obj: Any) -> str:
 def replace(cfg: Config, section: str, **changes: Any) -> Config:
     """A copy of ``cfg`` with fields of one section changed (the config stays frozen)."""
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
-
-
-# Reading, --set and dumping live in configload; their names stay importable from here.
-from .configload import (  # noqa: E402,F401  (re-exported)
-    build_config,
-    config_from_dict,
-    config_to_dict,
-    dump_yaml,
-    load_config,
-    parse_override,
-)

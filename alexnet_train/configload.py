@@ -1,9 +1,9 @@
 """Reading a config: YAML files (with ``include:``), ``--set`` overrides, type checks, dumping.
 
-The sections and their validation live in :mod:`alexnet_train.config`, which
-re-exports this module's public names; import them from there::
+The sections and their validation live in :mod:`alexnet_train.config`, which this
+module reads and which imports nothing from here::
 
-    from alexnet_train.config import load_config, dump_yaml
+    from alexnet_train.configload import load_config, dump_yaml
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .config import SECTIONS, Config
 from .errors import ConfigError
 
 
@@ -240,8 +241,3 @@ _Dumper.add_representer(list, _represent_list)
 def dump_yaml(cfg: Config | dict) -> str:
     data = cfg if isinstance(cfg, dict) else config_to_dict(cfg)
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
-
-
-# At the end, not the top: alexnet_train.config imports this module's names at its own end,
-# so either module may be imported first (each finds the other's names already defined).
-from .config import SECTIONS, Config  # noqa: E402

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import Config, DataConfig, ModelConfig, config_from_dict, replace
+from .config import Config, DataConfig, ModelConfig, replace
+from .configload import config_from_dict
 from .model import build_model
 
 TORCHVISION_KEYS = ("features.0.weight", "features.3.weight", "classifier.6.weight")

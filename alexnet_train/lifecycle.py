@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, dump_yaml, replace
+from .config import Config, ConfigError, replace
+from .configload import dump_yaml
 from .distributed import DistInfo, agree_on_failure, all_gather, is_collective_error
 from .errors import REPEAT_SECONDS, USER_ERRORS, Aborted, Interrupted, PeerLost, first_line, run_errors
 from .resume import (ResumePoint, check_resume_config, confirm_resume, confirm_shared_out, decide_resume,

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import checkpoint as ckpt
-from .config import Config, config_to_dict
+from .config import Config
+from .configload import config_to_dict
 from .data.samples import SampleList, fingerprint
 from .distributed import DistInfo
 from .errors import ConfigError

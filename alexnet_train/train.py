@@ -29,7 +29,8 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .agreement import Decision, RankAgreement
-from .config import Config, config_to_dict
+from .config import Config
+from .configload import config_to_dict
 from .data.datasets import BadImages
 from .data.loaders import Loaders, Splits, build_loaders
 from .data.ahead import decode_ahead

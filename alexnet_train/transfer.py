@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import DataConfig, ModelConfig, config_from_dict
+from .config import DataConfig, ModelConfig
+from .configload import config_from_dict
 from .model import AlexNet, build_model
 from .errors import WeightsError
 

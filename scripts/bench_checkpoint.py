@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alexnet_train.config import load_config, replace
+from alexnet_train.config import replace
+from alexnet_train.configload import load_config
 from alexnet_train.data.loaders import Splits
 from alexnet_train.tracking import Tracker
 from alexnet_train.train import Trainer

@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from alexnet_train.config import PAPER_CONV, PAPER_FC, TrainConfig, load_config
+from alexnet_train.config import PAPER_CONV, PAPER_FC, TrainConfig
+from alexnet_train.configload import load_config
 from alexnet_train.model import AlexNet, LocalResponseNorm, build_model, init_weights
 from alexnet_train.optim import build_sgd
 from alexnet_train.precision import uses_cuda_graphs

@@ -332,7 +332,7 @@ def part_loader_memory(train: Path, steps: int, results: dict) -> None:
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import PILToTensor
 
-    from alexnet_train.config import load_config
+    from alexnet_train.configload import load_config
     from alexnet_train.data.datasets import ImageDataset, scan_image_folder
     from alexnet_train.data.loaders import EpochSampler, resolve_workers
     from alexnet_train.data.transforms import TrainPreset
@@ -359,7 +359,7 @@ def part_epoch(train: Path, results: dict) -> None:
     import torch
     from torch.utils.data import DistributedSampler
 
-    from alexnet_train.config import load_config
+    from alexnet_train.configload import load_config
     from alexnet_train.data.datasets import ImageDataset, scan_image_folder
     from alexnet_train.data.loaders import EpochSampler, close_loader, make_loader
     from alexnet_train.data.batching import collate_hwc

@@ -45,7 +45,8 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from alexnet_train.config import load_config, replace
+from alexnet_train.config import replace
+from alexnet_train.configload import load_config
 from alexnet_train.data.datasets import scan_image_folder
 from alexnet_train.data.loaders import Splits, worker_init
 from alexnet_train.distributed import DistInfo

@@ -234,7 +234,7 @@ def smoke_worker(data: str, device: str) -> int:
 
     import torch
 
-    from alexnet_train.config import load_config
+    from alexnet_train.configload import load_config
     from alexnet_train.data.datasets import scan_image_folder
     from alexnet_train.data.loaders import Splits
     from alexnet_train.distributed import DistInfo

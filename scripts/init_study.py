@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from alexnet_train.config import ConfigError, load_config
+from alexnet_train.config import ConfigError
+from alexnet_train.configload import load_config
 from alexnet_train.data.datasets import ImageDataset, scan_image_folder
 from alexnet_train.data.batching import collate_hwc
 from alexnet_train.data.transforms import BatchPreprocess, CenterPreset

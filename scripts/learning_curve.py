@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import datasets, transforms
 
-from alexnet_train.config import load_config
+from alexnet_train.configload import load_config
 from alexnet_train.model import build_model
 from alexnet_train.tracking import read_metrics
 

@@ -190,7 +190,7 @@ def test_checkpoints_load_weights_only_with_the_documented_contents(full_run):
 
 
 def test_checkpoint_model_loads_strictly_into_a_fresh_model(full_run):
-    from alexnet_train.config import config_from_dict
+    from alexnet_train.configload import config_from_dict
     from alexnet_train.model import build_model
 
     _proc, *_rest, out = full_run

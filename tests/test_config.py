@@ -9,12 +9,14 @@ import torch
 from alexnet_train.config import (
     Config,
     ConfigError,
+    replace,
+)
+from alexnet_train.configload import (
     config_from_dict,
     config_to_dict,
     dump_yaml,
     load_config,
     parse_override,
-    replace,
 )
 from alexnet_train.model import build_model
 from alexnet_train.schedule import LrPolicy

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from alexnet_train.config import SECTIONS, ConfigError, load_config
+from alexnet_train.config import SECTIONS, ConfigError
+from alexnet_train.configload import load_config
 from alexnet_train.configref import field_docs, main, missing_docs, render, section_keys, undocumented
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +98,15 @@ def test_check_mode_and_out(tmp_path: Path, capsys):
     assert "stale" in capsys.readouterr().out
 
 
-def test_configload_can_be_imported_before_config():
-    # config re-exports configload's names and configload uses config's: either may come first.
-    code = "import alexnet_train.configload as l, alexnet_train.config as c; assert c.load_config is l.load_config"
+def test_config_holds_the_sections_and_configload_alone_reads_them():
+    # One arrow, configload -> config: importing config loads no reader and re-exports none of its
+    # names, so the two cannot import each other again (tests/test_imports.py walks the whole package).
+    code = ("import sys, alexnet_train.config as c\n"
+            "assert 'alexnet_train.configload' not in sys.modules, sorted(sys.modules)\n"
+            "names = ('build_config', 'config_from_dict', 'config_to_dict', 'dump_yaml', 'load_config', "
+            "'parse_override')\n"
+            "assert not [n for n in names if hasattr(c, n)], [n for n in names if hasattr(c, n)]\n"
+            "import alexnet_train.configload as l\n"
+            "assert l.Config is c.Config and l.SECTIONS is c.SECTIONS\n"
+            "assert isinstance(l.load_config('configs/demo.yaml'), c.Config)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

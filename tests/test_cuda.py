@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet_train.config import DataConfig, load_config
+from alexnet_train.config import DataConfig
+from alexnet_train.configload import load_config
 from alexnet_train.data.datasets import EncodedDataset, ImageDataset, scan_image_folder
 from alexnet_train.data.loaders import Splits
 from alexnet_train.data.batching import collate_encoded, collate_hwc, DecodeOnDevice
@@ -63,7 +64,7 @@ def test_channels_last_trains_and_saves_a_loadable_model(tree, tmp_path):
     out = tmp_path / "cl"
     assert run_train(argv(tree, out, "train.channels_last=true", "train.amp=bf16")) == 0
     finite_rows(out)
-    from alexnet_train.config import load_config
+    from alexnet_train.configload import load_config
     from alexnet_train.model import build_model
 
     cfg = load_config(out / "config.yaml")

@@ -17,7 +17,8 @@ import torch
 import yaml
 from PIL import Image, ImageOps, PngImagePlugin
 
-from alexnet_train.config import DataConfig, load_config
+from alexnet_train.config import DataConfig
+from alexnet_train.configload import load_config
 from alexnet_train.data.datasets import (
     BadImageError,
     BadImages,

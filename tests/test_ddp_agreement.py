@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet_train.config import Config, ConfigError, config_to_dict, replace
+from alexnet_train.config import Config, ConfigError, replace
+from alexnet_train.configload import config_to_dict
 from alexnet_train.data.loaders import EpochSampler
 from alexnet_train.distributed import DistInfo, RankFailed, rebuild_failure
 from alexnet_train.resume import check_resume_config

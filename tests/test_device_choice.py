@@ -106,7 +106,7 @@ def test_alexnet_eval_under_torchrun_refuses_cuda_n_before_joining_any_group(tmp
 
 def test_the_trainer_takes_the_device_it_is_given_and_chooses_none_of_its_own(tree, tmp_path, monkeypatch):
     """The lifecycle chooses once (and makes it current); a trainer choosing again could differ."""
-    from alexnet_train.config import load_config
+    from alexnet_train.configload import load_config
     from alexnet_train.data.datasets import scan_image_folder
     from alexnet_train.data.loaders import Splits
     from alexnet_train.tracking import Tracker

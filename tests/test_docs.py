@@ -198,7 +198,8 @@ def parse_with(main, argv: list[str], shown: str) -> argparse.Namespace:
 
 def check_config_args(ns: argparse.Namespace, shown: str) -> None:
     """--config names a file of the repository; --set keys exist and their values have the key's type."""
-    from alexnet_train.config import Config, ConfigError, load_config
+    from alexnet_train.config import Config, ConfigError
+    from alexnet_train.configload import load_config
 
     sections = typing.get_type_hints(Config)
     config = getattr(ns, "config", None)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet_train.config import DataConfig, ModelConfig, load_config
+from alexnet_train.config import DataConfig, ModelConfig
+from alexnet_train.configload import load_config
 from alexnet_train.data.datasets import ImageDataset, scan_image_folder
 from alexnet_train.data.loaders import Splits
 from alexnet_train.data.batching import collate_hwc

@@ -198,7 +198,7 @@ def test_ranks_reading_other_sample_lists_are_refused_on_every_rank_alike():
 
 
 def test_a_moved_data_folder_is_named_old_and_new_and_another_spelling_is_not(tmp_path, monkeypatch):
-    from alexnet_train.config import config_to_dict
+    from alexnet_train.configload import config_to_dict
     from alexnet_train.resume import check_resume_config
 
     (tmp_path / "data" / "train").mkdir(parents=True)

@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from alexnet_train.config import DataConfig, load_config
+from alexnet_train.config import DataConfig
+from alexnet_train.configload import load_config
 from alexnet_train.data import ring
 from alexnet_train.data.batching import collate_encoded, collate_hwc
 from alexnet_train.data.datasets import EncodedDataset, ImageDataset, scan_image_folder

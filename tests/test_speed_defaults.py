@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet_train.config import load_config
+from alexnet_train.configload import load_config
 from alexnet_train.data.datasets import scan_image_folder
 from alexnet_train.data.loaders import Splits
 from alexnet_train.precision import amp_dtype, uses_cuda_graphs

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alexnet_train.config import ModelConfig, load_config
+from alexnet_train.config import ModelConfig
+from alexnet_train.configload import load_config
 from alexnet_train.model import TowerConv2d, build_model
 
 from .conftest import DEMO_CONFIG

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from alexnet_train.cli import train_main
-from alexnet_train.config import ConfigError, ModelConfig, load_config
+from alexnet_train.config import ConfigError, ModelConfig
+from alexnet_train.configload import load_config
 from alexnet_train.model import build_model
 from alexnet_train.transfer import read_source
 
