@@ -428,3 +428,77 @@ def test_a_killed_prepare_resumes_to_identical_shards(train, tmp_path, when):
     write_shards(train, tmp_path / "whole", size=64, shard_size=SHARD_SIZE, log=quiet)
     assert snapshot(dst) == snapshot(tmp_path / "whole")
     assert not list(dst.glob("*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def sorted_val(tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """README step 1's val as ``alexnet-data ilsvrc`` leaves it (sorted into class folders by the
+    devkit), and Kaggle's LOC_val_solution.csv for the same images: (val, csv, wnid of val image i+1)."""
+    pytest.importorskip("scipy.io")
+    from alexnet_train.cli import data_main
+
+    from .test_readme_walkthrough import VAL_LABELS, write_ilsvrc_tars
+
+    tmp = tmp_path_factory.mktemp("sorted-val")
+    write_ilsvrc_tars(tmp / "tars")
+    try:
+        data_main(["ilsvrc", "--no-verify", str(tmp / "imagenet"), "--train-tar", str(tmp / "tars/ILSVRC2012_img_train.tar"),
+                   "--val-tar", str(tmp / "tars/ILSVRC2012_img_val.tar"),
+                   "--devkit", str(tmp / "tars/ILSVRC2012_devkit_t12.tar.gz")])
+    except SystemExit as exc:
+        assert not exc.code
+    csv = tmp / "LOC_val_solution.csv"
+    csv.write_text("ImageId,PredictionString\n" + "".join(
+        f"ILSVRC2012_val_{i:08d},{w} 10 20 200 180 {w} 5 5 50 50\n" for i, w in enumerate(VAL_LABELS, 1)))
+    val = tmp / "imagenet" / "val"
+    assert sorted(p.name for p in val.iterdir()) == sorted(set(VAL_LABELS))  # step 1 sorted it
+    return val, csv, VAL_LABELS
+
+
+def test_sorted_val_with_labels_is_checked_and_written_as_without_them(sorted_val, tmp_path, capsys):
+    """README step 1's val with --labels LOC_val_solution.csv (issue 36: it exited 2, "no image files
+    found"): accepted, the file checked against the folders, and the shards byte for byte those
+    written without --labels."""
+    val, csv, wnids = sorted_val
+    code, out, err = run_prepare(capsys, val, tmp_path / "with", "--shards", "--labels", csv, "--size", 64,
+                                 "--workers", 0)
+    assert code == 0, err
+    assert f"{csv} agrees with them on all {len(wnids)} images" in out
+    assert run_prepare(capsys, val, tmp_path / "without", "--shards", "--size", 64, "--workers", 0)[0] == 0
+    assert snapshot(tmp_path / "with") == snapshot(tmp_path / "without")
+    samples = read_back(tmp_path / "with", "imagenet1k-validation")
+    got = {s["__key__"]: json.loads(s["json"])["filename"].split("/")[0] for s in samples}
+    assert got == {f"ILSVRC2012_val_{i:08d}": w for i, w in enumerate(wnids, 1)}
+
+
+def test_sorted_val_whose_labels_disagree_is_refused_in_one_line(sorted_val, tmp_path, capsys):
+    val, csv, wnids = sorted_val
+    wrong = tmp_path / "wrong.csv"
+    lines = csv.read_text().splitlines()
+    other = next(w for w in sorted(set(wnids)) if w != wnids[1])
+    lines[2] = f"ILSVRC2012_val_00000002,{other} 1 2 3 4"
+    wrong.write_text("\n".join(lines) + "\n")
+    dst = tmp_path / "wds"
+    code, _, err = run_prepare(capsys, val, dst, "--shards", "--labels", wrong, "--workers", 0)
+    assert code == 2 and err.count("\n") == 1
+    assert f"ILSVRC2012_val_00000002.JPEG: sorted into class folder {wnids[1]} but {wrong} labels it {other}" in err
+    assert not dst.exists()
+    missing = tmp_path / "short.csv"
+    missing.write_text("\n".join(lines[:-1]) + "\n")  # no line for the last image
+    code, _, err = run_prepare(capsys, val, dst, "--shards", "--labels", missing, "--workers", 0)
+    assert code == 2 and f"ILSVRC2012_val_{len(wnids):08d}.JPEG: no label for this file in {missing}" in err
+
+
+def test_training_checks_val_labels_against_a_sorted_val_too(sorted_val, tmp_path):
+    """data.val_labels on the same sorted val: the same check where training and alexnet-eval read it."""
+    from alexnet_train.data.datasets import labelled_samples
+
+    val, csv, wnids = sorted_val
+    classes = sorted(set(wnids))
+    samples = labelled_samples(str(val), classes, str(csv))
+    got = {Path(samples.path(i)).stem: classes[int(samples.labels[i])] for i in range(len(samples))}
+    assert got == {f"ILSVRC2012_val_{i:08d}": w for i, w in enumerate(wnids, 1)}
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("".join(f"ILSVRC2012_val_{i:08d}.JPEG {classes[0]}\n" for i in range(1, len(wnids) + 1)))
+    with pytest.raises(DataError, match=f"labels it {classes[0]} \\(3 more images disagree\\)"):
+        labelled_samples(str(val), classes, str(wrong))

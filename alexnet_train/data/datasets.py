@@ -17,7 +17,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -199,6 +199,29 @@ def _devkit_labels(path: str, lines: list[str]) -> dict[str, str]:
     return labels
 
 
+def check_sorted_labels(images: Iterable[tuple[str, str]], labels_of: dict[str, str], labels_file: str) -> int:
+    """A labels file given for a folder already sorted into class folders (``alexnet-data ilsvrc``
+    leaves val so): each ``(image path, its class folder)`` must have a label there, and that
+    folder's.  DataError names the first image that has none or another; returns how many were
+    checked.  A val sorted by a wrong mapping (the devkit's ILSVRC2012_IDs are not the sorted
+    wnids' order) is caught here rather than scored against shuffled labels."""
+    checked, wrong = 0, []
+    for path, folder in images:
+        wnid = labels_of.get(_stem(path))
+        if wnid is None:
+            raise DataError(f"{path}: no label for this file in {labels_file}")
+        if wnid != folder:
+            wrong.append((path, folder, wnid))
+        checked += 1
+    if wrong:
+        path, folder, wnid = wrong[0]
+        more = f" ({len(wrong) - 1} more images disagree)" if len(wrong) > 1 else ""
+        raise DataError(f"{path}: sorted into class folder {folder} but {labels_file} labels it {wnid}{more}; "
+                        "the class folders already label these images: leave the labels file out, "
+                        "or fix whichever is wrong")
+    return checked
+
+
 def labelled_samples(root: str, classes: Sequence[str], labels_file: str | None = None,
                      log: Log | None = None) -> SampleList:
     """Samples of an evaluation folder, indexed by ``classes``.
@@ -227,6 +250,8 @@ def labelled_samples(root: str, classes: Sequence[str], labels_file: str | None 
     else:
         labels_of = read_labels_file(labels_file)
         files = list_tree(root, log).files
+        if subfolders:  # already sorted: the labels must agree with the folders
+            check_sorted_labels(_in_class_folder(files, root), labels_of, labels_file)
         targets = np.empty(len(files), dtype=np.int64)
         for i in range(len(files)):
             path = files.path(i)
@@ -240,6 +265,15 @@ def labelled_samples(root: str, classes: Sequence[str], labels_file: str | None 
     if not len(samples):
         raise DataError(f"{root}: no image files found")
     return samples
+
+
+def _in_class_folder(files, root: str) -> Iterator[tuple[str, str]]:
+    """(path, class folder) of each file below a folder of ``root`` (files at the root itself have none)."""
+    for i in range(len(files)):
+        path = files.path(i)
+        head, sep, _ = os.path.relpath(path, root).replace(os.sep, "/").partition("/")
+        if sep:
+            yield path, head
 
 
 def _shard_eval_samples(root: str, classes: Sequence[str], log: Log | None) -> SampleList:

@@ -26,7 +26,9 @@ What is written to DST:
 - ``prepare-failures.txt``: this source's unreadable files; other lines are kept as they are.
 
 Class indices are the sorted class folders (ImageFolder's order), or for a flat folder
-with a labels file the sorted wnids of that file.  So the ``.cls`` of a split written alone
+with a labels file the sorted wnids of that file.  A SRC in class folders given a labels file
+too (README step 1 leaves val sorted) is written from its folders, byte for byte as without the
+file, after checking that the file labels every image as its folder does.  So the ``.cls`` of a split written alone
 is that split's own numbering (a val that lacks some classes numbers the rest differently from
 train): readers match a split to training's classes by the wnid in ``KEY.json``'s ``filename``,
 not by ``.cls``.  Samples are shuffled across shards by
@@ -67,7 +69,7 @@ from typing import Any, Callable, Iterator
 from PIL import Image
 
 from ..checkpoint import atomic_write_bytes
-from .datasets import DataError, class_folders, read_labels_file
+from .datasets import DataError, check_sorted_labels, class_folders, read_labels_file
 from .prepare import FAILURES_FILE, merge_failures, _ignore_sigint, _pool_context, _Unreadable, square_jpeg
 from .treeindex import IMAGE_EXTENSIONS, is_image
 
@@ -145,13 +147,24 @@ def _flat_samples(src: Path, labels_file: str) -> tuple[list[str], list[Sample]]
     return classes, samples
 
 
-def list_samples(src: Path, labels_file: str | None = None) -> list[Sample]:
+def list_samples(src: Path, labels_file: str | None = None, log: Callable[[str], None] | None = None) -> list[Sample]:
     """Every image of SRC with its key and class index, sorted by path; DataError for a bad layout
-    or two files with one key."""
-    if labels_file is not None:
-        _classes, samples = _flat_samples(src, labels_file)
-    elif class_folders(str(src)):
+    or two files with one key.
+
+    A SRC already sorted into class folders with a labels file as well (README step 1's val and
+    Kaggle's LOC_val_solution.csv) is written from its folders, as without the file, which is
+    checked against them: each image must have a label there and it must be its folder's
+    (:func:`~alexnet_train.data.datasets.check_sorted_labels`); ``log`` hears that it was."""
+    if class_folders(str(src)):
         samples = _folder_samples(src)
+        if labels_file is not None:
+            checked = check_sorted_labels(((s.path, s.relname.partition("/")[0]) for s in samples),
+                                          read_labels_file(labels_file), labels_file)
+            if log:
+                log(f"prepare: {src} is already sorted into class folders, which number the classes; "
+                    f"{labels_file} agrees with them on all {checked} images")
+    elif labels_file is not None:
+        _classes, samples = _flat_samples(src, labels_file)
     else:
         raise DataError(f"{src}: no class folders; a flat folder of images needs --labels FILE")
     if not samples:
@@ -479,7 +492,7 @@ def write_shards(
     _check_args(src, dst, size, quality, shard_size, workers)
     prefix, split = split_names(src)
     settings = {"size": size, "quality": quality, "shard_size": shard_size, "seed": seed}
-    plan = shuffled(list_samples(src, labels_file), seed)
+    plan = shuffled(list_samples(src, labels_file, log), seed)
     fingerprint = _fingerprint(plan, settings)
     progress_path = dst / f".{prefix}-progress.json"
     # Every check before the first change to DST: a refusal leaves it as it was.
