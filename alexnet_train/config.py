@@ -314,7 +314,9 @@ class ScheduleConfig:
     min_lr: float = 0.0
     """cosine: anneal from lr to min_lr over the epochs after warmup (must be >= 0)."""
     warmup_epochs: int = 0
-    """step and cosine: ramp lr up linearly over this many first epochs (must be >= 0)."""
+    """All kinds: ramp lr up linearly over this many first epochs (must be >= 0): epoch e (1-based) runs
+    at lr x e / warmup_epochs, so 1 changes nothing and 5 is Goyal et al. 2017's warmup for a
+    large batch (docs/scaling.md).  plateau: patience counts only the epochs after warmup."""
 
     def __post_init__(self) -> None:
         _positive(self, "step_size")

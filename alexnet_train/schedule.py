@@ -21,8 +21,11 @@ class LrPolicy:
     epochs, lr *= ``factor``; once ``max_reductions`` reductions are spent, the
     next plateau ends the run (``should_stop``).
     step: lr *= ``factor`` every ``step_size`` epochs.  cosine: from lr to
-    ``min_lr`` over the epochs.  step and cosine ramp up linearly over
-    ``warmup_epochs`` first.
+    ``min_lr`` over the epochs.  All three ramp up linearly over
+    ``warmup_epochs`` first (lr x 1/W, 2/W, ... W/W, one value per epoch, as in
+    Goyal et al. 2017's warmup for large batches); under plateau the warmup
+    epochs still set the best error, but a warmup epoch without improvement
+    does not count towards ``patience``: no cut comes during warmup.
     """
 
     def __init__(self, cfg: ScheduleConfig, base_lr: float, epochs: int) -> None:
@@ -41,24 +44,34 @@ class LrPolicy:
         """The learning rate for epoch ``self.epoch`` (0-based)."""
         cfg, e = self.cfg, self.epoch
         if cfg.kind == "plateau":
-            return self.current
+            # current, not base_lr: plateau's lr is the saved one on resume (no cut comes during warmup).
+            return self.current * self.warmup_factor
         if cfg.warmup_epochs and e < cfg.warmup_epochs:
-            return self.base_lr * (e + 1) / cfg.warmup_epochs
+            return self.base_lr * self.warmup_factor
         if cfg.kind == "step":
             return self.base_lr * cfg.factor ** (e // cfg.step_size)
         span = max(1, self.epochs - cfg.warmup_epochs)
         t = min(1.0, (e - cfg.warmup_epochs) / span)
         return cfg.min_lr + (self.base_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
+    @property
+    def warmup_factor(self) -> float:
+        """What the lr of epoch ``self.epoch`` is multiplied by during warmup: (epoch + 1) / warmup_epochs, then 1."""
+        w = self.cfg.warmup_epochs
+        return (self.epoch + 1) / w if self.epoch < w else 1.0
+
     def epoch_end(self, val_error: float) -> list[str]:
         """Record one finished epoch's validation top-1 error (percent); return what changed."""
         events: list[str] = []
+        warming = self.epoch < self.cfg.warmup_epochs
         self.epoch += 1
         if self.cfg.kind != "plateau":
             return events
         if val_error < self.best_error - self.cfg.threshold:
             self.best_error = val_error
             self.bad_epochs = 0
+            return events
+        if warming:  # patience counts only the epochs after warmup
             return events
         self.bad_epochs += 1
         if self.bad_epochs >= self.cfg.patience:
