@@ -58,7 +58,9 @@ def git_sha() -> str | None:
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alexnet-train",
-        description="Train AlexNet on an ImageFolder tree (see README.md and docs/ for configs and exit codes).",
+        description="Train AlexNet on data.train_dir / data.val_dir: ImageFolder trees, a flat val folder with "
+                    "data.val_labels, or folders of WebDataset tar shards (see README.md and docs/ for configs "
+                    "and exit codes).",
     )
     p.add_argument("--config", required=True, metavar="FILE", type=_path, help="YAML config (e.g. configs/paper.yaml)")
     _add_set(p)
@@ -150,7 +152,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", metavar="CHECKPOINT", type=_path,
                    help="a .pth written by alexnet-train, or torchvision weights")
     p.add_argument("--data", metavar="DIR", type=_path,
-                   help="validation folder (default: the checkpoint config's data.val_dir)")
+                   help="validation data: an ImageFolder tree, a flat folder with --labels, or a folder of WebDataset "
+                        "tar shards (default: the checkpoint config's data.val_dir)")
     p.add_argument("--labels", metavar="FILE", type=_path, help="labels for a flat val folder: 'filename wnid' lines, "
                    "Kaggle's LOC_val_solution.csv, or the devkit's ILSVRC2012_validation_ground_truth.txt "
                    "(with meta.mat beside it)")
@@ -336,7 +339,8 @@ def stats_main(argv: Sequence[str] | None = None) -> None:
         description="Mean pixel, std and RGB covariance eigenvalues/vectors of a training set, as a config "
                     "fragment (use it with `include: FILE` in a config).",
     )
-    p.add_argument("data_dir", metavar="DATA_DIR", type=_path, help="training tree (or any folder of images)")
+    p.add_argument("data_dir", metavar="DATA_DIR", type=_path,
+                   help="training tree (or any folder of images, or a folder of WebDataset tar shards)")
     p.add_argument("--samples", type=int, default=10000, help="images drawn at random (default 10000)")
     p.add_argument("--resize-size", type=int, default=256, help="shorter side the images are resized to (256)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader processes (default: all cores)")
@@ -459,7 +463,7 @@ def data_parser() -> argparse.ArgumentParser:
     nette = sub.add_parser("imagenette", help="fast.ai's Imagenette (10 ImageNet classes, ~9.5k train / 3.9k val)")
     common(nette)
     nette.add_argument("--size", default="320", choices=["full", "320", "160"],
-                       help="shorter side of the images: full (1.5 GB), 320 (326 MB, default) or 160 (94 MB)")
+                       help="shorter side of the images: full (1.5 GiB), 320 (326 MiB, default) or 160 (94 MiB)")
     sample = sub.add_parser("imagenet-sample", help="one full-resolution ILSVRC-2012 training photo for each of "
                                                     "the 1000 classes (107 MB; what the benchmarks read)")
     common(sample)
@@ -467,8 +471,8 @@ def data_parser() -> argparse.ArgumentParser:
                                         "they need a login)")
     common(ils, archive=False)
     ils.add_argument("--train-tar", metavar="FILE", type=_path,
-                     help="ILSVRC2012_img_train.tar (138 GB, a tar of per-class tars)")
-    ils.add_argument("--val-tar", metavar="FILE", type=_path, help="ILSVRC2012_img_val.tar (6.3 GB, 50,000 flat JPEGs)")
+                     help="ILSVRC2012_img_train.tar (138 GiB, a tar of per-class tars)")
+    ils.add_argument("--val-tar", metavar="FILE", type=_path, help="ILSVRC2012_img_val.tar (6.3 GiB, 50,000 flat JPEGs)")
     ils.add_argument("--devkit", metavar="FILE", type=_path,
                      help="ILSVRC2012_devkit_t12.tar.gz (val labels, class names; "
                                                       "needs scipy)")
