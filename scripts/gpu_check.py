@@ -82,6 +82,16 @@ and while a part reports figures, so gpu_check killed at any moment, even by
 SIGKILL, leaves a valid report: every part done, cut, failed, skipped (each with
 why) or running, ``finished: false``.  FILE.log holds every part's output.
 
+Peak GPU memory: every part that trains or benchmarks on CUDA (smoke per variant, lrn,
+bench_model, breakdown, paper_run, bench_train_*, compiled) records torch.cuda's
+max_memory_allocated() and max_memory_reserved() into its figures (``gpu_memory``; smoke:
+each variant's row, after reset_peak_memory_stats), printed with the part.  A part's
+script runs inside a small wrapper process (``--worker peak``) that polls the peaks every
+second and writes them once more at exit, so a cut part keeps its peak too.  The figure
+is the part's largest (over all its variants where one process runs several); the
+loader and pytest parts are not measured.  Reserved is what torch's caching allocator
+holds; nvidia-smi shows that plus the CUDA context (a few hundred MiB).
+
 Without a GPU it says so first and runs the same plumbing on the CPU at tiny sizes
 (compiled variants are skipped: minutes of compiling on a CPU say nothing about a
 GPU); the numbers are then no GPU's.
@@ -124,6 +134,8 @@ MARGIN_S = GRACE_S + 2.0  # the hard stop is this long before the budget's end: 
 PROBE_S = 60.0  # the environment probe imports torch once; longer means something is wrong
 SAVE_EVERY_S = 2.0  # a running part's new figures reach the report at most this often
 TAG = "gpu_check-row: "  # how the probe and smoke workers mark their JSON lines
+PEAK_POLL_S = 1.0  # how often the peak wrapper writes torch.cuda's peaks while the part runs
+GIB = 2**30
 BEST_DEFAULT = "ours: paper, bf16, channels_last"  # when bench_model measured nothing to choose from
 
 
@@ -250,6 +262,9 @@ def smoke_worker(data: str, device: str) -> int:
     for name, sets in SMOKE_VARIANTS:
         row: dict = {"variant": name, "overrides": sets, "steps": steps, "batch": batch}
         started = time.perf_counter()
+        if gpu:  # each variant's own peak, not the largest so far
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         try:
             # log_interval above the steps: the only sync the loop itself asks for is the
             # loss read at the epoch's last step.
@@ -292,8 +307,92 @@ def smoke_worker(data: str, device: str) -> int:
             row.update(finite=None, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:400])
             failed = True
         row["seconds"] = round(time.perf_counter() - started, 2)
+        row["gpu_memory"] = (memory_figures(torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
+                             if gpu else memory_figures(None, None, "no CUDA: the smoke part ran on the CPU"))
         print(TAG + json.dumps(row), flush=True)
     return 1 if failed else 0
+
+
+def memory_figures(allocated: int | None, reserved: int | None, why: str | None = None) -> dict:
+    """The report's record of a peak: torch.cuda.max_memory_allocated() / max_memory_reserved() in bytes
+    and GiB, or why nothing was measured."""
+    if allocated is None or reserved is None:
+        return {"measured": False, "why": why or "not measured"}
+    return {"measured": True, "max_memory_allocated": int(allocated), "max_memory_reserved": int(reserved),
+            "allocated_gib": round(allocated / GIB, 2), "reserved_gib": round(reserved / GIB, 2)}
+
+
+def memory_text(m: dict | None) -> str:
+    """One phrase for a peak record, as the report prints it."""
+    if not m:
+        return "peak GPU memory: not recorded"
+    if not m.get("measured"):
+        return f"peak GPU memory: not measured ({m.get('why', '?')})"
+    return (f"peak GPU memory {m['allocated_gib']:.2f} GiB allocated, {m['reserved_gib']:.2f} GiB reserved "
+            "(torch.cuda.max_memory_allocated / max_memory_reserved)")
+
+
+def _write_json(path: str, value: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+    os.replace(tmp, path)  # the reader sees the previous record or this one, never half of one
+
+
+def peak_worker(out: str, cmd: list[str]) -> None:
+    """Run a part's script (``PATH ARGS``) or module (``-m NAME ARGS``) in this process and keep torch.cuda's
+    peak memory in ``out`` (JSON): every PEAK_POLL_S while it runs, so a part cut by SIGKILL still leaves
+    its peak, and once more when it ends.  Its exit is the script's own (SystemExit passes through)."""
+    import runpy
+    import threading
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+
+    def record() -> None:
+        if not cuda:
+            value = memory_figures(None, None, "no CUDA device in this process")
+        elif not torch.cuda.is_initialized():
+            value = memory_figures(None, None, "the part never used CUDA")
+        else:
+            value = memory_figures(torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
+        try:
+            _write_json(out, value)
+        except OSError:  # the work dir is gone (gpu_check ended): nobody reads it any more
+            pass
+
+    record()
+    stop = threading.Event()
+    poller = None
+    if cuda:  # a fresh process: its peaks are this part's alone, nothing to reset first
+        def poll() -> None:
+            while not stop.wait(PEAK_POLL_S):
+                if torch.cuda.is_initialized():
+                    record()
+
+        poller = threading.Thread(target=poll, name="gpu_check-peak", daemon=True)
+        poller.start()
+    try:
+        if cmd[0] == "-m":
+            sys.argv = [cmd[1], *cmd[2:]]
+            runpy.run_module(cmd[1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(cmd)
+            runpy.run_path(cmd[0], run_name="__main__")
+    finally:
+        stop.set()
+        if poller is not None:
+            poller.join(timeout=2 * PEAK_POLL_S)
+        record()
+
+
+def read_peak(path: Path) -> dict:
+    """What the peak wrapper left in ``path``; not measured when it left nothing."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return memory_figures(None, None, "the part left no record (it died before the wrapper started)")
 
 
 def _libc():
@@ -617,6 +716,11 @@ class Check:
                                  "--data", str(self.args.data), "--device", "cuda" if self.gpu else "cpu"],
                        deadline, self.cut_why(deadline), on_line, part)
         bad = [r["variant"] for r in rows if r.get("finite") is not True]
+        measured = [r["gpu_memory"] for r in rows if (r.get("gpu_memory") or {}).get("measured")]
+        part["figures"]["gpu_memory"] = (
+            max(measured, key=lambda m: m["max_memory_allocated"]) if measured else
+            rows[-1].get("gpu_memory") if rows and rows[-1].get("gpu_memory") else
+            memory_figures(None, None, "no variant finished"))
         return ran, (f"variants without a finite loss or with an error: {', '.join(bad)}" if bad else None)
 
     def bench_model_cmd(self, seconds: float, archs: list[str], amps: list[str], formats: list[str],
@@ -674,7 +778,7 @@ class Check:
                 figures.setdefault("costs", []).append(line[len("cost: "):].strip())
                 return True
 
-        ran = self.run(part["name"], cmd, deadline, self.cut_why(deadline), on_line, part)
+        ran = self.run_measured(part, cmd, deadline, on_line)
         return ran, None
 
     def part_lrn(self, part: dict, seconds: float, deadline: float) -> tuple[Ran, str | None]:
@@ -694,7 +798,7 @@ class Check:
             if line.startswith("speedup: "):
                 figures["speedup"] = float(line.split()[1])
 
-        ran = self.run(part["name"], cmd, deadline, self.cut_why(deadline), on_line, part)
+        ran = self.run_measured(part, cmd, deadline, on_line)
         return ran, None
 
     def part_loader(self, part: dict, seconds: float, deadline: float) -> tuple[Ran, str | None]:
@@ -749,7 +853,7 @@ class Check:
                     figures[key] = float(m[1])
                     return True
 
-        ran = self.run(part["name"], cmd, deadline, self.cut_why(deadline), on_line, part)
+        ran = self.run_measured(part, cmd, deadline, on_line)
         return ran, None
 
     def part_paper_run(self, part: dict, seconds: float, deadline: float) -> tuple[Ran, str | None]:
@@ -818,9 +922,9 @@ class Check:
                     figures["imagenet_epoch_min"] = round(IMAGENET_TRAIN / figures["images_per_s"] / 60, 1)
                 return True
 
-        ran = self.run("paper_run", [sys.executable, "-m", "alexnet_train", "train", "--config",
-                                     str(ROOT / "configs" / "paper.yaml"), "--out", str(out), "--set", *sets],
-                       deadline, self.cut_why(deadline), on_line, part)
+        ran = self.run_measured(part, [sys.executable, "-m", "alexnet_train", "train", "--config",
+                                       str(ROOT / "configs" / "paper.yaml"), "--out", str(out), "--set", *sets],
+                                deadline, on_line)
         metrics = out / "metrics.jsonl"
         if metrics.exists():
             rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
@@ -876,6 +980,17 @@ class Check:
         failed = [k for k, v in tests.items() if v.startswith(("failed", "error"))]
         return ran, (f"{len(failed)} failed" if failed else None)
 
+    def run_measured(self, part: dict, cmd: list[str], deadline: float, on_line) -> Ran:
+        """``self.run`` of ``cmd`` (``python SCRIPT ...`` or ``python -m MODULE ...``) inside the peak wrapper:
+        the part's peak GPU memory goes to its figures (``gpu_memory``), also when the part is cut."""
+        path = self.work / f"peak-{part['name']}.json"
+        path.unlink(missing_ok=True)
+        wrapped = [cmd[0], str(Path(__file__).resolve()), "--worker", "peak", str(path), *cmd[1:]]
+        try:
+            return self.run(part["name"], wrapped, deadline, self.cut_why(deadline), on_line, part)
+        finally:
+            part["figures"]["gpu_memory"] = read_peak(path)
+
     def cut_why(self, deadline: float) -> str:
         return "the budget's hard stop" if deadline >= self.hard_stop else "its share of the budget ran out"
 
@@ -925,8 +1040,9 @@ class Check:
                 part.update(status="done", reason=problem)
             if part["status"] != "done":
                 part["tail"] = "\n".join(ran.tail[-40:])[-4000:]
+            memory = part["figures"].get("gpu_memory") or {}
             self.say(f"{spec.name}: {part['status']}" + (f" ({part['reason']})" if part["reason"] else "")
-                     + f" in {ran.seconds:.0f} s")
+                     + f" in {ran.seconds:.0f} s" + (f"; {memory_text(memory)}" if memory.get("measured") else ""))
             self.save()
 
     def exit_code(self) -> int:
@@ -968,6 +1084,10 @@ def text_lines(r: dict) -> list[str]:
                 else f", {p['allotted_s']:.0f} s allotted" if p["allotted_s"] else "")
         lines.append(f"{i}. {p['name']} [{status}{took}] {p['title']}")
         lines += ["     " + x for x in FIGURE_LINES.get(p["name"], lambda f, p: [])(p["figures"], p)]
+        if "gpu_memory" in p["figures"]:
+            lines.append("     " + memory_text(p["figures"]["gpu_memory"])
+                         + (" (the largest of its variants)" if p["figures"]["gpu_memory"].get("measured")
+                            and p["name"] in ("smoke", "bench_model", "breakdown", "lrn", "compiled") else ""))
     return lines
 
 
@@ -980,9 +1100,11 @@ def smoke_lines(f: dict, _p: dict) -> list[str]:
         syncs = ("host syncs not counted on a CPU" if row.get("host_syncs") is None else
                  f"{row['host_syncs']} host syncs in steps 2-{row['steps']} (1 expected: the loss read at the "
                  "epoch's last step)")
+        memory = row.get("gpu_memory") or {}
         out.append(f"{row['variant']}: loss {row['loss']} {'finite' if row['finite'] else 'NOT FINITE'}, "
                    f"{row['steps']} steps of {row['batch']} in {fmt(row.get('train_s'), '.2f')} s "
-                   f"({row['seconds']:.1f} s with the build), computed in {row['precision']}; {syncs}")
+                   f"({row['seconds']:.1f} s with the build), computed in {row['precision']}; {syncs}"
+                   + (f"; {memory_text(memory)}" if memory.get("measured") else ""))
     return out
 
 
@@ -1156,6 +1278,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["--worker", "peak"]:  # --worker peak OUT.json (SCRIPT | -m MODULE) ARGS...: not argparse's
+        if len(argv) < 4:
+            print("gpu_check: --worker peak OUT.json (SCRIPT | -m MODULE) ARGS...", file=sys.stderr)
+            return 2
+        peak_worker(argv[2], argv[3:])
+        return 0
     args = parse_args(argv)
     if args.worker == "probe":
         return probe_worker()

@@ -1,5 +1,5 @@
 """scripts/gpu_check.py on the CPU: the plan, a run that keeps to its budget, a report that survives SIGKILL,
-and a cut part whose whole process group goes.
+a cut part whose whole process group goes, and the peak-memory wrapper every CUDA part runs in.
 
 Each runs the real script as a subprocess on a tiny real ImageFolder of JPEGs; no timing
 is asserted except the budget, which is the script's contract (it must never overrun).
@@ -23,6 +23,18 @@ pytestmark = pytest.mark.slow
 SCRIPT = REPO / "scripts" / "gpu_check.py"
 PARTS = ["smoke", "cuda_guards", "lrn", "bench_model", "breakdown", "loader", "paper_run", "bench_train_worker",
          "bench_train_device", "cuda_tests", "compiled"]
+
+
+MEASURED = ["lrn", "bench_model", "breakdown", "paper_run", "bench_train_worker", "bench_train_device", "compiled"]
+
+
+def _import_gpu_check():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    return gpu_check
 
 
 @pytest.fixture
@@ -99,6 +111,15 @@ def test_a_run_keeps_to_its_budget_and_says_what_it_skipped(tree, tmp_path):
     text = report.with_suffix(".txt").read_text()
     assert "NO GPU FOUND" in text and "budget 40 s" in text and "finished after" in text
     assert "1. smoke [done" in text and "host syncs not counted on a CPU" in text
+    # peak GPU memory: recorded for every part that trains or benchmarks, and on a CPU it says why not
+    assert all(v["gpu_memory"] == {"measured": False, "why": "no CUDA: the smoke part ran on the CPU"}
+               for v in smoke)
+    assert status["smoke"]["figures"]["gpu_memory"]["measured"] is False
+    wrapped = [p for p in r["parts"] if p["name"] in MEASURED and p["status"] in ("done", "cut")]
+    assert wrapped, [(p["name"], p["status"]) for p in r["parts"]]
+    for part in wrapped:
+        assert part["figures"]["gpu_memory"] == {"measured": False, "why": "no CUDA device in this process"}, part
+    assert "peak GPU memory: not measured (no CUDA device in this process)" in text
     assert text.strip().splitlines()[-1] in done.stdout  # printed at the end too
 
 
@@ -172,11 +193,7 @@ def test_a_cut_part_loses_its_whole_process_group_even_what_ignores_sigterm(tmp_
 def test_on_a_gpu_the_guard_tests_run_second_and_finish_inside_a_300_s_budget():
     """fp16's step 2, the device per rank and the sync-free step must be checked in any window
     of 300 s, even when the smoke part takes all of its time (plus the probe's worst case)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.pop(0)
+    gpu_check = _import_gpu_check()
     names = [s.name for s in gpu_check.SPECS]
     assert names[:2] == ["smoke", "cuda_guards"]
     left = 300 - gpu_check.MARGIN_S - gpu_check.PROBE_S
@@ -186,3 +203,70 @@ def test_on_a_gpu_the_guard_tests_run_second_and_finish_inside_a_300_s_budget():
     share, need = gpu_check.SPECS[1].gpu
     guards = max(need, left * share / sum(shares[1:]))
     assert guards >= need and smoke + guards <= 300 - gpu_check.MARGIN_S - gpu_check.PROBE_S
+
+
+def test_peak_figures_are_recorded_in_bytes_and_gib_and_printed():
+    gpu_check = _import_gpu_check()
+    m = gpu_check.memory_figures(3 * 2**30, 7 * 2**29)
+    assert m == {"measured": True, "max_memory_allocated": 3 * 2**30, "max_memory_reserved": 7 * 2**29,
+                 "allocated_gib": 3.0, "reserved_gib": 3.5}
+    assert gpu_check.memory_text(m) == ("peak GPU memory 3.00 GiB allocated, 3.50 GiB reserved "
+                                        "(torch.cuda.max_memory_allocated / max_memory_reserved)")
+    assert gpu_check.memory_text(gpu_check.memory_figures(None, 5, "no CUDA")) == \
+        "peak GPU memory: not measured (no CUDA)"
+    assert gpu_check.memory_text(None) == "peak GPU memory: not recorded"
+    # a part's line in the report, from its figures as the JSON holds them
+    report = {"versions": {}, "environment": {}, "decoder": {}, "device": "d", "host": "h", "notes": [],
+              "wheels": None, "data": None, "finished": True, "interrupted": None, "budget_s": 60.0,
+              "hard_stop_s": 56.0, "seconds": 1.0, "exit_code": 0,
+              "parts": [{"name": "paper_run", "title": "t", "status": "done", "reason": None, "seconds": 1.0,
+                         "allotted_s": 2.0, "figures": {"gpu_memory": m}}]}
+    assert "     " + gpu_check.memory_text(m) in gpu_check.text_lines(report)
+
+
+def test_the_peak_wrapper_runs_a_script_as_main_with_its_argv_and_exit_and_records_its_peak(tmp_path):
+    """The wrapper is what every CUDA part runs in: the script must behave as under plain python (its
+    __main__, argv, dataclasses, exit code), and the record says the peak, or on a CPU why there is none."""
+    import torch
+
+    script = tmp_path / "part.py"
+    script.write_text(
+        "import dataclasses, sys\n"
+        "import torch\n"
+        "@dataclasses.dataclass\n"
+        "class Row:\n"
+        "    n: int\n"
+        "if __name__ == '__main__':\n"
+        "    if torch.cuda.is_available():\n"
+        "        x = torch.empty(64 * 2**20, dtype=torch.uint8, device='cuda')\n"
+        "        del x\n"
+        "    print('argv', sys.argv[1:], Row(len(sys.argv)), flush=True)\n"
+        "    sys.exit(3)\n")
+    out = tmp_path / "peak.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--worker", "peak", str(out), str(script), "a", "--b=1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "argv ['a', '--b=1'] Row(n=3)" in done.stdout
+    peak = json.loads(out.read_text())
+    if torch.cuda.is_available():
+        assert peak["measured"] is True and peak["max_memory_allocated"] >= 64 * 2**20
+        assert peak["max_memory_reserved"] >= peak["max_memory_allocated"]
+    else:
+        assert peak == {"measured": False, "why": "no CUDA device in this process"}
+
+
+def test_the_peak_wrapper_runs_a_module_as_python_m_does(tmp_path):
+    """paper_run's form: python -m alexnet_train ..., here alexnet-summary of the demo config."""
+    out = tmp_path / "peak.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--worker", "peak", str(out), "-m", "alexnet_train",
+                           "summary", "--config", str(REPO / "configs" / "demo.yaml")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    plain = subprocess.run([sys.executable, "-m", "alexnet_train", "summary", "--config",
+                            str(REPO / "configs" / "demo.yaml")], capture_output=True, text=True, timeout=120,
+                           cwd=tmp_path)
+    assert done.returncode == plain.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == plain.stdout and "features.0      Conv2d" in done.stdout
+    assert json.loads(out.read_text())["measured"] is False  # summary builds on the CPU: no CUDA used
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--worker", "peak", str(out)], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--worker peak OUT.json" in bad.stderr
