@@ -343,7 +343,9 @@ def _announce(cfg: Config, dist: DistInfo, group: bool, say: Log):
 
     if cfg.dist.mode == "ddp" and not group:
         say(SINGLE_PROCESS_NOTICE)
-    for notice in cfg.model.ignored_notices():
+    from .ignoredkeys import ignored_notices
+
+    for notice in ignored_notices(cfg):  # the arch's model keys, then every key another setting leaves unread
         say(notice)
     device, device_line = resolve_device(cfg.train.device, dist.local_rank)
     say(f"device: {device_line}")
