@@ -41,7 +41,7 @@ def _eval_inputs(args, dist):
     from .data.datasets import check_dir, labelled_samples
     from .errors import DataError
     from .inference import load_for_inference
-    from .precision import resolve_device
+    from .device import resolve_device
 
     # The training's rule: under torchrun or srun each rank takes the GPU of its local rank.
     device, _ = resolve_device(args.device, dist.local_rank, dist.world_size, setting="--device")
@@ -136,7 +136,7 @@ def run_eval(args) -> None:
     from .distributed import all_gather, all_reduce_sum
     from .lifecycle import join_process_group, launch_environment, leave_process_group
     from .errors import OutOfMemory
-    from .precision import is_out_of_memory, memory_line
+    from .device import is_out_of_memory, memory_line
     from .tracking import Tracker
 
     dist = launch_environment()

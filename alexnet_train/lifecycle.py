@@ -144,7 +144,7 @@ def join_process_group(dist: DistInfo, backend: str, device, timeout_minutes: fl
                        save_timeout_minutes: float | None = None) -> None:
     """Join the group of ``dist.world_size`` processes (any launch under dist.mode=ddp).
 
-    ``device`` is this process's device from :func:`~alexnet_train.precision.resolve_device` (a
+    ``device`` is this process's device from :func:`~alexnet_train.device.resolve_device` (a
     ``torch.device`` with its index on CUDA; a bare type string is taken as that type's first
     device): a CUDA one is made current here, whatever the backend, so that nothing that
     allocates on "the current device" lands on another rank's GPU.
@@ -339,7 +339,7 @@ def _announce(cfg: Config, dist: DistInfo, group: bool, say: Log):
     """The run's notices and this process's device, chosen (ConfigError before OUT is touched)
     and made current before the process group: NCCL or gloo depends on it.  A rank without its
     GPU fails alone here; the others give up at the rendezvous after dist.timeout_minutes."""
-    from .precision import resolve_device
+    from .device import resolve_device
 
     if cfg.dist.mode == "ddp" and not group:
         say(SINGLE_PROCESS_NOTICE)

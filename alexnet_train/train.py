@@ -43,8 +43,9 @@ from .resume import sample_lists as split_sample_lists
 from .rngstate import gather_rng_states, restore_rng_states, rng_state, seed_rank, step_seed
 from .errors import REPEAT_SECONDS, Interrupted, NonFiniteLoss, OutOfMemory, run_errors
 from .optim import build_sgd, start_momentum
-from .precision import (MEMORY_FORMATS, amp_dtype, compiled, configure_device, is_out_of_memory, memory_line,
-                        resolve_device, settle_ddp_buckets, uses_cuda_graphs, wrap)
+from .device import MEMORY_FORMATS, configure_device, is_out_of_memory, memory_line, resolve_device
+from .precision import amp_dtype
+from .wrapping import compiled, settle_ddp_buckets, uses_cuda_graphs, wrap
 from .schedule import LrPolicy
 from .tracking import RunClock, Tracker, epoch_line, epoch_row, versions
 from .transfer import Pretrained, start_model

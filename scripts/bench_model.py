@@ -49,7 +49,7 @@ from alexnet_train.config import PAPER_CONV, PAPER_FC, TrainConfig
 from alexnet_train.configload import load_config
 from alexnet_train.model import AlexNet, LocalResponseNorm, build_model, init_weights
 from alexnet_train.optim import build_sgd
-from alexnet_train.precision import uses_cuda_graphs
+from alexnet_train.wrapping import uses_cuda_graphs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lrn import baseline as legacy_lrn  # noqa: E402

@@ -10,10 +10,10 @@ import subprocess
 import pytest
 import torch
 
-from alexnet_train import precision, train as train_module
+from alexnet_train import device as device_module, train as train_module
 from alexnet_train.config import ConfigError
 from alexnet_train.distributed import DistInfo, rank_gpu
-from alexnet_train.precision import resolve_device
+from alexnet_train.device import resolve_device
 
 from .conftest import console_script
 
@@ -51,7 +51,7 @@ def gpus(monkeypatch):
     """This process sees ``n`` working GPUs (only the queries resolve_device makes)."""
 
     def see(n: int) -> None:
-        monkeypatch.setattr(precision, "cuda_problem", lambda: None)
+        monkeypatch.setattr(device_module, "cuda_problem", lambda: None)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: f"GPU{i}")
 

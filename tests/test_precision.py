@@ -177,7 +177,7 @@ def test_train_device_cuda_without_a_gpu_exits_2_in_one_line_before_writing(tree
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("alexnet-train: error: train.device: cuda") and "no usable CUDA device" in err
     assert "Traceback" not in err and not out.exists()
-    from alexnet_train.precision import cuda_problem
+    from alexnet_train.device import cuda_problem
 
     assert cuda_problem() in err  # what torch itself reported
 
@@ -206,7 +206,7 @@ def test_train_device_auto_names_the_gpu_it_chose(tree, tmp_path, capsys):
 @no_cuda
 def test_eval_device_cuda_without_a_gpu_exits_2_with_torchs_reason(trained, capsys):
     from alexnet_train.cli import eval_main
-    from alexnet_train.precision import cuda_problem
+    from alexnet_train.device import cuda_problem
 
     path, val = trained
     capsys.readouterr()

@@ -10,7 +10,8 @@ import torch
 from alexnet_train.configload import load_config
 from alexnet_train.data.datasets import scan_image_folder
 from alexnet_train.data.loaders import Splits
-from alexnet_train.precision import amp_dtype, uses_cuda_graphs
+from alexnet_train.precision import amp_dtype
+from alexnet_train.wrapping import uses_cuda_graphs
 from alexnet_train.tracking import Tracker
 from alexnet_train.train import Trainer
 

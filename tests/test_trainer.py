@@ -144,7 +144,7 @@ def test_ddp_two_nodes_on_loopback(tree, tmp_path):
 
 
 def test_configure_cuda_sets_autotuning_and_the_tf32_choice():
-    from alexnet_train.precision import configure_cuda
+    from alexnet_train.device import configure_cuda
 
     saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
