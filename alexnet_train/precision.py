@@ -32,15 +32,22 @@ class Autocast(nn.Module):
             return self.module(x)
 
 
+def native_bf16() -> bool:
+    """Whether the current CUDA GPU computes in bfloat16 itself (Ampere and later).  Plain
+    ``torch.cuda.is_bf16_supported()`` also says yes where bf16 is only emulated (V100, T4:
+    pytorch/pytorch#148322), slower than float32 there, so ``train.amp: auto`` asks this."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def amp_dtype(amp: str, device: torch.device, log: Callable[[str], None]) -> torch.dtype | None:
     """The autocast dtype of ``train.amp`` on ``device`` (None: float32), saying why when it falls back.
 
-    ``auto`` is bf16 where the GPU has it and float32 elsewhere, silently: it is what the
+    ``auto`` is bf16 where the GPU has it natively and float32 elsewhere, silently: it is what the
     shipped configs ask for, and a CPU run of them is no mistake worth a notice."""
     if amp == "none":
         return None
     if amp == "auto":
-        usable = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        usable = device.type == "cuda" and native_bf16()
         return torch.bfloat16 if usable else None
     if device.type != "cuda":
         log(f"notice: train.amp={amp} needs a CUDA device; training in float32")

@@ -213,7 +213,7 @@ def probe_worker() -> int:
     if gpu:
         props = torch.cuda.get_device_properties(0)
         env.update(gpu_memory_gib=round(props.total_memory / 2**30, 1), capability=f"{props.major}.{props.minor}",
-                   bf16=torch.cuda.is_bf16_supported())
+                   bf16=torch.cuda.is_bf16_supported(including_emulation=False))
     # DEVICE_DECODER (torchcodec | torchvision | None) where alexnet_train has the torchvision
     # fallback; before it, data.decode: device meant TorchCodec, i.e. FAST_DECODER.
     env["decoder_device"] = getattr(decode, "DEVICE_DECODER", getattr(decode, "FAST_DECODER", None))

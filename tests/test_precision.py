@@ -262,3 +262,23 @@ def test_fused_sgd_after_an_fp16_overflow_at_step_1_takes_stock_sgds_step_2():
     for a, b in zip(fused_model.parameters(), stock_model.parameters()):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_amp_auto_takes_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
+    """torch's is_bf16_supported() says yes on a V100 or T4 by default (emulated bf16, slower than
+    float32); auto asks for native support, an explicit bf16 still runs where it is emulated."""
+    from alexnet_train.precision import amp_dtype
+
+    asked = []
+
+    def emulated_only(including_emulation: bool = True) -> bool:
+        asked.append(including_emulation)
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulated_only)
+    cuda = torch.device("cuda")
+    assert amp_dtype("auto", cuda, print) is None and asked == [False]
+    assert amp_dtype("bf16", cuda, print) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert amp_dtype("auto", cuda, print) is torch.bfloat16
+    assert amp_dtype("auto", torch.device("cpu"), print) is None
