@@ -288,6 +288,7 @@ def run_training(cfg: Config, resume: str = "auto", log: Log = print, provenance
                 if point is not None:
                     say(f"resuming from {point.path} (epoch {point.state['epoch'] + 1}, "
                         f"step {point.state['step_in_epoch']} of that epoch)")
+                    _say_elsewhere(point.state, dist, device, say)
                 tracker.text("config", dump_yaml(cfg))
                 say(f"training {cfg.model.arch} on {len(splits.train)} images / {len(splits.classes)} classes, "
                     f"validating on {len(splits.val)}; output in {out}")
@@ -387,6 +388,20 @@ def _agree_on_inputs(cfg: Config, resume: str, out: Path, lock: ckpt.RunLock, di
     point = together(lambda: None if point is None else
                      ResumePoint(point.path, resume_on_data(point.state, lists, cfg, say)))
     return cfg, splits, point, pretrained, lists
+
+
+def _say_elsewhere(state: dict, dist: DistInfo, device, say: Log) -> None:
+    """A notice for each way this run differs from the checkpoint's that makes the resume inexact
+    (another number of processes, device type or GPU model: :func:`~alexnet_train.resume.resume_elsewhere`)."""
+    from .resume import resume_elsewhere
+
+    name = None
+    if device.type == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name(device)
+    for line in resume_elsewhere(state, dist.world_size, device.type, name):
+        say(line)
 
 
 def _say_done(result, out: Path, dist: DistInfo, say: Log) -> None:

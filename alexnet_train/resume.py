@@ -5,6 +5,8 @@ Usage::
     point = decide_resume("auto", out, log)            # OUT's newest readable checkpoint, or None
     check_resume_config(point.state["config"], cfg, log)  # a changed model is refused
     state = resume_on_data(point.state, sample_lists(splits), cfg, log)  # changed data: a notice
+    for line in resume_elsewhere(point.state, dist.world_size, device.type, gpu_name):  # ranks, device
+        log(line)
     trim_metrics(out / "metrics.jsonl", point.state["epoch"])
 
 Under DDP rank 0 decides (:func:`resume_decision`: the file, its size and SHA-256) and every
@@ -27,6 +29,7 @@ from .configload import config_to_dict
 from .data.samples import SampleList, fingerprint
 from .distributed import DistInfo
 from .errors import ConfigError
+from .rngstate import recorded_run
 
 Log = Callable[[str], None]
 
@@ -192,6 +195,38 @@ def resume_on_data(state: dict, now: dict[str, dict], cfg: Config, log: Log) -> 
     if trained:  # the new list's whole epoch: nothing of it left to train
         return dict(state, step_in_epoch=now["train"]["samples"] // cfg.data.batch_size)
     return state
+
+
+NOT_EXACT = "the run goes on, no longer bit for bit (docs/fault-tolerance.md, \"Resuming elsewhere\")"
+
+
+def resume_elsewhere(state: dict, world_size: int, device_type: str, device_name: str | None = None) -> list[str]:
+    """One notice line for each way this run differs from the one that wrote checkpoint ``state``
+    (:func:`~alexnet_train.rngstate.recorded_run`) that makes the resume no longer exact: another
+    number of processes, another device type, another GPU model.  Nothing where the checkpoint
+    does not say (written before it recorded that).  Changed data is :func:`resume_on_data`'s."""
+    world, device, name = recorded_run(state)
+    lines = []
+    if world is not None and world != world_size:
+        lines.append(
+            f"notice: the checkpoint was written by {world} process{'es' if world > 1 else ''}, this run has "
+            f"{world_size}: each step still trains on the same images (the global batch) with the same crops, "
+            f"but dropout and the colour noise are drawn per process, so from here on they differ from what "
+            f"{world} would have drawn (ranks the checkpoint has go on with their own random streams, others "
+            f"start fresh ones); {NOT_EXACT}")
+    if device is not None and device != device_type:
+        was = f"{device} ({name})" if name else device
+        lines.append(
+            f"notice: the checkpoint was written on {was}, this run is on {device_type}: the weights, optimizer, "
+            f"lr schedule, data order and crops carry over, but dropout and the colour noise come from "
+            f"{device_type}'s random generators, not the checkpoint's {device} ones, and the kernels round "
+            f"differently; {NOT_EXACT}")
+    elif device == device_type == "cuda" and name and device_name and name != device_name:
+        lines.append(
+            f"notice: the checkpoint was written on {name}, this run is on {device_name}: the random states "
+            f"carry over, but kernels (dropout's included) may run and round differently on another GPU "
+            f"model; {NOT_EXACT}")
+    return lines
 
 
 def _steps_per_epoch(samples: int, state: dict) -> int:
