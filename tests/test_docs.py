@@ -35,7 +35,7 @@ import pytest
 
 from .conftest import REPO
 
-DOCS = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
+DOCS = sorted([REPO / "README.md", *(REPO / "docs").rglob("*.md")])
 
 
 def rel(path: Path) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 from .conftest import REPO
 
-USER_FACING = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "configs").glob("*.yaml"),
+USER_FACING = sorted([REPO / "README.md", *(REPO / "docs").rglob("*.md"), *(REPO / "configs").glob("*.yaml"),
                       *(REPO / "scripts").glob("*.py"),
                       *(REPO / "alexnet_train").rglob("*.py")])
 

@@ -201,7 +201,8 @@ def make_loader(
 
 # data.workers auto's most: each worker holds RING_SLOTS batches, and 32 VM-class cores load
 # over 20k images/s of the original JPEGs and several times that of the 256 px copy
-# (scripts/bench_data.py), against the 9.7k-30k images/s one H200 trains at (docs/benchmarks.md).
+# (scripts/bench_data.py), against the 9.2k images/s one H200 trained paper.yaml at through
+# alexnet-train, and the 9.7k-30k its model steps alone reach (docs/benchmarks.md).
 WORKERS_CAP = 32
 
 
