@@ -175,3 +175,31 @@ def test_a_cuda_checkpoint_resumed_on_the_cpu(data, tmp_path, capsys):
     assert run_train(argv(data, out, 2, "train.device=cpu")) == 0
     said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("notice: the checkpoint was written on")]
     assert len(said) == 1 and said[0].startswith("notice: the checkpoint was written on cuda (")
+
+
+def test_the_lines_docs_quote_are_the_runs():
+    """docs/fault-tolerance.md "Resuming elsewhere" quotes the notices as the code words them."""
+    import re
+
+    from alexnet_train.config import Config
+    from alexnet_train.resume import resume_on_data
+
+    from .conftest import REPO
+
+    text = (REPO / "docs" / "fault-tolerance.md").read_text()
+    section = text[text.index("## Resuming elsewhere"):]
+    quoted = re.search(r"```text\n(.*?)```", section, flags=re.S).group(1).splitlines()
+
+    def record(world: int, device: str, name: str | None) -> dict:
+        return {"rng_ranks": [{"device": device, "device_name": name}] * world}
+
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    said = (resume_elsewhere(record(2, "cpu", None), 1, "cpu")
+            + resume_elsewhere(record(1, "cuda", h100), 1, "cuda", h200)
+            + resume_elsewhere(record(1, "cuda", h100), 1, "cpu"))
+    lists = {"train": {"samples": 18, "fingerprint": "old"}, "val": {"samples": 6, "fingerprint": "same"}}
+    state = {"sample_lists": lists, "epoch": 0, "step_in_epoch": 4, "accum": {},
+             "config": {"data": {"batch_size": 2}}}
+    now = dict(lists, train={"samples": 21, "fingerprint": "new"})
+    resume_on_data(state, now, Config(), said.append)
+    assert quoted == said
