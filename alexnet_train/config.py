@@ -343,7 +343,9 @@ class TrainConfig:
     seed: int = 0
     """Base seed (must be >= 0): each rank seeds its RNGs with seed + rank; the shuffle, crops and
     colour noise are drawn from (seed, epoch, sample or step) alone, so a resumed run draws what
-    an uninterrupted one would, with any number of ranks and workers."""
+    an uninterrupted one would, with any number of workers.  The shuffle and crops are the same
+    for any number of ranks; the colour noise (drawn per process's share of a step) and dropout
+    are not (docs/fault-tolerance.md, "Resuming elsewhere")."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA if a GPU is usable, else the CPU (and says why); cuda without a usable GPU is an error."""
     out_dir: str = "runs/paper"
