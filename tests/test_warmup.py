@@ -11,19 +11,9 @@ from alexnet_train.schedule import LrPolicy
 
 from .conftest import REPO, assert_bit_identical, checkpoint_weights as weights, read_metrics as metrics
 from .conftest import run_train as run, tiny_overrides, write_image_folder
+from .test_policy import run as lrs_for  # the lr each epoch runs at while the given val errors come in
 
 PAPER = str(REPO / "configs" / "paper.yaml")
-
-
-def lrs_for(policy: LrPolicy, errors: list[float]) -> list[float]:
-    """The lr each epoch runs at while the given validation errors come in."""
-    lrs = []
-    for error in errors:
-        if policy.should_stop:
-            break
-        lrs.append(policy.lr)
-        policy.epoch_end(error)
-    return lrs
 
 
 def test_plateau_ramps_up_linearly_over_warmup_epochs_then_holds_the_base_lr():
