@@ -28,8 +28,6 @@ import glob
 import os
 import re
 
-from braceexpand import braceexpand
-
 from ..errors import DataError
 from .treeindex import is_image
 
@@ -140,6 +138,8 @@ def find_shards(spec: str | os.PathLike, key: str) -> list[str]:
             raise DataError(f"{key}: {spec} holds the shards of {len(groups)} splits; name one: {choices}")
         files = next(iter(groups.values()), sorted(e.path for e in tars))
     elif "{" in spec:
+        from braceexpand import braceexpand  # here: a run that names no brace pattern needs no braceexpand
+
         files = list(braceexpand(spec))
         if any(_is_pattern(f) for f in files):
             files = sorted({g for f in files for g in glob.glob(f)})
