@@ -332,11 +332,14 @@ def memory_text(m: dict | None) -> str:
             "(torch.cuda.max_memory_allocated / max_memory_reserved)")
 
 
-def _write_json(path: str, value: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-    os.replace(tmp, path)  # the reader sees the previous record or this one, never half of one
+def replace_text(path: str | Path, body: str) -> None:
+    """Write ``body`` to ``path`` through a temporary file and ``os.replace``: a reader, or a process
+    killed mid-write, sees the old file or the new one, never half of one.  No fsync: a killed
+    process, not a lost machine, is the case this guards (the kernel still writes the pages)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(body)
+    os.replace(tmp, path)
 
 
 def peak_worker(out: str, cmd: list[str]) -> None:
@@ -358,7 +361,7 @@ def peak_worker(out: str, cmd: list[str]) -> None:
         else:
             value = memory_figures(torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
         try:
-            _write_json(out, value)
+            replace_text(out, json.dumps(value))
         except OSError:  # the work dir is gone (gpu_check ended): nobody reads it any more
             pass
 
@@ -539,14 +542,8 @@ class Check:
         self.report["seconds"] = round(self.elapsed(), 1)
         self.report["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         text = "\n".join(text_lines(self.report)) + "\n"
-        # tmp + os.replace: a reader, or a gpu_check killed mid-write, sees the old file or
-        # the new one, never half of one.  No fsync: a killed process, not a lost machine, is
-        # the case this guards (the kernel still writes the pages).
-        for path, body in ((self.report_path, json.dumps(self.report, indent=2) + "\n"),
-                           (self.report_path.with_suffix(".txt"), text)):
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(body)
-            os.replace(tmp, path)
+        replace_text(self.report_path, json.dumps(self.report, indent=2) + "\n")
+        replace_text(self.report_path.with_suffix(".txt"), text)
 
     def say(self, message: str) -> None:
         print(f"gpu_check: {message}", flush=True)

@@ -73,30 +73,24 @@ def _gone(pid: int) -> bool:
     return state == "Z"
 
 
-@pytest.mark.slow
-def test_a_loader_that_stops_delivering_ends_the_run_with_one_line_and_frees_the_lock(tmp_path):
-    """Workers that stop (SIGSTOP: alive, silent, deaf to SIGTERM) are the worst case of a loader
-    that stops delivering: the run ends within data.loader_timeout with one line, exit 1, kills
-    them, and the next run on OUT starts (not 75: the lock is not held by a dead run)."""
-    train = write_image_folder(tmp_path / "train", CLASSES, 30, size=40, seed=1)
-    val = write_image_folder(tmp_path / "val", CLASSES, 2, size=40, seed=2)
-    out = tmp_path / "out"
-    run = subprocess.Popen([console_script("alexnet-train"), *_args(str(train), val, out, "data.loader_timeout=4",
-                                                                   epochs=200)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _stop_workers_at_first_log_step(cmd: list[str], parent, wait: float) -> tuple[int, str, float, list[int]]:
+    """Start ``cmd``; at its first log step (the workers are delivering), SIGSTOP the loader
+    workers of the process ``parent(run)`` names; (exit code, stderr, seconds from the stop to
+    the end, the stopped workers).  Whatever happens, nothing is left running or stopped."""
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 120
-        for line in run.stdout:  # the first log step: the workers are delivering
+        for line in run.stdout:
             if line.startswith("epoch 1/200 train 2/"):  # train.log_interval=2
                 break
             assert time.monotonic() < deadline, "no log step within 120 s"
-        workers = _children(run.pid)
+        workers = _children(parent(run))
         assert len(workers) >= 2, workers
         stopped = time.monotonic()
         for w in workers:
             os.kill(w, signal.SIGSTOP)
-        _, err = run.communicate(timeout=90)
+        _, err = run.communicate(timeout=wait)
         took = time.monotonic() - stopped
     finally:
         if run.poll() is None:
@@ -105,7 +99,20 @@ def test_a_loader_that_stops_delivering_ends_the_run_with_one_line_and_frees_the
         for w in workers:
             if not _gone(w):
                 os.kill(w, signal.SIGKILL)
-    assert run.returncode == 1, err[-3000:]
+    return run.returncode, err, took, workers
+
+
+@pytest.mark.slow
+def test_a_loader_that_stops_delivering_ends_the_run_with_one_line_and_frees_the_lock(tmp_path):
+    """Workers that stop (SIGSTOP: alive, silent, deaf to SIGTERM) are the worst case of a loader
+    that stops delivering: the run ends within data.loader_timeout with one line, exit 1, kills
+    them, and the next run on OUT starts (not 75: the lock is not held by a dead run)."""
+    train = write_image_folder(tmp_path / "train", CLASSES, 30, size=40, seed=1)
+    val = write_image_folder(tmp_path / "val", CLASSES, 2, size=40, seed=2)
+    out = tmp_path / "out"
+    cmd = [console_script("alexnet-train"), *_args(str(train), val, out, "data.loader_timeout=4", epochs=200)]
+    code, err, took, workers = _stop_workers_at_first_log_step(cmd, lambda run: run.pid, wait=90)
+    assert code == 1, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("alexnet-train: error:")]
     assert len(errors) == 1 and "no batch from the loader's workers for 4" in errors[0], err[-3000:]
     assert "Traceback" not in err
@@ -147,35 +154,17 @@ def test_one_ranks_loader_stopping_ends_both_ranks_alike(tmp_path):
     train = write_image_folder(tmp_path / "train", CLASSES, 30, size=40, seed=1)
     val = write_image_folder(tmp_path / "val", CLASSES, 2, size=40, seed=2)
     out = tmp_path / "out"
-    run = subprocess.Popen([console_script("torchrun"), "--standalone", "--nproc_per_node", "2",
-                            console_script("alexnet-train"),
-                            *_args(str(train), val, out, "data.loader_timeout=4", "dist.mode=ddp",
-                                   "dist.timeout_minutes=1", epochs=200)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    workers: list[int] = []
-    try:
-        deadline = time.monotonic() + 120
-        for line in run.stdout:
-            if line.startswith("epoch 1/200 train 2/"):
-                break
-            assert time.monotonic() < deadline, "no log step within 120 s"
-        rank1 = [p for p in _children(run.pid) if _rank_of(p) == 1]
-        assert len(rank1) == 1, _children(run.pid)
-        workers = _children(rank1[0])
-        assert len(workers) >= 2, workers
-        stopped = time.monotonic()
-        for w in workers:
-            os.kill(w, signal.SIGSTOP)
-        _, err = run.communicate(timeout=120)
-        took = time.monotonic() - stopped
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-        for w in workers:
-            if not _gone(w):
-                os.kill(w, signal.SIGKILL)
-    assert run.returncode == 1, err[-3000:]  # torchrun's code for any failed rank
+    cmd = [console_script("torchrun"), "--standalone", "--nproc_per_node", "2", console_script("alexnet-train"),
+           *_args(str(train), val, out, "data.loader_timeout=4", "dist.mode=ddp", "dist.timeout_minutes=1",
+                  epochs=200)]
+
+    def rank_1(run: subprocess.Popen) -> int:
+        ranks = [p for p in _children(run.pid) if _rank_of(p) == 1]
+        assert len(ranks) == 1, _children(run.pid)
+        return ranks[0]
+
+    code, err, took, workers = _stop_workers_at_first_log_step(cmd, rank_1, wait=120)
+    assert code == 1, err[-3000:]  # torchrun's code for any failed rank
     errors = [line for line in err.splitlines() if "alexnet-train: error:" in line]
     assert len(errors) == 1, err[-3000:]  # rank 0 says it for both, naming the rank whose loader stopped
     assert err.count("exitcode  : 1 ") == 2 and "Signal" not in err, err[-3000:]  # each rank left on its own, 1
