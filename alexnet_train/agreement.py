@@ -105,7 +105,7 @@ class RankAgreement:
         done = 0
         while done < steps:
             try:
-                with batch_deadline(timeout, grace=2.0):
+                with batch_deadline(timeout):
                     batch = next(it)
             except StopIteration:
                 return

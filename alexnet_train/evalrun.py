@@ -110,7 +110,7 @@ def _eval_loader(args, data_cfg, samples: list, dist, device: torch.device):
     workers = resolve_workers(data_cfg.workers, dist)[0] if args.workers is None else args.workers
     timeout = getattr(data_cfg, "loader_timeout", 300.0)  # a checkpoint's config from before the key: default
     loader = make_loader(ImageDataset(samples, preset), sampler, args.batch_size or data_cfg.batch_size,
-                         workers, device.type == "cuda", timeout=timeout)
+                         workers, device.type == "cuda")
     return sampler, loader, Deadlined(loader, timeout)
 
 

@@ -206,6 +206,42 @@ def test_loaders_give_the_same_batches_with_and_without_workers(image_tree):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
+def test_a_killed_worker_is_one_line_within_seconds_however_long_data_loader_timeout_is(image_tree):
+    """The OOM killer takes a worker of the loader the trainer builds: the next batches say so
+    within torch's 5 s check of its workers, not after data.loader_timeout.  (Given the timeout
+    as its own, the DataLoader waited on its queue for the whole of it in one call, and with the
+    SIGCHLD handler off a dead worker went unnoticed: a DDP test hung 3 runs in 12.)  The
+    deadline here is 60 s, so that wait fails this test with the timeout's line, bounded."""
+    import os
+    import signal
+    import time
+
+    from alexnet_train.data.loaders import Deadlined, close_loader
+    from alexnet_train.errors import LoaderFailed
+
+    train, val, _classes = image_tree
+    cfg = DataConfig(train_dir=str(train), val_dir=str(val), batch_size=4, resize_size=72, crop_size=64,
+                     workers=1, loader_timeout=60)
+    splits = resolve_splits(cfg)
+    splits = Splits(splits.classes, list(splits.train) * 20, splits.val)  # 120 batches: more than a worker prefetches
+    loader = build_loaders(cfg, splits, DistInfo(), seed=5).train
+    try:
+        batches = iter(Deadlined(loader, cfg.loader_timeout))
+        next(batches)
+        workers = [w.pid for w in loader._iterator._workers]
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(LoaderFailed) as failed:
+            for _ in batches:
+                pass
+        waited = time.monotonic() - started
+        assert f"DataLoader worker (pid(s) {workers[0]}) exited unexpectedly" in str(failed.value), failed.value
+        assert waited < 15, f"found after {waited:.1f} s"
+    finally:
+        close_loader(loader)
+
+
 def test_resolve_splits_checks_keys(tmp_path: Path, image_tree):
     train, val, _ = image_tree
     with pytest.raises(DataError, match="data.train_dir: not set"):

@@ -165,11 +165,16 @@ RING_SLOTS = PREFETCH + 2
 
 def make_loader(
     dataset: ImageDataset, sampler: EpochSampler, batch_size: int, workers: int, pin_memory: bool,
-    collate_fn=collate_hwc, ring_slots: int = RING_SLOTS, timeout: float = 0.0,
+    collate_fn=collate_hwc, ring_slots: int = RING_SLOTS,
 ) -> DataLoader:
     """The DataLoader of a split.  ``ring_slots``: reused shared-memory buffers per worker for
-    the batches (:mod:`~.ring`; 0 = a fresh segment per batch).  ``timeout``: seconds without a
-    batch before the loader raises (``data.loader_timeout``; 0 = never; workers only)."""
+    the batches (:mod:`~.ring`; 0 = a fresh segment per batch).
+
+    It has no ``timeout`` of its own: with one, torch waits on its result queue for the whole
+    timeout in one call and checks whether its workers are alive only after it, so a killed
+    worker (the SIGCHLD handler is off, below) went unnoticed for ``data.loader_timeout``
+    seconds.  Without one torch checks them every 5 s; the data.loader_timeout deadline is
+    :func:`batch_deadline`'s, set around each batch by the loops that read it."""
     global _loader_pid
     _loader_pid = os.getpid()
     # torch's SIGCHLD handler raises a dead worker's error from wherever the main process is
@@ -188,7 +193,6 @@ def make_loader(
         persistent_workers=workers > 0,
         worker_init_fn=functools.partial(worker_init, ring_slots=ring_slots) if workers > 0 else None,
         prefetch_factor=PREFETCH if workers > 0 else None,
-        timeout=timeout if workers > 0 else 0,
         # Every iterator draws a base seed from this generator; from the global one it
         # would shift dropout's random stream with the worker count and resume point.
         # (Augmentation takes its randomness from the sampler's per-sample seeds.)
@@ -324,9 +328,9 @@ def build_loaders(cfg: DataConfig, splits: Splits, dist: DistInfo, seed: int, pi
     dataset, collate = (EncodedDataset, collate_encoded) if cfg.decode == "device" else (ImageDataset, collate_hwc)
     return Loaders(
         train=make_loader(dataset(splits.train, TrainPreset(cfg)), train_sampler, batch, workers, pin_memory,
-                          collate, timeout=cfg.loader_timeout),
+                          collate),
         val=make_loader(dataset(splits.val, CenterPreset(cfg)), val_sampler, batch, workers, pin_memory,
-                        collate, timeout=cfg.loader_timeout),
+                        collate),
         workers=workers,
         workers_line=line,
     )
@@ -337,14 +341,15 @@ class LoaderTimeout(RuntimeError):
 
 
 @contextlib.contextmanager
-def batch_deadline(seconds: float, grace: float = 0.0) -> Iterator[None]:
-    """Raise LoaderTimeout in the block if it runs longer than ``seconds`` + ``grace`` (``seconds``
-    0: never).  ``grace``: let the DataLoader's own timeout of ``seconds`` speak first.
+def batch_deadline(seconds: float) -> Iterator[None]:
+    """Raise LoaderTimeout in the block if it runs longer than ``seconds`` (0: never).
 
-    The DataLoader's own ``timeout`` covers only its wait on the result queue; a batch whose
-    shared memory must be fetched from a worker that stopped answering (torch's file-descriptor
-    sharing asks the worker for it) waits inside unpickling, where nothing times out.  A timer
-    signal interrupts that wait wherever the main thread is.  Main thread only (signals)."""
+    data.loader_timeout is enforced here, not by the DataLoader's own ``timeout``: that covers
+    only its wait on the result queue (and costs its 5 s check of dead workers, see
+    :func:`make_loader`); a batch whose shared memory must be fetched from a worker that stopped
+    answering (torch's file-descriptor sharing asks the worker for it) waits inside
+    unpickling, where nothing times out.  A timer signal interrupts either wait wherever the
+    main thread is.  Main thread only (signals)."""
     if seconds <= 0 or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -353,7 +358,7 @@ def batch_deadline(seconds: float, grace: float = 0.0) -> Iterator[None]:
         raise LoaderTimeout(f"DataLoader timed out after {seconds:g} seconds")
 
     previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds + grace)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
     finally:
@@ -378,7 +383,7 @@ class Deadlined:
         it = iter(self.loader)
         while True:
             try:
-                with batch_deadline(self.seconds, grace=2.0):
+                with batch_deadline(self.seconds):
                     batch = next(it)
             except StopIteration:
                 return
