@@ -116,7 +116,9 @@ def test_a_loader_that_stops_delivering_ends_the_run_with_one_line_and_frees_the
     errors = [line for line in err.splitlines() if line.startswith("alexnet-train: error:")]
     assert len(errors) == 1 and "no batch from the loader's workers for 4" in errors[0], err[-3000:]
     assert "Traceback" not in err
-    assert took < 4 + 30, took  # the timeout, a stop check, closing: not forever
+    # the timeout, then the stuck workers are killed at once (not 5 s of torch's join each, then
+    # SIGTERM, which a stopped worker never answers): 4.6 s here, 24.7 s before that
+    assert took < 4 + 10, took
     time.sleep(0.5)
     assert all(_gone(w) for w in workers)
     again = subprocess.run([console_script("alexnet-train"), *_args(str(train), val, out, "data.loader_timeout=4",
@@ -135,7 +137,7 @@ def test_a_loader_that_stops_delivering_ends_the_run_with_one_line_and_frees_the
         "alexnet-eval: error: the data loader failed: no batch from the loader's workers for 4 s "
         "(data.loader_timeout): a worker is stuck or can no longer send (out of open files? ulimit -n; "
         "a hung network mount?)"]
-    assert time.monotonic() - started < 4 + 30
+    assert time.monotonic() - started < 4 + 10  # 6.5 s here (16.7 s when closing waited on them)
 
 
 def _rank_of(pid: int) -> int | None:
@@ -169,6 +171,6 @@ def test_one_ranks_loader_stopping_ends_both_ranks_alike(tmp_path):
     assert len(errors) == 1, err[-3000:]  # rank 0 says it for both, naming the rank whose loader stopped
     assert err.count("exitcode  : 1 ") == 2 and "Signal" not in err, err[-3000:]  # each rank left on its own, 1
     assert "rank 1: the data loader failed: no batch from the loader's workers for 4 s" in errors[0], errors
-    assert took < 4 + 40, took
+    assert took < 4 + 15, took  # 5.1 s here
     time.sleep(0.5)
     assert all(_gone(w) for w in workers)

@@ -261,6 +261,11 @@ def close_loader(loader: DataLoader) -> None:
     """
     iterator = getattr(loader, "_iterator", None)
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        if _timed_out:  # stuck workers: torch would give each 5 s to exit, then SIGTERM it (our grace)
+            for w in getattr(iterator, "_workers", []):
+                if w.is_alive():
+                    with contextlib.suppress(OSError):
+                        os.kill(w.pid, signal.SIGKILL)
         iterator._shutdown_workers()
         # A worker still alive after that (stopped, or stuck where SIGTERM does not reach it) would
         # make multiprocessing's exit handler wait for it forever, holding OUT's lock.
@@ -274,6 +279,7 @@ def close_loader(loader: DataLoader) -> None:
 
 
 _open_loaders: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
+_timed_out = False  # a batch missed data.loader_timeout in this process: its loaders' workers are stuck
 
 
 @atexit.register
@@ -355,6 +361,8 @@ def batch_deadline(seconds: float) -> Iterator[None]:
         return
 
     def expired(_signum, _frame):
+        global _timed_out
+        _timed_out = True
         raise LoaderTimeout(f"DataLoader timed out after {seconds:g} seconds")
 
     previous = signal.signal(signal.SIGALRM, expired)
