@@ -261,21 +261,24 @@ def close_loader(loader: DataLoader) -> None:
     """
     iterator = getattr(loader, "_iterator", None)
     if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        workers = getattr(iterator, "_workers", [])
         if _timed_out:  # stuck workers: torch would give each 5 s to exit, then SIGTERM it (our grace)
-            for w in getattr(iterator, "_workers", []):
-                if w.is_alive():
-                    with contextlib.suppress(OSError):
-                        os.kill(w.pid, signal.SIGKILL)
+            _kill_alive(workers)
         iterator._shutdown_workers()
         # A worker still alive after that (stopped, or stuck where SIGTERM does not reach it) would
         # make multiprocessing's exit handler wait for it forever, holding OUT's lock.
-        for w in getattr(iterator, "_workers", []):
-            if w.is_alive():
-                with contextlib.suppress(OSError):
-                    os.kill(w.pid, signal.SIGKILL)
-                w.join(timeout=5)
+        _kill_alive(workers)
     loader._iterator = None
     ring.forget_dead()  # its workers' slots: batches still held keep their own
+
+
+def _kill_alive(workers) -> None:
+    """SIGKILL the workers still alive, and reap them (5 s at most each)."""
+    for w in workers:
+        if w.is_alive():
+            with contextlib.suppress(OSError):
+                os.kill(w.pid, signal.SIGKILL)
+            w.join(timeout=5)
 
 
 _open_loaders: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
