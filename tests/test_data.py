@@ -206,6 +206,7 @@ def test_loaders_give_the_same_batches_with_and_without_workers(image_tree):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_one_line_within_seconds_however_long_data_loader_timeout_is(image_tree):
     """The OOM killer takes a worker of the loader the trainer builds: the next batches say so
     within torch's 5 s check of its workers, not after data.loader_timeout.  (Given the timeout
@@ -236,7 +237,9 @@ def test_a_killed_worker_is_one_line_within_seconds_however_long_data_loader_tim
             for _ in batches:
                 pass
         waited = time.monotonic() - started
-        assert f"DataLoader worker (pid(s) {workers[0]}) exited unexpectedly" in str(failed.value), failed.value
+        # torch's check names the worker; a worker killed mid-send breaks the pipe first, and our line says so
+        assert (f"DataLoader worker (pid(s) {workers[0]}) exited unexpectedly" in str(failed.value)
+                or "a DataLoader worker died while sending a batch" in str(failed.value)), failed.value
         assert waited < 15, f"found after {waited:.1f} s"
     finally:
         close_loader(loader)
