@@ -399,7 +399,7 @@ class Deadlined:
             except StopIteration:
                 return
             except Exception as exc:
-                if isinstance(exc, LoaderTimeout) or _worker_killed(exc) or "DataLoader timed out" in str(exc):
+                if isinstance(exc, LoaderTimeout) or _worker_killed(exc):
                     raise LoaderFailed(f"the data loader failed: {loader_failure(exc)}") from None
                 raise
             yield batch
